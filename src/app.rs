@@ -1,0 +1,193 @@
+//! Application state built once at start-up, and `App::handle`: the request pipeline
+//! (route → resolve upstream → handler → error mapping → access log).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use moka::sync::Cache;
+
+use crate::body::{self, Body};
+use crate::cache::inflight::InFlight;
+use crate::cache::store::{BlobStore, FsStore, TagKey};
+use crate::cache::tags::TagEntry;
+use crate::config::Config;
+use crate::error::{Error, UpstreamError};
+use crate::flight::Flight;
+use crate::handlers::{self, ManifestKey};
+use crate::media::Accept;
+use crate::rewrite::RoutingTable;
+use crate::router::{self, Route};
+use crate::upstream::Upstream;
+
+/// Everything a request needs; immutable after start-up except for the caches inside.
+pub struct App {
+    /// The validated configuration.
+    pub config: Config,
+    pub(crate) routing: RoutingTable,
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    pub(crate) store: Arc<dyn BlobStore>,
+    pub(crate) inflight: Arc<InFlight>,
+    /// Tag → digest answers with the time they were last confirmed; also kept on disk.
+    pub(crate) tags: Cache<TagKey, TagEntry>,
+    /// Coalesces concurrent fetches of one manifest (small, held in memory briefly).
+    pub(crate) manifest_flight: Flight<ManifestKey, handlers::Fetched, UpstreamError>,
+    next_request_id: AtomicU64,
+}
+
+/// Start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The cache folder cannot be used.
+    #[error("cache_dir {path}: {source}")]
+    Cache {
+        /// Folder.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An upstream cannot be built.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::BuildError),
+}
+
+impl App {
+    /// Opens the cache and builds the upstreams from a validated configuration.
+    pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let store = FsStore::open(&config.cache_dir)
+            .await
+            .map_err(|source| StartError::Cache {
+                path: config.cache_dir.display().to_string(),
+                source,
+            })?;
+        Self::with_store(config, Arc::new(store))
+    }
+
+    /// Builds the app on a given store backend.
+    pub fn with_store(config: Config, store: Arc<dyn BlobStore>) -> Result<Arc<Self>, StartError> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| Upstream::new(u, &config).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(App {
+            routing: RoutingTable::new(&config),
+            tags: Cache::new(config.cache.tag_cache_entries),
+            upstreams,
+            store,
+            inflight: Arc::new(InFlight::default()),
+            manifest_flight: Flight::default(),
+            next_request_id: AtomicU64::new(1),
+            config,
+        }))
+    }
+
+    /// The upstream called `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Blob downloads under way.
+    pub fn downloads_in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Answers one request. Never fails: every error becomes an OCI JSON response.
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Body> {
+        let started = Instant::now();
+        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let head = method == http::Method::HEAD;
+        let span = tracing::info_span!("request", id, %method, path = %path);
+        let result = {
+            use tracing::Instrument;
+            self.route(req).instrument(span.clone()).await
+        };
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::warn!(parent: &span, error = %e, "request failed");
+                }
+                e.into_response(head)
+            }
+        };
+        resp.headers_mut().insert(
+            "Docker-Distribution-API-Version",
+            HeaderValue::from_static("registry/2.0"),
+        );
+        tracing::info!(
+            parent: &span,
+            status = resp.status().as_u16(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "access"
+        );
+        resp
+    }
+
+    async fn route<B>(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, Error> {
+        let parsed = router::parse(req.method(), req.uri().path(), req.uri().query())?;
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        // The client's `Authorization` is never read here and never forwarded: upstream
+        // requests are built from scratch with regcache's own credentials.
+        let head = parsed.head;
+        match parsed.route {
+            Route::Base => {
+                let mut r = Response::new(if head {
+                    body::empty()
+                } else {
+                    body::full("{}")
+                });
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(2));
+                *r.status_mut() = StatusCode::OK;
+                Ok(r)
+            }
+            Route::Manifest { name, reference } => {
+                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                let accept = Accept::from_headers(req.headers());
+                handlers::manifest(self, t.upstream, &t.repository, &reference, &accept, head).await
+            }
+            Route::Blob { name, digest } => {
+                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                let range = req
+                    .headers()
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                handlers::blob(
+                    self,
+                    t.upstream,
+                    &t.repository,
+                    &digest,
+                    range.as_deref(),
+                    head,
+                )
+                .await
+            }
+            Route::TagsList { name, n, last } => {
+                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                handlers::tags(
+                    self,
+                    t.upstream,
+                    &t.repository,
+                    &name,
+                    parsed.ns.as_deref(),
+                    n,
+                    last,
+                )
+                .await
+            }
+        }
+    }
+}

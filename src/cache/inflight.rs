@@ -1,0 +1,211 @@
+//! Single flight for blob downloads: `join(digest)` makes the first caller the `Leader` of one
+//! download and every later caller a `Follower` of it. The download's progress is published on
+//! a `watch` channel; a drop guard marks an unfinished download failed so nobody waits forever.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::error::UpstreamError;
+use crate::reference::Digest;
+
+/// Why a download ended without committing anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FillError {
+    /// The upstream failed or refused.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The bytes did not hash to the digest.
+    #[error("content does not match digest {0}")]
+    DigestMismatch(String),
+    /// The staging file could not be written.
+    #[error("local write failed: {0}")]
+    Io(String),
+    /// The download task ended without finishing (panic or shutdown).
+    #[error("download aborted")]
+    Aborted,
+}
+
+/// Progress of one download, as every reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillState {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Bytes are arriving; the first `written` are in the staged file.
+    Streaming {
+        /// `Content-Length` from upstream, when sent.
+        len: Option<u64>,
+        /// Bytes written to the staged file so far.
+        written: u64,
+    },
+    /// Verified and committed to the store.
+    Complete {
+        /// Final size.
+        len: u64,
+    },
+    /// Ended without committing.
+    Failed(FillError),
+}
+
+/// One download, shared by its leader and all readers.
+#[derive(Debug)]
+pub struct Fill {
+    /// The digest being downloaded.
+    pub digest: Digest,
+    /// Where the bytes are staged until commit; readers follow this growing file.
+    pub staged: PathBuf,
+    // `watch` keeps only the latest state, which is all a reader needs: it reads the file up to
+    // `written`, then waits for the next change. Sending never blocks the download.
+    state: watch::Sender<FillState>,
+}
+
+impl Fill {
+    /// A receiver of this download's progress.
+    pub fn subscribe(&self) -> watch::Receiver<FillState> {
+        self.state.subscribe()
+    }
+}
+
+/// The role a caller got from [`InFlight::join`].
+pub enum Join {
+    /// Start the download and publish through the guard.
+    Leader(LeaderGuard),
+    /// A download is under way: read from it.
+    Follower(Arc<Fill>),
+}
+
+/// The table of downloads under way.
+#[derive(Default)]
+pub struct InFlight {
+    // Protects the table only; lookups and inserts are short and never span an `.await`.
+    map: Mutex<HashMap<Digest, Arc<Fill>>>,
+}
+
+impl InFlight {
+    /// Joins the download of `digest`, or becomes its leader. `staged` names the staging file
+    /// and is called only for a leader.
+    pub fn join(self: &Arc<Self>, digest: &Digest, staged: impl FnOnce() -> PathBuf) -> Join {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(digest) {
+            return Join::Follower(f.clone());
+        }
+        let (tx, _) = watch::channel(FillState::Connecting);
+        let fill = Arc::new(Fill {
+            digest: digest.clone(),
+            staged: staged(),
+            state: tx,
+        });
+        map.insert(digest.clone(), fill.clone());
+        Join::Leader(LeaderGuard {
+            fill,
+            owner: self.clone(),
+            finished: false,
+        })
+    }
+
+    /// Downloads under way.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when nothing is downloading.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Held by the task that runs a download. Dropping it without `complete` or `fail` marks the
+/// download `Failed(Aborted)`; either way the digest leaves the table, so the next request
+/// starts afresh (or finds the committed blob).
+pub struct LeaderGuard {
+    fill: Arc<Fill>,
+    owner: Arc<InFlight>,
+    finished: bool,
+}
+
+impl LeaderGuard {
+    /// The shared download.
+    pub fn fill(&self) -> &Arc<Fill> {
+        &self.fill
+    }
+
+    /// Publishes progress.
+    pub fn publish(&self, state: FillState) {
+        self.fill.state.send_replace(state);
+    }
+
+    /// The blob is committed: readers switch to the store.
+    pub fn complete(mut self, len: u64) {
+        self.finished = true;
+        self.publish(FillState::Complete { len });
+    }
+
+    /// The download failed; every reader ends with this error.
+    pub fn fail(mut self, error: FillError) {
+        self.finished = true;
+        self.publish(FillState::Failed(error));
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.publish(FillState::Failed(FillError::Aborted));
+        }
+        let mut map = self.owner.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.fill.digest)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            map.remove(&self.fill.digest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> Digest {
+        Digest::sha256(b"x")
+    }
+
+    #[test]
+    fn leader_then_followers_then_fresh_leader() {
+        let f = Arc::new(InFlight::default());
+        let Join::Leader(g) = f.join(&d(), || "/tmp/a".into()) else {
+            panic!("first caller must lead")
+        };
+        let Join::Follower(other) = f.join(&d(), || unreachable!()) else {
+            panic!("second caller must follow")
+        };
+        assert!(Arc::ptr_eq(g.fill(), &other));
+        assert_eq!(f.len(), 1);
+        g.complete(3);
+        assert_eq!(*other.subscribe().borrow(), FillState::Complete { len: 3 });
+        assert!(f.is_empty());
+        assert!(matches!(f.join(&d(), || "/tmp/b".into()), Join::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn dropped_leader_fails_waiters() {
+        let f = Arc::new(InFlight::default());
+        let Join::Leader(g) = f.join(&d(), || "/tmp/a".into()) else {
+            panic!()
+        };
+        let mut rx = g.fill().subscribe();
+        let waiter = tokio::spawn(async move {
+            rx.wait_for(|s| matches!(s, FillState::Failed(_)))
+                .await
+                .map(|s| s.clone())
+        });
+        drop(g);
+        assert_eq!(
+            waiter.await.unwrap().unwrap(),
+            FillState::Failed(FillError::Aborted)
+        );
+        assert!(f.is_empty());
+    }
+}

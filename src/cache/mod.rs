@@ -1,0 +1,9 @@
+//! The disk cache: the storage interface and its filesystem backend, blob single flight, the
+//! detached download task, readers that follow a growing file, and tag answers.
+
+pub mod fill;
+pub mod hasher;
+pub mod inflight;
+pub mod store;
+pub mod tags;
+pub mod tail;

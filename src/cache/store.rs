@@ -1,0 +1,342 @@
+//! The narrow storage interface (`BlobStore`) and its filesystem backend: content-addressed
+//! blobs and manifests, tag records, temp files fsynced and renamed into place.
+//!
+//! Layout under the cache folder:
+//! `blobs/sha256/ab/<hex>`, `manifests/sha256/ab/<hex>` (first line: media type),
+//! `tags/<upstream>/<repo>/_tags/<tag>@<accept key>` and `tmp/` for downloads in progress.
+//! Everything in `tmp/` is removed at start-up: it was never verified.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWriteExt};
+
+use crate::reference::{Digest, Repository, Tag};
+
+/// A committed blob opened for reading at some offset.
+pub struct BlobRead {
+    /// Full size of the blob.
+    pub len: u64,
+    /// Reader positioned at the requested offset.
+    pub reader: Pin<Box<dyn AsyncRead + Send>>,
+}
+
+/// A manifest with its media type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredManifest {
+    /// `Content-Type` to serve it with.
+    pub media_type: String,
+    /// The exact bytes (their digest is the manifest's digest).
+    pub body: Bytes,
+}
+
+/// Which tag answer: a tag of a repository at an upstream, for one set of accepted types.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TagKey {
+    /// Upstream name.
+    pub upstream: String,
+    /// Repository at the upstream.
+    pub repository: Repository,
+    /// The tag.
+    pub tag: Tag,
+    /// `media::Accept::key()` of the clients this answer is for.
+    pub accept: u8,
+}
+
+/// What a tag resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+}
+
+/// Where verified content lives. The request path only ever talks to this trait, so another
+/// backend (object storage shared by a fleet) can replace the filesystem one. Downloads are
+/// staged in a local file first; `commit_blob` takes the verified file in.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// A fresh local path where a download of `digest` is staged before `commit_blob`.
+    fn staging_path(&self, digest: &Digest) -> PathBuf;
+    /// Size of a committed blob, or `None` when absent.
+    async fn blob_len(&self, digest: &Digest) -> io::Result<Option<u64>>;
+    /// Opens a committed blob at `offset`.
+    async fn open_blob(&self, digest: &Digest, offset: u64) -> io::Result<Option<BlobRead>>;
+    /// Takes a staged file whose content has been verified to hash to `digest` and synced.
+    async fn commit_blob(&self, digest: &Digest, staged: &Path) -> io::Result<()>;
+    /// A committed manifest.
+    async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>>;
+    /// Stores a manifest whose body has been verified to hash to `digest`.
+    async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<()>;
+    /// A tag record.
+    async fn tag(&self, key: &TagKey) -> io::Result<Option<TagRecord>>;
+    /// Records what a tag resolved to.
+    async fn put_tag(&self, key: &TagKey, record: &TagRecord) -> io::Result<()>;
+    /// Forgets a tag (the upstream said it is gone).
+    async fn remove_tag(&self, key: &TagKey) -> io::Result<()>;
+}
+
+/// The filesystem backend.
+pub struct FsStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    seq: AtomicU64,
+}
+
+impl FsStore {
+    /// Opens (creating if needed) a store under `root` and clears stale temp files.
+    pub async fn open(root: &Path) -> io::Result<Self> {
+        for d in ["blobs", "manifests", "tags", "tmp"] {
+            tokio::fs::create_dir_all(root.join(d)).await?;
+        }
+        let tmp = root.join("tmp");
+        let mut cleared = 0u64;
+        let mut entries = tokio::fs::read_dir(&tmp).await?;
+        while let Some(e) = entries.next_entry().await? {
+            if e.file_type().await?.is_dir() {
+                tokio::fs::remove_dir_all(e.path()).await?;
+            } else {
+                tokio::fs::remove_file(e.path()).await?;
+            }
+            cleared += 1;
+        }
+        if cleared > 0 {
+            tracing::info!(cleared, "removed unfinished downloads from an earlier run");
+        }
+        Ok(FsStore {
+            root: root.to_owned(),
+            tmp,
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    fn content_path(&self, kind: &str, d: &Digest) -> PathBuf {
+        self.root
+            .join(kind)
+            .join(d.algorithm().as_str())
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    }
+
+    /// Path of a committed blob (whether or not it exists).
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.content_path("blobs", d)
+    }
+
+    fn tag_path(&self, k: &TagKey) -> PathBuf {
+        let mut p = self.root.join("tags").join(&k.upstream);
+        for c in k.repository.components() {
+            p.push(c);
+        }
+        p.join("_tags").join(format!("{}@{:02x}", k.tag, k.accept))
+    }
+
+    /// Writes `data` to a temp file, optionally fsyncs, and renames it to `dest`.
+    async fn write_atomic(&self, dest: &Path, parts: &[&[u8]], sync: bool) -> io::Result<()> {
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("write.{n}.part"));
+        let result = async {
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            for p in parts {
+                f.write_all(p).await?;
+            }
+            if sync {
+                f.sync_all().await?;
+            }
+            drop(f);
+            tokio::fs::rename(&tmp, dest).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+}
+
+async fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+        .await
+        .map_err(io::Error::other)?
+}
+
+fn absent<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsStore {
+    fn staging_path(&self, digest: &Digest) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!(
+            "{}-{}.{n}.part",
+            digest.algorithm().as_str(),
+            digest.hex()
+        ))
+    }
+
+    async fn blob_len(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        Ok(absent(tokio::fs::metadata(self.blob_path(digest)).await)?.map(|m| m.len()))
+    }
+
+    async fn open_blob(&self, digest: &Digest, offset: u64) -> io::Result<Option<BlobRead>> {
+        let Some(mut f) = absent(tokio::fs::File::open(self.blob_path(digest)).await)? else {
+            return Ok(None);
+        };
+        let len = f.metadata().await?.len();
+        if offset > 0 {
+            f.seek(io::SeekFrom::Start(offset)).await?;
+        }
+        Ok(Some(BlobRead {
+            len,
+            reader: Box::pin(f),
+        }))
+    }
+
+    async fn commit_blob(&self, digest: &Digest, staged: &Path) -> io::Result<()> {
+        let dest = self.blob_path(digest);
+        let parent = dest.parent().unwrap_or(&self.root).to_owned();
+        tokio::fs::create_dir_all(&parent).await?;
+        tokio::fs::rename(staged, &dest).await?;
+        sync_dir(&parent).await
+    }
+
+    async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
+        let Some(raw) = absent(tokio::fs::read(self.content_path("manifests", digest)).await)?
+        else {
+            return Ok(None);
+        };
+        let raw = Bytes::from(raw);
+        let Some(nl) = raw.iter().position(|b| *b == b'\n') else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "manifest file without a media type line",
+            ));
+        };
+        let media_type = String::from_utf8_lossy(&raw[..nl]).into_owned();
+        let body = raw.slice(nl + 1..);
+        // Never serve a file that does not hash to its name.
+        if crate::reference::Digest::of(digest.algorithm(), &body) != *digest {
+            tracing::error!(%digest, "stored manifest does not match its digest; ignoring it");
+            return Ok(None);
+        }
+        Ok(Some(StoredManifest { media_type, body }))
+    }
+
+    async fn put_manifest(&self, digest: &Digest, m: &StoredManifest) -> io::Result<()> {
+        let head = format!("{}\n", m.media_type.replace('\n', ""));
+        self.write_atomic(
+            &self.content_path("manifests", digest),
+            &[head.as_bytes(), &m.body],
+            true,
+        )
+        .await
+    }
+
+    async fn tag(&self, key: &TagKey) -> io::Result<Option<TagRecord>> {
+        let Some(text) = absent(tokio::fs::read_to_string(self.tag_path(key)).await)? else {
+            return Ok(None);
+        };
+        let mut parts = text.trim_end().splitn(2, ' ');
+        let digest = parts.next().and_then(|d| d.parse().ok());
+        let media_type = parts.next().map(str::to_owned);
+        match (digest, media_type) {
+            (Some(digest), Some(media_type)) => Ok(Some(TagRecord { digest, media_type })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn put_tag(&self, key: &TagKey, r: &TagRecord) -> io::Result<()> {
+        let line = format!("{} {}\n", r.digest, r.media_type.replace('\n', ""));
+        // A lost tag record only costs a revalidation, so no fsync here.
+        self.write_atomic(&self.tag_path(key), &[line.as_bytes()], false)
+            .await
+    }
+
+    async fn remove_tag(&self, key: &TagKey) -> io::Result<()> {
+        absent(tokio::fs::remove_file(self.tag_path(key)).await).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn round_trips_and_clears_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/stale.part"), b"junk").unwrap();
+        let s = FsStore::open(dir.path()).await.unwrap();
+        assert!(!dir.path().join("tmp/stale.part").exists());
+
+        let data = b"hello blob";
+        let d = Digest::sha256(data);
+        assert_eq!(s.blob_len(&d).await.unwrap(), None);
+        let staged = s.staging_path(&d);
+        std::fs::write(&staged, data).unwrap();
+        s.commit_blob(&d, &staged).await.unwrap();
+        assert!(
+            s.blob_path(&d)
+                .to_string_lossy()
+                .contains(&format!("blobs/sha256/{}/", &d.hex()[..2]))
+        );
+        assert_eq!(s.blob_len(&d).await.unwrap(), Some(10));
+        let mut r = s.open_blob(&d, 6).await.unwrap().unwrap();
+        let mut out = String::new();
+        r.reader.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "blob");
+
+        let m = StoredManifest {
+            media_type: crate::media::OCI_MANIFEST.into(),
+            body: Bytes::from_static(b"{\"schemaVersion\":2}"),
+        };
+        let md = Digest::sha256(&m.body);
+        s.put_manifest(&md, &m).await.unwrap();
+        assert_eq!(s.manifest(&md).await.unwrap(), Some(m));
+
+        let k = TagKey {
+            upstream: "docker.io".into(),
+            repository: "library/alpine".parse().unwrap(),
+            tag: "3.20".parse().unwrap(),
+            accept: 0x1f,
+        };
+        let rec = TagRecord {
+            digest: md.clone(),
+            media_type: "x/y".into(),
+        };
+        s.put_tag(&k, &rec).await.unwrap();
+        assert_eq!(s.tag(&k).await.unwrap(), Some(rec));
+        s.remove_tag(&k).await.unwrap();
+        assert_eq!(s.tag(&k).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_tampered_manifest_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStore::open(dir.path()).await.unwrap();
+        let m = StoredManifest {
+            media_type: "a/b".into(),
+            body: Bytes::from_static(b"{}"),
+        };
+        let d = Digest::sha256(&m.body);
+        s.put_manifest(&d, &m).await.unwrap();
+        let p = s.content_path("manifests", &d);
+        std::fs::write(&p, b"a/b\n{\"x\":1}").unwrap();
+        assert_eq!(s.manifest(&d).await.unwrap(), None);
+    }
+}

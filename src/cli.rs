@@ -1,0 +1,91 @@
+//! Command-line interface (clap). Precedence: flags > environment > config file > defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{Config, ConfigError, LogFormat};
+
+/// A pull-through caching proxy for container registries.
+#[derive(Debug, Parser)]
+#[command(name = "regcache", version, about)]
+pub struct Cli {
+    /// TOML configuration file; without it the embedded default is used (listen on
+    /// 0.0.0.0:5000, Docker Hub upstream, cache in ./regcache-data).
+    #[arg(long, short = 'c', env = "REGCACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides `listen`).
+    #[arg(long, env = "REGCACHE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Cache folder (overrides `cache_dir`).
+    #[arg(long, env = "REGCACHE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Log format (overrides `log_format`).
+    #[arg(long, value_enum, env = "REGCACHE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Cli {
+    /// Loads the file (or the embedded default), applies overrides, and validates once.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        if let Some(d) = &self.cache_dir {
+            config.cache_dir = d.clone();
+        }
+        if let Some(f) = self.log_format {
+            config.log_format = f;
+        }
+        config.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:7000\"\ncache_dir = \"/x\"\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "regcache",
+            "--config",
+            f.to_str().unwrap(),
+            "--cache-dir",
+            "/y",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let c = cli.load_config().unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.cache_dir, PathBuf::from("/y"));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn no_arguments_is_the_embedded_default() {
+        let cli = Cli::try_parse_from(["regcache"]).unwrap();
+        if cli.config.is_none() && cli.listen.is_none() && cli.cache_dir.is_none() {
+            assert_eq!(cli.load_config().unwrap(), Config::default());
+        }
+    }
+
+    #[test]
+    fn a_bad_file_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[[upstream]]\nname = \"x\"\nurl = \"gopher://h\"\n").unwrap();
+        let cli = Cli::try_parse_from(["regcache", "-c", f.to_str().unwrap()]).unwrap();
+        let e = cli.load_config().unwrap_err().to_string();
+        assert!(e.contains("upstream[0].url"), "{e}");
+    }
+}

@@ -1,0 +1,602 @@
+//! The configuration file: serde structs with one `Default`, loaded and validated once at start-up.
+//!
+//! Every key is documented, with its default, in `config/regcache.toml`; a test loads that file
+//! and checks it describes exactly these defaults.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::units::{ByteSize, HumanDuration};
+
+/// Docker Hub's registry endpoint.
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+/// Registry host names that all mean Docker Hub (for `ns=` and name prefixes).
+pub const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, bad value).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value breaks a rule.
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `upstream[1].url`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the registry API listens on.
+    pub listen: SocketAddr,
+    /// Folder holding the cache.
+    pub cache_dir: PathBuf,
+    /// Name of the upstream that serves requests no other rule routes.
+    pub default_upstream: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Serve HTTPS instead of plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Cache behaviour.
+    pub cache: CacheConfig,
+    /// Network timeouts.
+    pub timeouts: TimeoutConfig,
+    /// Upstream retries on connection errors.
+    pub retry: RetryConfig,
+    /// The upstream registries.
+    #[serde(rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// TLS certificate and key (PEM files).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Cache behaviour.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a tag → digest answer is used before it is revalidated with a `HEAD` upstream.
+    pub tag_ttl: HumanDuration,
+    /// Largest manifest accepted from upstream.
+    pub max_manifest_size: ByteSize,
+    /// How many tag entries are kept in memory (they are also kept on disk).
+    pub tag_cache_entries: u64,
+}
+
+/// Network timeouts.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutConfig {
+    /// TCP + TLS connect to an upstream.
+    pub connect: HumanDuration,
+    /// From sending a request upstream to its response headers.
+    pub response: HumanDuration,
+    /// Longest pause between two chunks of an upstream body before it is abandoned.
+    pub read_idle: HumanDuration,
+    /// How long open requests may run on after a shutdown signal.
+    pub shutdown_grace: HumanDuration,
+}
+
+/// Upstream retries on connection errors (idempotent requests only).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    /// Wait before the second try; doubled for each further one.
+    pub backoff: HumanDuration,
+}
+
+/// One upstream registry.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Name; also the path prefix that selects it (`/v2/<name>/<repo>/...`).
+    pub name: String,
+    /// Base URL of the registry API, e.g. `https://registry-1.docker.io`.
+    pub url: Url,
+    /// Apply Docker Hub's name rules (`alpine` → `library/alpine`). Default: true when the URL
+    /// is Docker Hub's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_hub: Option<bool>,
+    /// Registry host names this upstream mirrors, matched against containerd's `?ns=` and
+    /// name prefixes. The URL's host is always included; Docker Hub adds its own names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_hosts: Vec<String>,
+    /// `Host` header values (virtual hosts) under which clients reach this upstream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtual_hosts: Vec<String>,
+    /// User name for the upstream (token realm or basic auth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password or access token, inline. Prefer `password_file` or `password_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// File holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Extra CA certificates (PEM) trusted for this upstream, besides the webpki roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Overrides `cache.tag_ttl` for this upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_ttl: Option<HumanDuration>,
+}
+
+impl UpstreamConfig {
+    /// An upstream with only a name and URL set.
+    pub fn new(name: &str, url: Url) -> Self {
+        UpstreamConfig {
+            name: name.to_owned(),
+            url,
+            docker_hub: None,
+            registry_hosts: Vec::new(),
+            virtual_hosts: Vec::new(),
+            username: None,
+            password: None,
+            password_file: None,
+            password_env: None,
+            ca_file: None,
+            tag_ttl: None,
+        }
+    }
+
+    /// `host[:port]` of the URL.
+    pub fn url_authority(&self) -> String {
+        let host = self.url.host_str().unwrap_or_default();
+        match self.url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        }
+    }
+
+    /// Whether Docker Hub's naming rules apply.
+    pub fn is_docker_hub(&self) -> bool {
+        self.docker_hub.unwrap_or_else(|| {
+            self.url
+                .host_str()
+                .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
+        })
+    }
+
+    /// All registry host names that select this upstream through `ns=`.
+    pub fn all_registry_hosts(&self) -> Vec<String> {
+        let mut hosts = vec![self.url_authority()];
+        if self.is_docker_hub() {
+            hosts.extend(DOCKER_HUB_HOSTS.iter().map(|h| h.to_string()));
+        }
+        hosts.extend(self.registry_hosts.iter().map(|h| h.to_ascii_lowercase()));
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    /// Resolves the password from whichever source is configured.
+    pub fn resolve_password(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    format!("{key}.password_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+        }
+        if let Some(var) = &self.password_env {
+            let value = std::env::var(var).map_err(|_| {
+                invalid(
+                    format!("{key}.password_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+            return Ok(Some(value));
+        }
+        Ok(None)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            cache_dir: PathBuf::from("regcache-data"),
+            default_upstream: "docker.io".to_owned(),
+            log_format: LogFormat::Pretty,
+            tls: None,
+            cache: CacheConfig::default(),
+            timeouts: TimeoutConfig::default(),
+            retry: RetryConfig::default(),
+            upstreams: vec![UpstreamConfig::new(
+                "docker.io",
+                // The literal is a valid URL; covered by the defaults test.
+                Url::parse(DOCKER_HUB_URL).expect("constant URL"),
+            )],
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            tag_ttl: HumanDuration(std::time::Duration::from_secs(300)),
+            max_manifest_size: ByteSize(4 << 20),
+            tag_cache_entries: 100_000,
+        }
+    }
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        use std::time::Duration;
+        TimeoutConfig {
+            connect: HumanDuration(Duration::from_secs(10)),
+            response: HumanDuration(Duration::from_secs(60)),
+            read_idle: HumanDuration(Duration::from_secs(60)),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 3,
+            backoff: HumanDuration(std::time::Duration::from_millis(200)),
+        }
+    }
+}
+
+/// True when `s` is usable as an upstream name and path prefix.
+fn valid_upstream_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.split('/').count() == 1
+        && s.parse::<crate::reference::Repository>().is_ok()
+}
+
+impl Config {
+    /// Reads and parses a TOML file (not yet validated).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text (not yet validated).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every rule once; returns the configuration unchanged when it holds.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(invalid("upstream", "at least one upstream is required"));
+        }
+        let positive = [
+            ("cache.tag_ttl", self.cache.tag_ttl),
+            ("timeouts.connect", self.timeouts.connect),
+            ("timeouts.response", self.timeouts.response),
+            ("timeouts.read_idle", self.timeouts.read_idle),
+        ];
+        for (key, d) in positive {
+            if d.0.is_zero() {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        if self.cache.max_manifest_size.0 == 0 {
+            return Err(invalid(
+                "cache.max_manifest_size",
+                "must be larger than zero",
+            ));
+        }
+        if self.cache.tag_cache_entries == 0 {
+            return Err(invalid("cache.tag_cache_entries", "must be at least 1"));
+        }
+        if self.retry.attempts == 0 || self.retry.attempts > 10 {
+            return Err(invalid("retry.attempts", "must be between 1 and 10"));
+        }
+        if self.cache_dir.as_os_str().is_empty() {
+            return Err(invalid("cache_dir", "must not be empty"));
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if !path.is_file() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        let mut hosts = HashSet::new();
+        let mut vhosts = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = format!("upstream[{i}]");
+            if !valid_upstream_name(&u.name) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!(
+                        "{:?} must be one lowercase path component (letters, digits, '.', '_', '-')",
+                        u.name
+                    ),
+                ));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("{:?} is used twice", u.name),
+                ));
+            }
+            if !matches!(u.url.scheme(), "http" | "https") || u.url.host_str().is_none() {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+            if u.url.path() != "/" || u.url.query().is_some() || !u.url.username().is_empty() {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    "must be scheme://host[:port] only (no path, query or credentials)",
+                ));
+            }
+            let sources = [
+                u.password.is_some(),
+                u.password_file.is_some(),
+                u.password_env.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() > 1 {
+                return Err(invalid(
+                    format!("{key}.password"),
+                    "set only one of password, password_file and password_env",
+                ));
+            }
+            if sources.iter().any(|s| *s) != u.username.is_some() {
+                return Err(invalid(
+                    format!("{key}.username"),
+                    "username and a password source go together",
+                ));
+            }
+            u.resolve_password(&key)?;
+            if let Some(ca) = &u.ca_file {
+                if !ca.is_file() {
+                    return Err(invalid(
+                        format!("{key}.ca_file"),
+                        format!("{} is not a readable file", ca.display()),
+                    ));
+                }
+            }
+            if u.tag_ttl.is_some_and(|t| t.0.is_zero()) {
+                return Err(invalid(
+                    format!("{key}.tag_ttl"),
+                    "must be longer than zero",
+                ));
+            }
+            for h in u.all_registry_hosts() {
+                if !hosts.insert(h.clone()) {
+                    return Err(invalid(
+                        format!("{key}.registry_hosts"),
+                        format!("{h:?} already belongs to another upstream"),
+                    ));
+                }
+            }
+            for h in &u.virtual_hosts {
+                if h.is_empty() || !vhosts.insert(h.to_ascii_lowercase()) {
+                    return Err(invalid(
+                        format!("{key}.virtual_hosts"),
+                        format!("{h:?} is empty or used twice"),
+                    ));
+                }
+            }
+        }
+        if !names.contains(self.default_upstream.as_str()) {
+            return Err(invalid(
+                "default_upstream",
+                format!("{:?} is not the name of an upstream", self.default_upstream),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_upstreams(extra: &str) -> Result<Config, String> {
+        let text = format!(
+            "default_upstream = \"a\"\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\n{extra}"
+        );
+        Config::from_toml(&text)?
+            .validate()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn default_is_valid_and_uses_docker_hub() {
+        let c = Config::default().validate().unwrap();
+        assert_eq!(c.upstreams[0].name, "docker.io");
+        assert!(c.upstreams[0].is_docker_hub());
+        assert_eq!(c.listen.port(), 5000);
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_example_file_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/regcache.toml");
+        let c = Config::from_file(&path).unwrap().validate().unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml("listen = \"0.0.0.0:1\"\nlisten_port = 3").unwrap_err();
+        assert!(e.contains("listen_port"), "{e}");
+        let e = Config::from_toml("[cache]\nttl = \"5m\"").unwrap_err();
+        assert!(e.contains("ttl"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::from_toml("[cache]\ntag_ttl = \"5 weeks\"").unwrap_err();
+        assert!(e.contains("tag_ttl"), "{e}");
+        let e = Config::from_toml("listen = \"nowhere\"").unwrap_err();
+        assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn rejection_rules() {
+        let cases = [
+            ("[cache]\ntag_ttl = \"0s\"", "cache.tag_ttl"),
+            ("[cache]\nmax_manifest_size = 0", "cache.max_manifest_size"),
+            ("[retry]\nattempts = 0", "retry.attempts"),
+            ("[timeouts]\nread_idle = \"0ms\"", "timeouts.read_idle"),
+            (
+                "[[upstream]]\nname = \"a\"\nurl = \"http://x\"",
+                "upstream[1].name",
+            ),
+            (
+                "[[upstream]]\nname = \"B\"\nurl = \"http://x\"",
+                "upstream[1].name",
+            ),
+            (
+                "[[upstream]]\nname = \"b/c\"\nurl = \"http://x\"",
+                "upstream[1].name",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"ftp://x\"",
+                "upstream[1].url",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://x/v2\"",
+                "upstream[1].url",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://u:p@x\"",
+                "upstream[1].url",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://127.0.0.1:1\"",
+                "upstream[1].registry_hosts",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://x\"\npassword = \"p\"",
+                "upstream[1].username",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nusername = \"u\"\npassword = \"p\"\npassword_env = \"E\"",
+                "upstream[1].password",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nusername = \"u\"\npassword_env = \"REGCACHE_TEST_SURELY_UNSET\"",
+                "upstream[1].password_env",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"",
+                "upstream[1].password_file",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nca_file = \"/nonexistent/ca.pem\"",
+                "upstream[1].ca_file",
+            ),
+            (
+                "[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nvirtual_hosts = [\"h\", \"h\"]",
+                "upstream[1].virtual_hosts",
+            ),
+            (
+                "[tls]\ncert = \"/nonexistent/c\"\nkey = \"/nonexistent/k\"",
+                "tls.cert",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = with_upstreams(extra).unwrap_err();
+            assert!(e.contains(&format!("`{key}`")), "{extra:?}: {e}");
+        }
+        let e = Config::from_toml("default_upstream = \"nope\"")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`default_upstream`"), "{e}");
+        let e = Config::from_toml("upstream = []")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`upstream`"), "{e}");
+    }
+
+    #[test]
+    fn docker_hub_hosts() {
+        let c = Config::default();
+        let hosts = c.upstreams[0].all_registry_hosts();
+        assert!(hosts.contains(&"docker.io".to_string()));
+        assert!(hosts.contains(&"index.docker.io".to_string()));
+        let u = UpstreamConfig::new("q", Url::parse("http://127.0.0.1:8080").unwrap());
+        assert!(!u.is_docker_hub());
+        assert_eq!(u.all_registry_hosts(), vec!["127.0.0.1:8080".to_string()]);
+    }
+}

@@ -1,0 +1,290 @@
+//! Typed errors of the request path and the ONE place that maps them to OCI JSON responses.
+
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::json;
+
+use crate::body::{self, Body};
+use crate::rewrite::RewriteError;
+use crate::router::RouteError;
+
+/// What was being fetched when an upstream failed; picks the OCI "unknown" code for a 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A manifest.
+    Manifest,
+    /// A blob.
+    Blob,
+    /// A tag list.
+    Tags,
+}
+
+/// Why an upstream exchange failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made (after retries).
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// The upstream did not answer, or stalled mid-body, within the configured timeout.
+    #[error("upstream timed out")]
+    Timeout,
+    /// The upstream answered with an error status.
+    #[error("upstream answered {0}")]
+    Status(u16),
+    /// Authentication with the upstream failed (token realm refused us, no credentials).
+    #[error("upstream authentication failed: {0}")]
+    Auth(String),
+    /// The upstream sent something unacceptable: wrong digest, oversized manifest, short body,
+    /// redirect loop.
+    #[error("upstream sent an invalid response: {0}")]
+    Invalid(String),
+}
+
+/// Every error a request can end in.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed or unknown request line.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// No upstream for the name.
+    #[error(transparent)]
+    Rewrite(#[from] RewriteError),
+    /// The manifest is not known here or upstream.
+    #[error("manifest unknown")]
+    ManifestUnknown,
+    /// The manifest exists but in a media type the client did not accept.
+    #[error("manifest media type {0} is not accepted by the client")]
+    ManifestNotAccepted(String),
+    /// The blob is not known here or upstream.
+    #[error("blob unknown")]
+    BlobUnknown,
+    /// A `Range` that lies outside the blob.
+    #[error("range not satisfiable for a blob of {0} bytes")]
+    RangeNotSatisfiable(u64),
+    /// An upstream fault while fetching `Kind`.
+    #[error("{1}")]
+    Upstream(Kind, UpstreamError),
+    /// A fault inside regcache; the text is logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+/// The OCI error code, HTTP status, message and detail of an error.
+fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
+    use StatusCode as S;
+    match e {
+        Error::Route(r) => match r {
+            RouteError::NotFound => (S::NOT_FOUND, "NOT_FOUND", "unknown route".into(), None),
+            RouteError::MethodNotAllowed => (
+                S::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "method not allowed on this route".into(),
+                None,
+            ),
+            RouteError::Unsupported(why) => {
+                (S::METHOD_NOT_ALLOWED, "UNSUPPORTED", (*why).into(), None)
+            }
+            RouteError::Invalid(p) => {
+                let code = match p {
+                    crate::reference::ParseError::Repository(_) => "NAME_INVALID",
+                    crate::reference::ParseError::Tag(_) => "TAG_INVALID",
+                    crate::reference::ParseError::Digest(_) => "DIGEST_INVALID",
+                };
+                (S::BAD_REQUEST, code, p.to_string(), None)
+            }
+            RouteError::Query(q) => (
+                S::BAD_REQUEST,
+                "PAGINATION_NUMBER_INVALID",
+                format!("invalid query parameter {q}"),
+                None,
+            ),
+        },
+        Error::Rewrite(RewriteError::UnknownNamespace(ns)) => (
+            S::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "no upstream is configured for this registry".into(),
+            Some(format!("ns={ns}")),
+        ),
+        Error::Rewrite(RewriteError::Name(m)) => (S::BAD_REQUEST, "NAME_INVALID", m.clone(), None),
+        Error::ManifestUnknown => (
+            S::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "manifest unknown".into(),
+            None,
+        ),
+        Error::ManifestNotAccepted(mt) => (
+            S::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "manifest found, but in a media type the Accept header does not allow".into(),
+            Some(mt.clone()),
+        ),
+        Error::BlobUnknown => (
+            S::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "blob unknown to registry".into(),
+            None,
+        ),
+        Error::RangeNotSatisfiable(len) => (
+            S::RANGE_NOT_SATISFIABLE,
+            "RANGE_INVALID",
+            "requested range not satisfiable".into(),
+            Some(format!("blob size {len}")),
+        ),
+        Error::Upstream(kind, u) => match u {
+            UpstreamError::Status(404) => match kind {
+                Kind::Manifest => (
+                    S::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    "manifest unknown".into(),
+                    None,
+                ),
+                Kind::Blob => (
+                    S::NOT_FOUND,
+                    "BLOB_UNKNOWN",
+                    "blob unknown to registry".into(),
+                    None,
+                ),
+                Kind::Tags => (
+                    S::NOT_FOUND,
+                    "NAME_UNKNOWN",
+                    "repository name not known to registry".into(),
+                    None,
+                ),
+            },
+            UpstreamError::Status(401) => (
+                S::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "the upstream registry refused access".into(),
+                Some("upstream answered 401".into()),
+            ),
+            UpstreamError::Status(403) => (
+                S::FORBIDDEN,
+                "DENIED",
+                "the upstream registry denied access".into(),
+                Some("upstream answered 403".into()),
+            ),
+            UpstreamError::Status(429) => (
+                S::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                "the upstream registry is rate limiting".into(),
+                None,
+            ),
+            UpstreamError::Status(s) => (
+                S::BAD_GATEWAY,
+                "UNKNOWN",
+                "the upstream registry failed".into(),
+                Some(format!("upstream answered {s}")),
+            ),
+            UpstreamError::Auth(why) => (
+                S::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "authentication with the upstream registry failed".into(),
+                Some(why.clone()),
+            ),
+            UpstreamError::Unreachable(_) => (
+                S::BAD_GATEWAY,
+                "UNKNOWN",
+                "the upstream registry is unreachable".into(),
+                None,
+            ),
+            UpstreamError::Timeout => (
+                S::GATEWAY_TIMEOUT,
+                "UNKNOWN",
+                "the upstream registry timed out".into(),
+                None,
+            ),
+            UpstreamError::Invalid(why) => (
+                S::BAD_GATEWAY,
+                "UNKNOWN",
+                "the upstream registry sent an invalid response".into(),
+                Some(why.clone()),
+            ),
+        },
+        Error::Internal(_) => (
+            S::INTERNAL_SERVER_ERROR,
+            "UNKNOWN",
+            "internal error".into(),
+            None,
+        ),
+    }
+}
+
+impl Error {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        describe(self).0
+    }
+
+    /// The OCI JSON response for this error; HEAD answers carry no body.
+    pub fn into_response(self, head: bool) -> Response<Body> {
+        let (status, code, message, detail) = describe(&self);
+        let payload = json!({
+            "errors": [{ "code": code, "message": message, "detail": detail }]
+        })
+        .to_string();
+        let len = payload.len();
+        let mut resp = Response::new(if head {
+            body::empty()
+        } else {
+            body::full(payload)
+        });
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        h.insert(
+            "Docker-Distribution-API-Version",
+            HeaderValue::from_static("registry/2.0"),
+        );
+        if let Error::RangeNotSatisfiable(total) = self {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(e: Error) -> (StatusCode, serde_json::Value) {
+        let r = e.into_response(false);
+        let s = r.status();
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        (s, serde_json::from_slice(&b).unwrap())
+    }
+
+    #[tokio::test]
+    async fn oci_bodies() {
+        let (s, v) = body_json(Error::BlobUnknown).await;
+        assert_eq!(s, 404);
+        assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
+        let (s, v) = body_json(Error::Upstream(Kind::Manifest, UpstreamError::Status(404))).await;
+        assert_eq!(s, 404);
+        assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
+        let (s, v) = body_json(Error::Internal("/secret/path: EIO".into())).await;
+        assert_eq!(s, 500);
+        assert!(!v.to_string().contains("secret"));
+        let (s, v) = body_json(Error::Upstream(
+            Kind::Blob,
+            UpstreamError::Unreachable("10.1.2.3:443 refused".into()),
+        ))
+        .await;
+        assert_eq!(s, 502);
+        assert!(!v.to_string().contains("10.1.2.3"));
+        let r = Error::RangeNotSatisfiable(10).into_response(false);
+        assert_eq!(r.status(), 416);
+        assert_eq!(r.headers()["content-range"], "bytes */10");
+    }
+}

@@ -1,0 +1,203 @@
+//! Request coalescing for small values (tokens, manifests): one fetch per key at a time, every
+//! concurrent caller shares its result, and fresh results are kept until their expiry.
+//!
+//! Blobs do not use this: they stream through `cache::inflight`, which never holds a body in
+//! memory.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Mutex;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use tokio::time::Instant;
+
+type Pending<V, E> = Shared<BoxFuture<'static, Result<(V, Option<Instant>), E>>>;
+
+struct Slot<V, E> {
+    value: Option<(V, Instant)>,
+    pending: Option<Pending<V, E>>,
+}
+
+/// A keyed single-flight with an optional per-value expiry.
+pub struct Flight<K, V, E> {
+    // Protects the slot table only; never held across an `.await` (the shared future is
+    // cloned out and awaited after the guard is dropped).
+    slots: Mutex<HashMap<K, Slot<V, E>>>,
+}
+
+impl<K, V, E> Default for Flight<K, V, E> {
+    fn default() -> Self {
+        Flight {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K, V, E> Flight<K, V, E>
+where
+    K: Hash + Eq + Clone,
+    V: Clone + Send + Sync + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    /// Returns the fresh cached value for `key`, joins the fetch under way, or starts `fetch`.
+    /// `fetch` yields the value and when it stops being fresh (`None`: do not keep it).
+    ///
+    /// If every caller of a fetch goes away, the fetch pauses with them and the next caller
+    /// resumes it; it is never run twice at once.
+    pub async fn get<F, Fut>(&self, key: K, fetch: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(V, Option<Instant>), E>> + Send + 'static,
+    {
+        let fut = {
+            let mut slots = lock(&self.slots);
+            let slot = slots.entry(key.clone()).or_insert(Slot {
+                value: None,
+                pending: None,
+            });
+            if let Some((v, until)) = &slot.value {
+                if Instant::now() < *until {
+                    return Ok(v.clone());
+                }
+            }
+            match &slot.pending {
+                Some(p) => p.clone(),
+                None => {
+                    let p = fetch().boxed().shared();
+                    slot.pending = Some(p.clone());
+                    p
+                }
+            }
+        };
+        let result = fut.clone().await;
+        let mut slots = lock(&self.slots);
+        if let Some(slot) = slots.get_mut(&key) {
+            if slot.pending.as_ref().is_some_and(|p| p.ptr_eq(&fut)) {
+                slot.pending = None;
+                if let Ok((v, Some(until))) = &result {
+                    slot.value = Some((v.clone(), *until));
+                }
+                if slot.value.is_none() {
+                    slots.remove(&key);
+                }
+            }
+        }
+        result.map(|(v, _)| v)
+    }
+
+    /// Forgets the cached value for `key` if `rejected` says it is the one that was refused,
+    /// so the next `get` fetches anew (a value already replaced is kept).
+    pub fn invalidate(&self, key: &K, rejected: impl Fn(&V) -> bool) {
+        let mut slots = lock(&self.slots);
+        if let Some(slot) = slots.get_mut(key) {
+            if slot.value.as_ref().is_some_and(|(v, _)| rejected(v)) {
+                slot.value = None;
+            }
+        }
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: the table holds no invariant a panic can break.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_fetch_for_concurrent_callers_and_reuse_until_expiry() {
+        let flight: Arc<Flight<&str, u32, String>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (f, c) = (flight.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                f.get("k", || async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok((7, Some(Instant::now() + Duration::from_secs(60))))
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Ok(7));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let c = calls.clone();
+        let v = flight
+            .get("k", || async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok((8, None))
+            })
+            .await;
+        assert_eq!(v, Ok(7));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let c = calls.clone();
+        let v = flight
+            .get("k", || async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok((9, None))
+            })
+            .await;
+        assert_eq!(v, Ok(9));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn errors_are_shared_and_not_kept() {
+        let flight: Flight<u8, u8, String> = Flight::default();
+        assert_eq!(
+            flight.get(1, || async { Err("no".to_string()) }).await,
+            Err("no".to_string())
+        );
+        assert_eq!(flight.get(1, || async { Ok((2, None)) }).await, Ok(2));
+    }
+
+    #[tokio::test]
+    async fn invalidate_drops_only_the_rejected_value() {
+        let flight: Flight<u8, u8, String> = Flight::default();
+        let far = Instant::now() + Duration::from_secs(3600);
+        flight
+            .get(1, || async move { Ok((5, Some(far))) })
+            .await
+            .unwrap();
+        flight.invalidate(&1, |v| *v == 4);
+        assert_eq!(flight.get(1, || async { Ok((6, None)) }).await, Ok(5));
+        flight.invalidate(&1, |v| *v == 5);
+        assert_eq!(flight.get(1, || async { Ok((6, None)) }).await, Ok(6));
+    }
+
+    #[tokio::test]
+    async fn abandoned_fetch_is_resumed_not_restarted() {
+        let flight: Arc<Flight<u8, u8, String>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let c = calls.clone();
+        let first = flight.get(1, || async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.await;
+            Ok((3, None))
+        });
+        // Poll once so the fetch starts, then drop the caller.
+        assert!(futures_util::poll!(Box::pin(first)).is_pending());
+        tx.send(()).unwrap();
+        let c = calls.clone();
+        let v = flight
+            .get(1, || async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok((4, None))
+            })
+            .await;
+        assert_eq!(v, Ok(3));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,457 @@
+//! One function per route. Each takes validated names and sets `Content-Type`,
+//! `Content-Length`, `Docker-Content-Digest` and `ETag` on its answers.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::app::App;
+use crate::body::{self, Body};
+use crate::cache::fill;
+use crate::cache::inflight::{FillError, FillState, Join};
+use crate::cache::store::{StoredManifest, TagKey, TagRecord};
+use crate::cache::tags::TagEntry;
+use crate::cache::tail::{Tail, read_stream};
+use crate::error::{Error, Kind, UpstreamError};
+use crate::media::{self, Accept};
+use crate::range::{self, RangeSpec};
+use crate::reference::{Digest, Reference, Repository, Tag};
+
+/// Key for coalescing manifest fetches: upstream, repository, reference, accepted types.
+pub type ManifestKey = (usize, Repository, String, u8);
+
+/// A manifest fetched and verified, shared by coalesced callers.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Its digest.
+    pub digest: Digest,
+    /// The manifest.
+    pub manifest: StoredManifest,
+}
+
+fn set(resp: &mut Response<Body>, name: header::HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
+}
+
+fn manifest_response(
+    m: &StoredManifest,
+    digest: &Digest,
+    head: bool,
+    stale: bool,
+) -> Response<Body> {
+    let len = m.body.len();
+    let mut r = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(m.body.clone())
+    });
+    set(&mut r, header::CONTENT_TYPE, &m.media_type);
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    set(
+        &mut r,
+        "docker-content-digest".parse().expect("static name"),
+        &digest.to_string(),
+    );
+    set(&mut r, header::ETAG, &format!("\"{digest}\""));
+    if stale {
+        r.headers_mut().insert(
+            header::WARNING,
+            HeaderValue::from_static("110 regcache \"Response is Stale\""),
+        );
+    }
+    r
+}
+
+/// `GET|HEAD /v2/<name>/manifests/<reference>`.
+pub async fn manifest(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    reference: &Reference,
+    accept: &Accept,
+    head: bool,
+) -> Result<Response<Body>, Error> {
+    match reference {
+        Reference::Digest(d) => {
+            let m = match app.store.manifest(d).await? {
+                Some(m) => m,
+                None => {
+                    fetch_manifest(app, upstream, repo, reference, accept, Some(d))
+                        .await?
+                        .manifest
+                }
+            };
+            if !accept.accepts(&m.media_type) {
+                return Err(Error::ManifestNotAccepted(m.media_type));
+            }
+            Ok(manifest_response(&m, d, head, false))
+        }
+        Reference::Tag(tag) => manifest_by_tag(app, upstream, repo, tag, accept, head).await,
+    }
+}
+
+async fn manifest_by_tag(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    tag: &Tag,
+    accept: &Accept,
+    head: bool,
+) -> Result<Response<Body>, Error> {
+    let up = &app.upstreams[upstream];
+    let key = TagKey {
+        upstream: up.name.clone(),
+        repository: repo.clone(),
+        tag: tag.clone(),
+        accept: accept.key(),
+    };
+    let known = match app.tags.get(&key) {
+        Some(e) => Some(e),
+        None => app.store.tag(&key).await?.map(|record| TagEntry {
+            record,
+            checked: None,
+        }),
+    };
+    if let Some(entry) = known {
+        if let Some(m) = app.store.manifest(&entry.record.digest).await? {
+            let digest = entry.record.digest.clone();
+            if entry.is_fresh(up.tag_ttl) {
+                return Ok(manifest_response(&m, &digest, head, false));
+            }
+            // Revalidate with a HEAD: it does not count against Docker Hub's pull limit, and
+            // when it fails the cached answer is served rather than spending a GET.
+            let reference = Reference::Tag(tag.clone());
+            match up
+                .manifest(repo, &reference, &accept.upstream_value(), true)
+                .await
+            {
+                Ok(f) if f.digest.as_ref() == Some(&digest) => {
+                    app.tags.insert(key, TagEntry::confirmed(entry.record));
+                    return Ok(manifest_response(&m, &digest, head, false));
+                }
+                Ok(f) => {
+                    tracing::info!(tag = %tag, repository = %repo, old = %digest, new = ?f.digest.as_ref().map(ToString::to_string), "tag moved upstream");
+                    if let Some(new) = f.digest {
+                        if let Some(m) = app.store.manifest(&new).await? {
+                            if accept.accepts(&m.media_type) {
+                                remember_tag(app, key, &new, &m.media_type).await;
+                                return Ok(manifest_response(&m, &new, head, false));
+                            }
+                        }
+                    }
+                }
+                Err(UpstreamError::Status(404)) => {
+                    app.tags.invalidate(&key);
+                    if let Err(e) = app.store.remove_tag(&key).await {
+                        tracing::warn!(error = %e, "cannot remove tag record");
+                    }
+                    return Err(Error::Upstream(Kind::Manifest, UpstreamError::Status(404)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "tag revalidation failed; serving the cached answer");
+                    return Ok(manifest_response(&m, &digest, head, true));
+                }
+            }
+        }
+    }
+    let fetched = fetch_manifest(
+        app,
+        upstream,
+        repo,
+        &Reference::Tag(tag.clone()),
+        accept,
+        None,
+    )
+    .await?;
+    if !accept.accepts(&fetched.manifest.media_type) {
+        return Err(Error::ManifestNotAccepted(fetched.manifest.media_type));
+    }
+    remember_tag(app, key, &fetched.digest, &fetched.manifest.media_type).await;
+    Ok(manifest_response(
+        &fetched.manifest,
+        &fetched.digest,
+        head,
+        false,
+    ))
+}
+
+async fn remember_tag(app: &App, key: TagKey, digest: &Digest, media_type: &str) {
+    let record = TagRecord {
+        digest: digest.clone(),
+        media_type: media_type.to_owned(),
+    };
+    if let Err(e) = app.store.put_tag(&key, &record).await {
+        tracing::warn!(error = %e, "cannot persist tag record");
+    }
+    app.tags.insert(key, TagEntry::confirmed(record));
+}
+
+/// GETs a manifest upstream (one fetch per key at a time), verifies it and stores it.
+async fn fetch_manifest(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    reference: &Reference,
+    accept: &Accept,
+    expected: Option<&Digest>,
+) -> Result<Fetched, Error> {
+    let up = app.upstreams[upstream].clone();
+    let key: ManifestKey = (upstream, repo.clone(), reference.to_string(), accept.key());
+    let (repo2, reference2, accept_value, expected2) = (
+        repo.clone(),
+        reference.clone(),
+        accept.upstream_value(),
+        expected.cloned(),
+    );
+    let app2 = app.clone();
+    app.manifest_flight
+        .get(key, move || async move {
+            let f = up.manifest(&repo2, &reference2, &accept_value, false).await?;
+            let algorithm = expected2
+                .as_ref()
+                .or(f.digest.as_ref())
+                .map(Digest::algorithm)
+                .unwrap_or(crate::reference::Algorithm::Sha256);
+            let actual = Digest::of(algorithm, &f.body);
+            if let Some(want) = expected2.as_ref().or(f.digest.as_ref()) {
+                if *want != actual {
+                    return Err(UpstreamError::Invalid(format!(
+                        "manifest digest mismatch: expected {want}, got {actual}"
+                    )));
+                }
+            }
+            let media_type = if f.media_type.is_empty() || f.media_type == "application/octet-stream" {
+                media::sniff(&f.body).unwrap_or_else(|| media::OCI_MANIFEST.to_owned())
+            } else {
+                f.media_type
+            };
+            let manifest = StoredManifest {
+                media_type,
+                body: f.body,
+            };
+            if let Err(e) = app2.store.put_manifest(&actual, &manifest).await {
+                tracing::warn!(error = %e, digest = %actual, "cannot cache manifest; serving it uncached");
+            }
+            Ok((
+                Fetched {
+                    digest: actual,
+                    manifest,
+                },
+                None,
+            ))
+        })
+        .await
+        .map_err(|e| Error::Upstream(Kind::Manifest, e))
+}
+
+fn blob_headers(r: &mut Response<Body>, digest: &Digest, len: u64) {
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    set(
+        r,
+        "docker-content-digest".parse().expect("static name"),
+        &digest.to_string(),
+    );
+    set(r, header::ETAG, &format!("\"{digest}\""));
+    r.headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+}
+
+/// The status, start and length to serve for `range` on a blob of `total` bytes.
+fn plan(range: Option<&str>, total: u64) -> Result<(StatusCode, u64, u64), Error> {
+    match range::parse(range, total) {
+        RangeSpec::Full => Ok((StatusCode::OK, 0, total)),
+        RangeSpec::Partial { start, end } => {
+            Ok((StatusCode::PARTIAL_CONTENT, start, end - start + 1))
+        }
+        RangeSpec::Unsatisfiable => Err(Error::RangeNotSatisfiable(total)),
+    }
+}
+
+fn blob_response(
+    digest: &Digest,
+    total: u64,
+    status: StatusCode,
+    start: u64,
+    len: u64,
+    body: Body,
+) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    blob_headers(&mut r, digest, len);
+    if status == StatusCode::PARTIAL_CONTENT {
+        set(
+            &mut r,
+            header::CONTENT_RANGE,
+            &format!("bytes {}-{}/{}", start, start + len - 1, total),
+        );
+    }
+    r
+}
+
+fn fill_error(e: FillError) -> Error {
+    match e {
+        FillError::Upstream(u) => Error::Upstream(Kind::Blob, u),
+        FillError::DigestMismatch(got) => Error::Upstream(
+            Kind::Blob,
+            UpstreamError::Invalid(format!("blob content hashed to {got}")),
+        ),
+        FillError::Io(why) => Error::Internal(why),
+        FillError::Aborted => Error::Internal("download aborted".into()),
+    }
+}
+
+/// `GET|HEAD /v2/<name>/blobs/<digest>`, with single `Range` support on cached blobs and on
+/// blobs still downloading.
+pub async fn blob(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    digest: &Digest,
+    range: Option<&str>,
+    head: bool,
+) -> Result<Response<Body>, Error> {
+    if let Some(total) = app.store.blob_len(digest).await? {
+        let (status, start, len) = plan(range, total)?;
+        if head {
+            return Ok(blob_response(
+                digest,
+                total,
+                status,
+                start,
+                len,
+                body::empty(),
+            ));
+        }
+        let Some(b) = app.store.open_blob(digest, start).await? else {
+            return Err(Error::BlobUnknown);
+        };
+        let stream = read_stream(b.reader, len);
+        return Ok(blob_response(
+            digest,
+            total,
+            status,
+            start,
+            len,
+            body::stream(stream),
+        ));
+    }
+    let up = &app.upstreams[upstream];
+    let fill = match app.inflight.join(digest, || app.store.staging_path(digest)) {
+        Join::Follower(f) => f,
+        // A HEAD alone does not start a download: ask the upstream instead.
+        Join::Leader(guard) if head => {
+            drop(guard);
+            let size = up
+                .blob_size(repo, digest)
+                .await
+                .map_err(|e| Error::Upstream(Kind::Blob, e))?;
+            let mut r = Response::new(body::empty());
+            blob_headers(&mut r, digest, size.unwrap_or(0));
+            if size.is_none() {
+                r.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+            return Ok(r);
+        }
+        Join::Leader(guard) => {
+            let f = guard.fill().clone();
+            fill::spawn(guard, app.store.clone(), up.clone(), repo.clone());
+            f
+        }
+    };
+    let mut rx = fill.subscribe();
+    // Headers go out as soon as the upstream has answered (or, for a range on a download of
+    // unknown length, once the length is known).
+    let total = {
+        let wanted_len = range.is_some();
+        let state = rx
+            .wait_for(|s| match s {
+                FillState::Connecting => false,
+                FillState::Streaming { len, .. } => len.is_some() || !wanted_len,
+                FillState::Complete { .. } | FillState::Failed(_) => true,
+            })
+            .await
+            .map_err(|_| Error::Internal("download state lost".into()))?
+            .clone();
+        match state {
+            FillState::Failed(e) => return Err(fill_error(e)),
+            FillState::Streaming { len, .. } => len,
+            FillState::Complete { len } => Some(len),
+            FillState::Connecting => None,
+        }
+    };
+    let Some(total) = total else {
+        // Unknown length, whole blob: stream it chunked.
+        let mut r = Response::new(if head {
+            body::empty()
+        } else {
+            body::stream(Tail::new(fill, app.store.clone(), 0, None).into_stream())
+        });
+        blob_headers(&mut r, digest, 0);
+        r.headers_mut().remove(header::CONTENT_LENGTH);
+        return Ok(r);
+    };
+    let (status, start, len) = plan(range, total)?;
+    let body = if head {
+        body::empty()
+    } else {
+        body::stream(Tail::new(fill, app.store.clone(), start, Some(start + len)).into_stream())
+    };
+    Ok(blob_response(digest, total, status, start, len, body))
+}
+
+/// `GET /v2/<name>/tags/list`, passed through with `n` and `last`; a `Link` to the next page
+/// is rewritten to the name the client used.
+pub async fn tags(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    client_name: &Repository,
+    ns: Option<&str>,
+    n: Option<u32>,
+    last: Option<String>,
+) -> Result<Response<Body>, Error> {
+    let up = &app.upstreams[upstream];
+    let query = {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(n) = n {
+            q.append_pair("n", &n.to_string());
+        }
+        if let Some(l) = &last {
+            q.append_pair("last", l);
+        }
+        q.finish()
+    };
+    let (body, link) = up
+        .tags(repo, &query)
+        .await
+        .map_err(|e| Error::Upstream(Kind::Tags, e))?;
+    let len = body.len();
+    let mut r = Response::new(body::full(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(link) = link {
+        let ours = format!("/v2/{client_name}/tags/list");
+        let mut rewritten = link.replace(&format!("/v2/{repo}/tags/list"), &ours);
+        if let Some(ns) = ns {
+            let q = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("ns", ns)
+                .finish();
+            rewritten = rewritten.replacen(&format!("{ours}?"), &format!("{ours}?{q}&"), 1);
+        }
+        set(&mut r, header::LINK, &rewritten);
+    }
+    Ok(r)
+}

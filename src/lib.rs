@@ -1,0 +1,35 @@
+//! regcache: a pull-through caching proxy for container registries that fetches each digest
+//! from upstream once and streams it to every client that asks while it downloads.
+//!
+//! # Layout
+//! - [`app`]: application state and `App::handle`, the request pipeline.
+//! - [`server`]: accept loop, optional rustls, graceful shutdown.
+//! - [`cli`], [`config`], [`units`]: command line, configuration file, human units.
+//! - [`router`], [`reference`], [`rewrite`], [`media`], [`range`]: pure parsing of paths,
+//!   names, upstream routing, `Accept` and `Range` headers.
+//! - [`handlers`]: one function per registry route.
+//! - [`error`]: typed errors and the one mapping to OCI JSON responses.
+//! - [`body`]: the response body type.
+//! - [`flight`]: request coalescing for small values (tokens, manifests).
+//! - [`upstream`]: HTTP client (timeouts, retries, redirects) and authentication.
+//! - [`cache`]: storage interface and filesystem backend, blob single flight, download task,
+//!   readers of growing files, tag answers.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod body;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod flight;
+pub mod handlers;
+pub mod media;
+pub mod range;
+pub mod reference;
+pub mod rewrite;
+pub mod router;
+pub mod server;
+pub mod units;
+pub mod upstream;

@@ -1,0 +1,72 @@
+//! The `regcache` binary: parse the CLI, set up logging, load and validate the configuration,
+//! and serve until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use regcache::cli::Cli;
+use regcache::config::LogFormat;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop regcache");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = match cli.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let tls = match &config.tls {
+        Some(t) => {
+            Some(regcache::server::tls_acceptor(&t.cert, &t.key).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let grace = config.timeouts.shutdown_grace.0;
+    let upstreams: Vec<String> = config
+        .upstreams
+        .iter()
+        .map(|u| format!("{}={}", u.name, u.url))
+        .collect();
+    let app = regcache::app::App::new(config).await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        cache_dir = %app.config.cache_dir.display(),
+        upstreams = ?upstreams,
+        default_upstream = %app.config.default_upstream,
+        tls = tls.is_some(),
+        "regcache ready"
+    );
+    regcache::server::serve(listener, app, tls, grace, shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! Pure `Accept` handling for manifests: every `Accept` line merged, matched against the
+//! manifest media types, and the value forwarded upstream.
+
+use http::{HeaderMap, header};
+
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Docker manifest list.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Docker image manifest, schema 2.
+pub const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker image manifest, schema 1 (signed).
+pub const DOCKER_V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+/// Docker image manifest, schema 1.
+pub const DOCKER_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+
+/// Manifest media types in a fixed order; a type's index is its bit in [`Accept::key`].
+pub const MANIFEST_TYPES: [&str; 6] = [
+    OCI_INDEX,
+    OCI_MANIFEST,
+    DOCKER_LIST,
+    DOCKER_V2,
+    DOCKER_V1_SIGNED,
+    DOCKER_V1,
+];
+
+/// What a client will take, from all of its `Accept` lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accept {
+    types: Vec<String>,
+    wildcard: bool,
+}
+
+impl Accept {
+    /// Merges every `Accept` header line (podman and Docker send six separate lines).
+    /// No `Accept` at all means anything is acceptable.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let mut types = Vec::new();
+        let mut wildcard = false;
+        let mut seen_any = false;
+        for v in headers.get_all(header::ACCEPT) {
+            let Ok(s) = v.to_str() else { continue };
+            for item in s.split(',') {
+                let mut parts = item.split(';');
+                let mt = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+                if mt.is_empty() {
+                    continue;
+                }
+                seen_any = true;
+                let refused = parts.any(|p| {
+                    let p = p.trim().replace(' ', "");
+                    p == "q=0" || p == "q=0.0" || p == "q=0.00" || p == "q=0.000"
+                });
+                if refused {
+                    continue;
+                }
+                if mt == "*/*" || mt == "application/*" {
+                    wildcard = true;
+                } else if !types.contains(&mt) {
+                    types.push(mt);
+                }
+            }
+        }
+        Accept {
+            types,
+            wildcard: wildcard || !seen_any,
+        }
+    }
+
+    /// Whether a manifest of `media_type` may be served to this client.
+    pub fn accepts(&self, media_type: &str) -> bool {
+        self.wildcard
+            || self
+                .types
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(media_type))
+    }
+
+    /// The `Accept` value sent upstream: the client's own list, or every modern manifest
+    /// type when the client takes anything (so the upstream never falls back to schema 1).
+    pub fn upstream_value(&self) -> String {
+        let mut list: Vec<&str> = self.types.iter().map(String::as_str).collect();
+        if self.wildcard {
+            for t in &MANIFEST_TYPES[..4] {
+                if !list.contains(t) {
+                    list.push(t);
+                }
+            }
+            list.push("*/*");
+        }
+        list.join(", ")
+    }
+
+    /// A bitmask of the manifest types accepted: clients with equal keys get equal answers for
+    /// a tag, so the tag cache is keyed by it.
+    pub fn key(&self) -> u8 {
+        MANIFEST_TYPES
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| self.accepts(t))
+            .fold(0, |k, (i, _)| k | (1 << i))
+    }
+}
+
+/// The media type of a manifest body that came without one: its `mediaType` field, or a
+/// guess from its shape as the OCI spec allows.
+pub fn sniff(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+        manifests: Option<serde_json::Value>,
+        config: Option<serde_json::Value>,
+        signatures: Option<serde_json::Value>,
+    }
+    let s: Shape = serde_json::from_slice(body).ok()?;
+    if let Some(mt) = s.media_type {
+        return Some(mt);
+    }
+    if s.schema_version == Some(1) {
+        return Some(
+            if s.signatures.is_some() {
+                DOCKER_V1_SIGNED
+            } else {
+                DOCKER_V1
+            }
+            .to_owned(),
+        );
+    }
+    if s.manifests.is_some() {
+        return Some(OCI_INDEX.to_owned());
+    }
+    s.config.map(|_| OCI_MANIFEST.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(lines: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append(header::ACCEPT, HeaderValue::from_str(l).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn six_lines_are_merged() {
+        let a = Accept::from_headers(&headers(&[
+            DOCKER_V2,
+            DOCKER_LIST,
+            OCI_MANIFEST,
+            OCI_INDEX,
+            DOCKER_V1_SIGNED,
+            "application/json",
+        ]));
+        for t in MANIFEST_TYPES[..5].iter() {
+            assert!(a.accepts(t), "{t}");
+        }
+        assert!(!a.accepts(DOCKER_V1));
+        assert_eq!(a.key(), 0b011111);
+        let up = a.upstream_value();
+        assert!(
+            up.contains(OCI_INDEX) && up.contains(DOCKER_V2) && up.contains("application/json")
+        );
+    }
+
+    #[test]
+    fn single_type_and_refusals() {
+        let a = Accept::from_headers(&headers(&[&format!("{DOCKER_V2}, {OCI_INDEX};q=0")]));
+        assert!(a.accepts(DOCKER_V2));
+        assert!(!a.accepts(OCI_INDEX));
+        assert!(!a.accepts(OCI_MANIFEST));
+        assert_eq!(a.upstream_value(), DOCKER_V2);
+    }
+
+    #[test]
+    fn wildcard_and_absent() {
+        let a = Accept::from_headers(&headers(&[&format!("{OCI_MANIFEST}, */*")]));
+        assert!(a.accepts(DOCKER_LIST));
+        let none = Accept::from_headers(&HeaderMap::new());
+        assert!(none.accepts(OCI_INDEX));
+        assert_eq!(none.key(), 0b111111);
+        assert!(none.upstream_value().contains(OCI_INDEX));
+        assert!(!none.upstream_value().contains(DOCKER_V1));
+    }
+
+    #[test]
+    fn sniffing() {
+        assert_eq!(
+            sniff(br#"{"schemaVersion":2,"mediaType":"x/y"}"#).as_deref(),
+            Some("x/y")
+        );
+        assert_eq!(
+            sniff(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
+        assert_eq!(
+            sniff(br#"{"schemaVersion":2,"config":{}}"#).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        assert_eq!(sniff(b"nope"), None);
+    }
+}

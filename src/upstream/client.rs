@@ -1,0 +1,182 @@
+//! The HTTP client towards one upstream: hyper-util + rustls (webpki roots plus an optional
+//! extra CA file), connect/response timeouts, retries of idempotent requests on connection
+//! errors, and redirects that never carry the registry's `Authorization` to another host.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::{CertificateDer, pem::PemObject};
+use url::Url;
+
+use crate::body::{self, Body};
+use crate::config::RetryConfig;
+use crate::error::UpstreamError;
+
+/// Most redirects followed for one request.
+pub const MAX_REDIRECTS: usize = 5;
+const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
+
+/// A pooled HTTP/1.1 + HTTP/2 client for one upstream.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpsConnector<HttpConnector>, Body>,
+    response_timeout: Duration,
+    retry: RetryConfig,
+}
+
+/// Errors building a client (start-up only).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    /// The CA file could not be read or holds no certificate.
+    #[error("cannot load CA file {0}: {1}")]
+    Ca(String, String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+impl HttpClient {
+    /// Builds a client trusting the webpki roots and, if given, the certificates in `ca_file`.
+    pub fn new(
+        ca_file: Option<&Path>,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        retry: RetryConfig,
+    ) -> Result<Self, ClientBuildError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = ca_file {
+            let shown = path.display().to_string();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ClientBuildError::Ca(shown.clone(), e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| ClientBuildError::Ca(shown.clone(), e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ClientBuildError::Ca(shown, "no certificate found".into()));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| ClientBuildError::Ca(shown.clone(), e.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientBuildError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(HttpClient {
+            inner,
+            response_timeout,
+            retry,
+        })
+    }
+
+    /// Sends one bodiless request and waits for the response headers, retrying connection
+    /// errors with exponential backoff (GET and HEAD are idempotent).
+    pub async fn send(
+        &self,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|_| UpstreamError::Invalid("unusable URL".into()))?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(uri.clone())
+                .body(body::empty())
+                .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+            *req.headers_mut() = headers.clone();
+            req.headers_mut().insert(
+                header::USER_AGENT,
+                header::HeaderValue::from_static(USER_AGENT),
+            );
+            let result = tokio::time::timeout(self.response_timeout, self.inner.request(req)).await;
+            match result {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) => {
+                    let retryable = e.is_connect();
+                    if !retryable || attempt >= self.retry.attempts {
+                        tracing::debug!(error = %e, host = url.host_str().unwrap_or(""), attempt, "upstream request failed");
+                        return Err(UpstreamError::Unreachable(e.to_string()));
+                    }
+                    let base = self.retry.backoff.0 * 2u32.pow(attempt - 1);
+                    let jitter = base.mul_f64(rand::random::<f64>() / 2.0);
+                    tracing::debug!(error = %e, attempt, "upstream connection failed; retrying");
+                    tokio::time::sleep(base + jitter).await;
+                }
+            }
+        }
+    }
+
+    /// Sends a GET or HEAD and follows redirects. `Authorization` goes only to `url`'s own
+    /// origin: once a redirect leaves it (a CDN or S3), the header is dropped for good.
+    pub async fn send_following(
+        &self,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let origin = url.origin();
+        let mut current = url.clone();
+        let mut headers = headers.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let resp = self.send(method, &current, &headers).await?;
+            if !is_redirect(resp.status()) {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| UpstreamError::Invalid("redirect without Location".into()))?;
+            let next = current
+                .join(location)
+                .map_err(|_| UpstreamError::Invalid("redirect to an invalid URL".into()))?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(UpstreamError::Invalid("redirect to a non-HTTP URL".into()));
+            }
+            if next.origin() != origin {
+                headers.remove(header::AUTHORIZATION);
+            }
+            tracing::debug!(
+                to = next.host_str().unwrap_or(""),
+                "following upstream redirect"
+            );
+            current = next;
+        }
+        Err(UpstreamError::Invalid("too many redirects".into()))
+    }
+}
+
+fn is_redirect(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
+}

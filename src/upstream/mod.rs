@@ -1,0 +1,284 @@
+//! One configured upstream registry: builds registry API requests, authenticates them, and
+//! hands back manifests (read whole, size-capped) or blob responses (streamed).
+
+pub mod auth;
+pub mod client;
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use url::Url;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::error::UpstreamError;
+use crate::reference::{Digest, Reference, Repository};
+use auth::{Authenticator, Credentials};
+use client::HttpClient;
+
+/// A manifest as the upstream sent it.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    /// `Content-Type`.
+    pub media_type: String,
+    /// `Docker-Content-Digest`, when sent and well-formed.
+    pub digest: Option<Digest>,
+    /// The body; empty for HEAD.
+    pub body: Bytes,
+}
+
+/// One upstream registry and its client, authenticator and settings.
+pub struct Upstream {
+    /// Configured name.
+    pub name: String,
+    base: Url,
+    client: HttpClient,
+    auth: Authenticator,
+    /// How long a tag answer is fresh.
+    pub tag_ttl: Duration,
+    max_manifest_size: u64,
+    /// Longest pause between two body chunks.
+    pub read_idle: Duration,
+}
+
+/// Failure building an upstream at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {name}: {source}")]
+pub struct BuildError {
+    name: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl Upstream {
+    /// Builds the upstream from its validated configuration.
+    pub fn new(cfg: &UpstreamConfig, global: &Config) -> Result<Self, BuildError> {
+        let wrap = |e: Box<dyn std::error::Error + Send + Sync>| BuildError {
+            name: cfg.name.clone(),
+            source: e,
+        };
+        let client = HttpClient::new(
+            cfg.ca_file.as_deref(),
+            global.timeouts.connect.0,
+            global.timeouts.response.0,
+            global.retry.clone(),
+        )
+        .map_err(|e| wrap(Box::new(e)))?;
+        let password = cfg
+            .resolve_password(&cfg.name)
+            .map_err(|e| wrap(Box::new(e)))?;
+        let credentials = match (&cfg.username, password) {
+            (Some(u), Some(p)) => Some(Credentials {
+                username: u.clone(),
+                password: p,
+            }),
+            _ => None,
+        };
+        Ok(Upstream {
+            name: cfg.name.clone(),
+            base: cfg.url.clone(),
+            auth: Authenticator::new(cfg.url.clone(), credentials, client.clone()),
+            client,
+            tag_ttl: cfg.tag_ttl.unwrap_or(global.cache.tag_ttl).0,
+            max_manifest_size: global.cache.max_manifest_size.0,
+            read_idle: global.timeouts.read_idle.0,
+        })
+    }
+
+    /// Token requests this upstream has made.
+    pub fn token_fetches(&self) -> u64 {
+        self.auth.token_fetches()
+    }
+
+    fn url(&self, path_and_query: &str) -> Result<Url, UpstreamError> {
+        self.base
+            .join(path_and_query)
+            .map_err(|_| UpstreamError::Invalid("cannot build upstream URL".into()))
+    }
+
+    /// Sends an authenticated request for `repo`, answering one 401 challenge.
+    async fn request(
+        &self,
+        method: &Method,
+        repo: &Repository,
+        path_and_query: &str,
+        mut headers: HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let url = self.url(path_and_query)?;
+        let scope = format!("repository:{repo}:pull");
+        let mut auth = self.auth.header_for(&scope).await?;
+        for attempt in 0..2 {
+            match &auth {
+                Some(v) => headers.insert(header::AUTHORIZATION, v.clone()),
+                None => headers.remove(header::AUTHORIZATION),
+            };
+            let resp = self.client.send_following(method, &url, &headers).await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+                if let Some(ch) = resp.headers().get(header::WWW_AUTHENTICATE) {
+                    auth = Some(self.auth.on_challenge(ch, &scope, auth.as_ref()).await?);
+                    continue;
+                }
+            }
+            return Ok(resp);
+        }
+        Err(UpstreamError::Status(401))
+    }
+
+    /// Fetches a manifest (GET reads the body, capped at `max_manifest_size`; HEAD does not).
+    pub async fn manifest(
+        &self,
+        repo: &Repository,
+        reference: &Reference,
+        accept: &str,
+        head: bool,
+    ) -> Result<FetchedManifest, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(accept) {
+            headers.insert(header::ACCEPT, v);
+        }
+        let method = if head { Method::HEAD } else { Method::GET };
+        let resp = self
+            .request(
+                &method,
+                repo,
+                &format!("/v2/{repo}/manifests/{reference}"),
+                headers,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(UpstreamError::Status(resp.status().as_u16()));
+        }
+        let h = resp.headers();
+        let media_type = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
+            .unwrap_or_default();
+        let digest = h
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok());
+        let declared = content_length(h);
+        if declared.is_some_and(|n| n > self.max_manifest_size) {
+            return Err(UpstreamError::Invalid(format!(
+                "manifest larger than {} bytes",
+                self.max_manifest_size
+            )));
+        }
+        let body = if head {
+            Bytes::new()
+        } else {
+            let body =
+                read_capped(resp.into_body(), self.max_manifest_size, self.read_idle).await?;
+            if declared.is_some_and(|n| n != body.len() as u64) {
+                return Err(UpstreamError::Invalid(
+                    "manifest body does not match Content-Length".into(),
+                ));
+            }
+            body
+        };
+        Ok(FetchedManifest {
+            media_type,
+            digest,
+            body,
+        })
+    }
+
+    /// Starts a blob download (GET, redirects followed). Any status but 200 is an error.
+    pub async fn blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let resp = self
+            .request(
+                &Method::GET,
+                repo,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                HeaderMap::new(),
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(UpstreamError::Status(resp.status().as_u16()));
+        }
+        Ok(resp)
+    }
+
+    /// Asks whether a blob exists and how large it is (HEAD).
+    pub async fn blob_size(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
+        let resp = self
+            .request(
+                &Method::HEAD,
+                repo,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                HeaderMap::new(),
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(UpstreamError::Status(resp.status().as_u16()));
+        }
+        Ok(content_length(resp.headers()))
+    }
+
+    /// Lists tags, passing `query` (`n`, `last`) through. Returns the body and `Link` header.
+    pub async fn tags(
+        &self,
+        repo: &Repository,
+        query: &str,
+    ) -> Result<(Bytes, Option<String>), UpstreamError> {
+        let path = if query.is_empty() {
+            format!("/v2/{repo}/tags/list")
+        } else {
+            format!("/v2/{repo}/tags/list?{query}")
+        };
+        let resp = self
+            .request(&Method::GET, repo, &path, HeaderMap::new())
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(UpstreamError::Status(resp.status().as_u16()));
+        }
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_capped(resp.into_body(), self.max_manifest_size, self.read_idle).await?;
+        Ok((body, link))
+    }
+}
+
+/// `Content-Length` as a number, when present and well-formed.
+pub fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+}
+
+/// Reads a whole body of at most `cap` bytes, each chunk within `idle`.
+async fn read_capped(mut body: Incoming, cap: u64, idle: Duration) -> Result<Bytes, UpstreamError> {
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| UpstreamError::Timeout)?;
+        match frame {
+            None => return Ok(buf.freeze()),
+            Some(Err(e)) => return Err(UpstreamError::Unreachable(e.to_string())),
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    if buf.len() as u64 + data.len() as u64 > cap {
+                        return Err(UpstreamError::Invalid(format!(
+                            "body larger than {cap} bytes"
+                        )));
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
