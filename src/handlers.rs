@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::app::App;
@@ -435,7 +434,7 @@ pub async fn tags(
         .await
         .map_err(|e| Error::Upstream(Kind::Tags, e))?;
     let len = body.len();
-    let mut r = Response::new(body::full(Bytes::from(body)));
+    let mut r = Response::new(body::full(body));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -177,7 +177,9 @@ mod tests {
     #[test]
     fn rules() {
         let t = table();
-        let cases: &[(&str, Option<&str>, Option<&str>, &str, &str)] = &[
+        // (name, Host, ns, expected upstream, expected repository)
+        type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, &'a str);
+        let cases: &[Case] = &[
             ("alpine", None, None, "docker.io", "library/alpine"),
             ("library/alpine", None, None, "docker.io", "library/alpine"),
             (

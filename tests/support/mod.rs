@@ -1,0 +1,20 @@
+//! Owns the shared end-to-end test support for real peers: include it from `tests/<name>.rs` with `mod support;`.
+//!
+//! Everything here runs on this machine only: every peer listens on an OS-chosen loopback
+//! port, keeps its state in a temporary directory and is stopped by PID when its guard drops.
+//!
+//! - [`registry`]: a real `docker-registry serve` (distribution 2.8) with no auth, htpasswd or
+//!   token auth, plus access-log counters.
+//! - [`token`]: an in-process Docker-Hub-style token server issuing RS256 JWTs.
+//! - [`image`]: OCI image layouts generated on disk (a runnable busybox image, extra layers,
+//!   multi-arch indexes) and `skopeo` push / pull / inspect helpers.
+//! - [`peers`]: `dockerd` and `containerd` guards, `hosts.toml` writer, free / dead ports and
+//!   the [`peers::Skip`] mechanism for peers that cannot start here.
+//!
+//! Not every test binary uses every helper, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod image;
+pub mod peers;
+pub mod registry;
+pub mod token;
