@@ -341,3 +341,28 @@ async fn an_unreachable_upstream_is_a_502_with_no_internals() {
     assert!(text.contains("\"errors\""));
     assert!(!text.contains(&dead.port().to_string()), "{text}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_upstream_is_abandoned_and_every_waiter_gets_an_error() {
+    let up = FakeUpstream::start().await;
+    let data = blob_of(8 * CHUNK, 10);
+    let d = up.add_blob(data.clone());
+    let gate = up.gate();
+    gate.add_permits(2);
+    let mut cfg = config_for(&up.url());
+    cfg.timeouts.read_idle = regcache::units::HumanDuration(std::time::Duration::from_secs(30));
+    let proxy = Proxy::start(cfg).await;
+    let url = proxy.url(&format!("/v2/lib/app/blobs/{d}"));
+    let a = client().get(&url).send().await.unwrap();
+    let b = client().get(&url).send().await.unwrap();
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    // The upstream never sends the third chunk; paused time runs to the idle timeout.
+    assert!(a.bytes().await.is_err());
+    assert!(b.bytes().await.is_err());
+    assert_eq!(proxy.app.downloads_in_flight(), 0);
+    // Nothing was committed, and the next request starts a fresh download.
+    up.ungate();
+    let r = client().get(&url).send().await.unwrap();
+    same(&r.bytes().await.unwrap(), &data);
+    assert_eq!(up.blob_gets(&d), 2);
+}

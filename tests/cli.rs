@@ -1,0 +1,99 @@
+//! The `regcache` binary: embedded defaults, config errors naming the key, env overrides and
+//! graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+fn regcache() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_regcache"));
+    c.env_remove("REGCACHE_CONFIG")
+        .env_remove("REGCACHE_LISTEN")
+        .env_remove("REGCACHE_CACHE_DIR")
+        .env_remove("REGCACHE_LOG_FORMAT");
+    c
+}
+
+#[test]
+fn an_invalid_config_fails_at_start_up_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[upstream]]\nname = \"x\"\nurl = \"gopher://h\"\n",
+            "upstream[0].url",
+        ),
+        ("[cache]\ntag_ttl = \"soon\"\n", "tag_ttl"),
+        ("listen_addr = \"0.0.0.0:1\"\n", "listen_addr"),
+        ("default_upstream = \"nope\"\n", "default_upstream"),
+    ];
+    for (text, key) in cases {
+        let f = dir.path().join("bad.toml");
+        std::fs::write(&f, text).unwrap();
+        let out = regcache().arg("--config").arg(&f).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+    let out = regcache()
+        .args(["--config", "/nonexistent/regcache.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/regcache.toml"));
+}
+
+#[test]
+fn no_arguments_runs_the_embedded_default_and_sigterm_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    // Only the listen address is overridden (by environment), to keep the port OS-chosen.
+    let mut child = regcache()
+        .current_dir(dir.path())
+        .env("REGCACHE_LISTEN", "127.0.0.1:0")
+        .env("REGCACHE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready: serde_json::Value = loop {
+        let line = lines.next().expect("exited before ready").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "regcache ready" {
+            break v;
+        }
+    };
+    assert_eq!(ready["default_upstream"], "docker.io");
+    assert!(
+        ready["upstreams"]
+            .as_str()
+            .unwrap()
+            .contains("docker.io=https://registry-1.docker.io/")
+    );
+    assert_eq!(ready["cache_dir"], "regcache-data");
+    assert!(dir.path().join("regcache-data/blobs").is_dir());
+    let addr = ready["listen"].as_str().unwrap().to_owned();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("docker-distribution-api-version: registry/2.0")
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("SIGTERM received")),
+        "{rest:?}"
+    );
+}
