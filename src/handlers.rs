@@ -344,26 +344,31 @@ pub async fn blob(
         ));
     }
     let up = &app.upstreams[upstream];
-    let fill = match app.inflight.join(digest, || app.store.staging_path(digest)) {
-        Join::Follower(f) => f,
-        // A HEAD alone does not start a download: ask the upstream instead.
-        Join::Leader(guard) if head => {
-            drop(guard);
-            let size = up
-                .blob_size(repo, digest)
-                .await
-                .map_err(|e| Error::Upstream(Kind::Blob, e))?;
-            let mut r = Response::new(body::empty());
-            blob_headers(&mut r, digest, size.unwrap_or(0));
-            if size.is_none() {
-                r.headers_mut().remove(header::CONTENT_LENGTH);
+    let fill = if head {
+        // A HEAD alone never starts a download: it follows one under way, or asks upstream.
+        match app.inflight.get(digest) {
+            Some(f) => f,
+            None => {
+                let size = up
+                    .blob_size(repo, digest)
+                    .await
+                    .map_err(|e| Error::Upstream(Kind::Blob, e))?;
+                let mut r = Response::new(body::empty());
+                blob_headers(&mut r, digest, size.unwrap_or(0));
+                if size.is_none() {
+                    r.headers_mut().remove(header::CONTENT_LENGTH);
+                }
+                return Ok(r);
             }
-            return Ok(r);
         }
-        Join::Leader(guard) => {
-            let f = guard.fill().clone();
-            fill::spawn(guard, app.store.clone(), up.clone(), repo.clone());
-            f
+    } else {
+        match app.inflight.join(digest, || app.store.staging_path(digest)) {
+            Join::Follower(f) => f,
+            Join::Leader(guard) => {
+                let f = guard.fill().clone();
+                fill::spawn(guard, app.store.clone(), up.clone(), repo.clone());
+                f
+            }
         }
     };
     let mut rx = fill.subscribe();

@@ -105,6 +105,15 @@ impl InFlight {
         })
     }
 
+    /// The download of `digest` under way, if any, without starting one.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
     /// Downloads under way.
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()

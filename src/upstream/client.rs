@@ -180,3 +180,81 @@ impl HttpClient {
 fn is_redirect(s: StatusCode) -> bool {
     matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::HumanDuration;
+
+    fn client(attempts: u32) -> HttpClient {
+        HttpClient::new(
+            None,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            RetryConfig {
+                attempts,
+                backoff: HumanDuration(Duration::from_secs(1)),
+            },
+        )
+        .unwrap()
+    }
+
+    /// Answers one HTTP request on `listener` with 200.
+    async fn answer_once(listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_errors_are_retried_with_backoff() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        // The server comes up half a (virtual) second after the first, refused, attempt.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            answer_once(l).await;
+        });
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/v2/")).unwrap();
+        let started = tokio::time::Instant::now();
+        let resp = client(3)
+            .send(&Method::GET, &url, &HeaderMap::new())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "retried only after the backoff"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_after_the_configured_attempts() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/v2/")).unwrap();
+        let started = tokio::time::Instant::now();
+        let e = client(3)
+            .send(&Method::GET, &url, &HeaderMap::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UpstreamError::Unreachable(_)));
+        // Two waits: 1 s and 2 s, each plus up to half again of jitter.
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited <= Duration::from_millis(4500),
+            "{waited:?}"
+        );
+    }
+}
