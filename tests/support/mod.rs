@@ -8,6 +8,8 @@
 //! - [`token`]: an in-process Docker-Hub-style token server issuing RS256 JWTs.
 //! - [`image`]: OCI image layouts generated on disk (a runnable busybox image, extra layers,
 //!   multi-arch indexes) and `skopeo` push / pull / inspect helpers.
+//! - [`proxy`]: regcache itself in-process, a token-auth "Docker Hub" upstream and a
+//!   request-recording TCP tap.
 //! - [`peers`]: `dockerd` and `containerd` guards, `hosts.toml` writer, free / dead ports and
 //!   the [`peers::Skip`] mechanism for peers that cannot start here.
 //!
@@ -16,5 +18,6 @@
 
 pub mod image;
 pub mod peers;
+pub mod proxy;
 pub mod registry;
 pub mod token;
