@@ -154,6 +154,10 @@ pub struct UpstreamConfig {
     /// `Host` header values (virtual hosts) under which clients reach this upstream.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub virtual_hosts: Vec<String>,
+    /// Hosts besides the upstream's own whose token realm may receive the credentials.
+    /// Docker Hub adds `auth.docker.io`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_hosts: Vec<String>,
     /// User name for the upstream (token realm or basic auth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -183,6 +187,7 @@ impl UpstreamConfig {
             docker_hub: None,
             registry_hosts: Vec::new(),
             virtual_hosts: Vec::new(),
+            token_hosts: Vec::new(),
             username: None,
             password: None,
             password_file: None,
@@ -219,6 +224,19 @@ impl UpstreamConfig {
         hosts.extend(self.registry_hosts.iter().map(|h| h.to_ascii_lowercase()));
         hosts.sort();
         hosts.dedup();
+        hosts
+    }
+
+    /// Hosts whose token realm may receive this upstream's credentials.
+    pub fn all_token_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .token_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        if self.is_docker_hub() {
+            hosts.push("auth.docker.io".to_owned());
+        }
         hosts
     }
 
@@ -353,6 +371,9 @@ impl Config {
         }
         if self.retry.attempts == 0 || self.retry.attempts > 10 {
             return Err(invalid("retry.attempts", "must be between 1 and 10"));
+        }
+        if self.retry.backoff.0 > std::time::Duration::from_secs(60) {
+            return Err(invalid("retry.backoff", "must be at most 1m"));
         }
         if self.cache_dir.as_os_str().is_empty() {
             return Err(invalid("cache_dir", "must not be empty"));
@@ -513,6 +534,7 @@ mod tests {
             ("[cache]\ntag_ttl = \"0s\"", "cache.tag_ttl"),
             ("[cache]\nmax_manifest_size = 0", "cache.max_manifest_size"),
             ("[retry]\nattempts = 0", "retry.attempts"),
+            ("[retry]\nbackoff = \"2h\"", "retry.backoff"),
             ("[timeouts]\nread_idle = \"0ms\"", "timeouts.read_idle"),
             (
                 "[[upstream]]\nname = \"a\"\nurl = \"http://x\"",

@@ -68,6 +68,12 @@ pub enum Error {
     Internal(String),
 }
 
+impl crate::flight::FlightError for UpstreamError {
+    fn aborted() -> Self {
+        UpstreamError::Invalid("upstream exchange aborted".into())
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Error::Internal(e.to_string())

@@ -7,49 +7,69 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use tokio::time::Instant;
 
-type Pending<V, E> = Shared<BoxFuture<'static, Result<(V, Option<Instant>), E>>>;
+/// An error a coalesced fetch can end in when it panics or its task is cancelled.
+pub trait FlightError: Clone + Send + Sync + 'static {
+    /// The error for a fetch that ended without an answer.
+    fn aborted() -> Self;
+}
+
+impl FlightError for String {
+    fn aborted() -> Self {
+        "fetch aborted".to_owned()
+    }
+}
+
+type Answer<V, E> = Result<(V, Option<Instant>), E>;
+type Pending<V, E> = Shared<BoxFuture<'static, Answer<V, E>>>;
 
 struct Slot<V, E> {
     value: Option<(V, Instant)>,
-    pending: Option<Pending<V, E>>,
+    pending: Option<(u64, Pending<V, E>)>,
 }
+
+type Slots<K, V, E> = Arc<Mutex<HashMap<K, Slot<V, E>>>>;
 
 /// A keyed single-flight with an optional per-value expiry.
 pub struct Flight<K, V, E> {
     // Protects the slot table only; never held across an `.await` (the shared future is
     // cloned out and awaited after the guard is dropped).
-    slots: Mutex<HashMap<K, Slot<V, E>>>,
+    slots: Slots<K, V, E>,
+    next_id: AtomicU64,
 }
 
 impl<K, V, E> Default for Flight<K, V, E> {
     fn default() -> Self {
         Flight {
-            slots: Mutex::new(HashMap::new()),
+            slots: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(0),
         }
     }
 }
 
 impl<K, V, E> Flight<K, V, E>
 where
-    K: Hash + Eq + Clone,
+    K: Hash + Eq + Clone + Send + 'static,
     V: Clone + Send + Sync + 'static,
-    E: Clone + Send + Sync + 'static,
+    E: FlightError,
 {
     /// Returns the fresh cached value for `key`, joins the fetch under way, or starts `fetch`.
     /// `fetch` yields the value and when it stops being fresh (`None`: do not keep it).
     ///
-    /// If every caller of a fetch goes away, the fetch pauses with them and the next caller
-    /// resumes it; it is never run twice at once.
+    /// The fetch runs on its own task: callers going away neither cancel nor pause it, and its
+    /// answer is recorded even if nobody waits for it any more. A panicking fetch ends as
+    /// `E::aborted()` and leaves the key usable.
     pub async fn get<F, Fut>(&self, key: K, fetch: F) -> Result<V, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(V, Option<Instant>), E>> + Send + 'static,
+        Fut: Future<Output = Answer<V, E>> + Send + 'static,
     {
         let fut = {
             let mut slots = lock(&self.slots);
@@ -63,28 +83,19 @@ where
                 }
             }
             match &slot.pending {
-                Some(p) => p.clone(),
+                Some((_, p)) => p.clone(),
                 None => {
-                    let p = fetch().boxed().shared();
-                    slot.pending = Some(p.clone());
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let task = tokio::spawn(settle(self.slots.clone(), key, id, fetch()));
+                    let p = async move { task.await.unwrap_or_else(|_| Err(E::aborted())) }
+                        .boxed()
+                        .shared();
+                    slot.pending = Some((id, p.clone()));
                     p
                 }
             }
         };
-        let result = fut.clone().await;
-        let mut slots = lock(&self.slots);
-        if let Some(slot) = slots.get_mut(&key) {
-            if slot.pending.as_ref().is_some_and(|p| p.ptr_eq(&fut)) {
-                slot.pending = None;
-                if let Ok((v, Some(until))) = &result {
-                    slot.value = Some((v.clone(), *until));
-                }
-                if slot.value.is_none() {
-                    slots.remove(&key);
-                }
-            }
-        }
-        result.map(|(v, _)| v)
+        fut.await.map(|(v, _)| v)
     }
 
     /// Forgets the cached value for `key` if `rejected` says it is the one that was refused,
@@ -97,6 +108,37 @@ where
             }
         }
     }
+}
+
+/// Runs one fetch and records its answer in the table, whoever is still waiting.
+async fn settle<K, V, E>(
+    slots: Slots<K, V, E>,
+    key: K,
+    id: u64,
+    fetch: impl Future<Output = Answer<V, E>>,
+) -> Answer<V, E>
+where
+    K: Hash + Eq,
+    V: Clone,
+    E: FlightError,
+{
+    let answer = AssertUnwindSafe(fetch)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(E::aborted()));
+    let mut slots = lock(&slots);
+    if let Some(slot) = slots.get_mut(&key) {
+        if slot.pending.as_ref().is_some_and(|(i, _)| *i == id) {
+            slot.pending = None;
+            if let Ok((v, Some(until))) = &answer {
+                slot.value = Some((v.clone(), *until));
+            }
+            if slot.value.is_none() {
+                slots.remove(&key);
+            }
+        }
+    }
+    answer
 }
 
 /// Locks a mutex, recovering from poisoning: the table holds no invariant a panic can break.
@@ -177,7 +219,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn abandoned_fetch_is_resumed_not_restarted() {
+    async fn an_abandoned_fetch_finishes_and_is_shared_with_later_callers() {
         let flight: Arc<Flight<u8, u8, String>> = Arc::default();
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -189,15 +231,32 @@ mod tests {
         });
         // Poll once so the fetch starts, then drop the caller.
         assert!(futures_util::poll!(Box::pin(first)).is_pending());
-        tx.send(()).unwrap();
-        let c = calls.clone();
-        let v = flight
-            .get(1, || async move {
+        let (f, c) = (flight.clone(), calls.clone());
+        let second = tokio::spawn(async move {
+            f.get(1, || async move {
                 c.fetch_add(1, Ordering::SeqCst);
                 Ok((4, None))
             })
-            .await;
-        assert_eq!(v, Ok(3));
+            .await
+        });
+        tokio::task::yield_now().await;
+        tx.send(()).unwrap();
+        assert_eq!(second.await.unwrap(), Ok(3));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_is_an_error_and_the_key_stays_usable() {
+        let flight: Flight<u8, u8, String> = Flight::default();
+        let r = flight
+            .get(1, || async {
+                if true {
+                    panic!("hostile input");
+                }
+                Ok((1, None))
+            })
+            .await;
+        assert_eq!(r, Err("fetch aborted".to_string()));
+        assert_eq!(flight.get(1, || async { Ok((2, None)) }).await, Ok(2));
     }
 }

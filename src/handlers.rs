@@ -17,6 +17,9 @@ use crate::media::{self, Accept};
 use crate::range::{self, RangeSpec};
 use crate::reference::{Digest, Reference, Repository, Tag};
 
+const DOCKER_CONTENT_DIGEST: header::HeaderName =
+    header::HeaderName::from_static("docker-content-digest");
+
 /// Key for coalescing manifest fetches: upstream, repository, reference, accepted types.
 pub type ManifestKey = (usize, Repository, String, u8);
 
@@ -50,11 +53,7 @@ fn manifest_response(
     set(&mut r, header::CONTENT_TYPE, &m.media_type);
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    set(
-        &mut r,
-        "docker-content-digest".parse().expect("static name"),
-        &digest.to_string(),
-    );
+    set(&mut r, DOCKER_CONTENT_DIGEST, &digest.to_string());
     set(&mut r, header::ETAG, &format!("\"{digest}\""));
     if stale {
         r.headers_mut().insert(
@@ -116,7 +115,14 @@ async fn manifest_by_tag(
         }),
     };
     if let Some(entry) = known {
-        if let Some(m) = app.store.manifest(&entry.record.digest).await? {
+        let cached = app
+            .store
+            .manifest(&entry.record.digest)
+            .await?
+            // The tag key covers the six manifest types; an answer of any other type is
+            // checked against this client's own list.
+            .filter(|m| accept.accepts(&m.media_type));
+        if let Some(m) = cached {
             let digest = entry.record.digest.clone();
             if entry.is_fresh(up.tag_ttl) {
                 return Ok(manifest_response(&m, &digest, head, false));
@@ -131,6 +137,12 @@ async fn manifest_by_tag(
                 Ok(f) if f.digest.as_ref() == Some(&digest) => {
                     app.tags.insert(key, TagEntry::confirmed(entry.record));
                     return Ok(manifest_response(&m, &digest, head, false));
+                }
+                Ok(f) if f.digest.is_none() => {
+                    // Without a digest the HEAD cannot confirm anything; a GET would spend
+                    // pull quota while a cached answer exists.
+                    tracing::warn!(tag = %tag, repository = %repo, stale = true, "revalidation HEAD carried no digest; serving the cached answer");
+                    return Ok(manifest_response(&m, &digest, head, true));
                 }
                 Ok(f) => {
                     tracing::info!(tag = %tag, repository = %repo, old = %digest, new = ?f.digest.as_ref().map(ToString::to_string), "tag moved upstream");
@@ -254,11 +266,7 @@ fn blob_headers(r: &mut Response<Body>, digest: &Digest, len: u64) {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    set(
-        r,
-        "docker-content-digest".parse().expect("static name"),
-        &digest.to_string(),
-    );
+    set(r, DOCKER_CONTENT_DIGEST, &digest.to_string());
     set(r, header::ETAG, &format!("\"{digest}\""));
     r.headers_mut()
         .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
@@ -446,16 +454,59 @@ pub async fn tags(
     );
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if let Some(link) = link {
-        let ours = format!("/v2/{client_name}/tags/list");
-        let mut rewritten = link.replace(&format!("/v2/{repo}/tags/list"), &ours);
-        if let Some(ns) = ns {
-            let q = url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("ns", ns)
-                .finish();
-            rewritten = rewritten.replacen(&format!("{ours}?"), &format!("{ours}?{q}&"), 1);
-        }
-        set(&mut r, header::LINK, &rewritten);
+    if let Some(link) = link.and_then(|l| next_page_link(&l, client_name, ns)) {
+        set(&mut r, header::LINK, &link);
     }
     Ok(r)
+}
+
+/// Rewrites an upstream `Link: <...>; rel="next"` to the name and `ns` the client used. Only
+/// the upstream's `n` and `last` parameters are kept, so neither its host nor its repository
+/// name reaches the client.
+pub fn next_page_link(link: &str, client_name: &Repository, ns: Option<&str>) -> Option<String> {
+    let target = link.split_once('<')?.1.split_once('>')?.0;
+    let base = url::Url::parse("http://upstream.invalid/").ok()?;
+    let url = base.join(target).ok()?;
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in url.query_pairs() {
+        if k == "n" || k == "last" {
+            q.append_pair(&k, &v);
+        }
+    }
+    if let Some(ns) = ns {
+        q.append_pair("ns", ns);
+    }
+    Some(format!(
+        "</v2/{client_name}/tags/list?{}>; rel=\"next\"",
+        q.finish()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_rewriting() {
+        let name: Repository = "up/team/app".parse().unwrap();
+        assert_eq!(
+            next_page_link(
+                "</v2/team/app/tags/list?last=b&n=2>; rel=\"next\"",
+                &name,
+                None
+            )
+            .as_deref(),
+            Some("</v2/up/team/app/tags/list?last=b&n=2>; rel=\"next\"")
+        );
+        assert_eq!(
+            next_page_link(
+                "<https://registry.example/v2/team/app/tags/list?n=2&last=b&x=y>; rel=\"next\"",
+                &name,
+                Some("docker.io")
+            )
+            .as_deref(),
+            Some("</v2/up/team/app/tags/list?n=2&last=b&ns=docker.io>; rel=\"next\"")
+        );
+        assert_eq!(next_page_link("garbage", &name, None), None);
+    }
 }

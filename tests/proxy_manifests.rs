@@ -604,3 +604,29 @@ async fn tags_list_passes_n_and_last_through_and_rewrites_link() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn an_absurd_token_lifetime_is_clamped_not_a_crash() {
+    let up = FakeUpstream::start().await;
+    up.set_auth(AuthMode::Bearer { creds: None });
+    up.set_token_lifetime(u64::MAX);
+    let img = push_image(&up, "library/app", "1", &[blob_of(10, 1)], OCI_MANIFEST);
+    let proxy = Proxy::start(config_for(&up.url())).await;
+    for _ in 0..2 {
+        let r = client()
+            .get(proxy.url("/v2/library/app/manifests/1"))
+            .header("Accept", OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        same(&r.bytes().await.unwrap(), &img.manifest);
+        let r = client()
+            .get(proxy.url(&format!("/v2/library/app/blobs/{}", img.layers[0])))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(up.tokens_issued(), 1);
+}

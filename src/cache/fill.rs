@@ -28,15 +28,14 @@ pub fn spawn(
 ) {
     tokio::spawn(async move {
         let digest = guard.fill().digest.clone();
-        let staged = guard.fill().staged.clone();
+        // The guard deletes the staged file of any download that does not complete, also on
+        // a panic or runtime shutdown.
         match run(&guard, store.as_ref(), &upstream, &repository).await {
             Ok(len) => {
                 tracing::info!(%digest, upstream = %upstream.name, bytes = len, "blob cached");
                 guard.complete(len);
             }
             Err(error) => {
-                // Nothing unverified may stay behind; the file may not exist yet.
-                let _ = tokio::fs::remove_file(&staged).await;
                 tracing::warn!(%error, %digest, upstream = %upstream.name, "blob download failed");
                 guard.fail(error);
             }
@@ -60,12 +59,21 @@ async fn run(
         return Ok(len);
     }
     let staged = guard.fill().staged.clone();
-    let file = std::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&staged)
-        .map_err(io_err)?;
-    let resp = upstream.blob(repository, &digest).await?;
+        .await
+        .map_err(io_err)?
+        .into_std()
+        .await;
+    // Bounded as a whole, so a token realm or redirect that stalls cannot hold every waiter.
+    let resp = tokio::time::timeout(
+        upstream.exchange_deadline,
+        upstream.blob(repository, &digest),
+    )
+    .await
+    .map_err(|_| FillError::Upstream(UpstreamError::Timeout))??;
     let len = content_length(resp.headers());
     guard.publish(FillState::Streaming { len, written: 0 });
     let mut body = resp.into_body();

@@ -101,7 +101,7 @@ impl InFlight {
         Join::Leader(LeaderGuard {
             fill,
             owner: self.clone(),
-            finished: false,
+            outcome: None,
         })
     }
 
@@ -125,13 +125,14 @@ impl InFlight {
     }
 }
 
-/// Held by the task that runs a download. Dropping it without `complete` or `fail` marks the
-/// download `Failed(Aborted)`; either way the digest leaves the table, so the next request
-/// starts afresh (or finds the committed blob).
+/// Held by the task that runs a download. Dropping it without `complete` marks the download
+/// `Failed(Aborted)` and deletes its staged file. Either way the digest leaves the table
+/// before the final state is published, so no request can join a download that has ended;
+/// the next one starts afresh (or finds the committed blob).
 pub struct LeaderGuard {
     fill: Arc<Fill>,
     owner: Arc<InFlight>,
-    finished: bool,
+    outcome: Option<FillState>,
 }
 
 impl LeaderGuard {
@@ -147,29 +148,36 @@ impl LeaderGuard {
 
     /// The blob is committed: readers switch to the store.
     pub fn complete(mut self, len: u64) {
-        self.finished = true;
-        self.publish(FillState::Complete { len });
+        self.outcome = Some(FillState::Complete { len });
     }
 
     /// The download failed; every reader ends with this error.
     pub fn fail(mut self, error: FillError) {
-        self.finished = true;
-        self.publish(FillState::Failed(error));
+        self.outcome = Some(FillState::Failed(error));
     }
 }
 
 impl Drop for LeaderGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            self.publish(FillState::Failed(FillError::Aborted));
-        }
-        let mut map = self.owner.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map
-            .get(&self.fill.digest)
-            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
         {
-            map.remove(&self.fill.digest);
+            let mut map = self.owner.map.lock().unwrap_or_else(|p| p.into_inner());
+            if map
+                .get(&self.fill.digest)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+            {
+                map.remove(&self.fill.digest);
+            }
         }
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or(FillState::Failed(FillError::Aborted));
+        if !matches!(outcome, FillState::Complete { .. }) {
+            // Nothing unverified stays behind; readers holding it open keep their handle.
+            // A small synchronous unlink: Drop cannot await.
+            let _ = std::fs::remove_file(&self.fill.staged);
+        }
+        self.publish(outcome);
     }
 }
 

@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, Method, header};
-use http_body_util::BodyExt;
 use serde::Deserialize;
 use tokio::time::Instant;
-use url::{Host, Url};
+use url::Url;
 
 use super::client::HttpClient;
 use crate::error::UpstreamError;
@@ -145,6 +144,8 @@ struct TokenResponse {
 /// Per-upstream authenticator with its token cache.
 pub struct Authenticator {
     upstream: Url,
+    token_hosts: Vec<String>,
+    read_idle: Duration,
     credentials: Option<Credentials>,
     client: HttpClient,
     // Protects only the learned scheme; short critical sections, never across `.await`.
@@ -153,16 +154,30 @@ pub struct Authenticator {
     token_fetches: std::sync::atomic::AtomicU64,
 }
 
+/// Largest token response read.
+const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
+/// Longest token lifetime believed, whatever the realm says.
+const MAX_TOKEN_LIFETIME_S: u64 = 86_400;
+
 /// How long before a token's expiry it stops being used.
 fn margin(lifetime: Duration) -> Duration {
     (lifetime / 5).min(Duration::from_secs(30))
 }
 
 impl Authenticator {
-    /// An authenticator for the upstream at `upstream`.
-    pub fn new(upstream: Url, credentials: Option<Credentials>, client: HttpClient) -> Self {
+    /// An authenticator for the upstream at `upstream`. `token_hosts` are the hosts besides
+    /// the upstream itself whose token realm may receive the credentials.
+    pub fn new(
+        upstream: Url,
+        token_hosts: Vec<String>,
+        credentials: Option<Credentials>,
+        client: HttpClient,
+        read_idle: Duration,
+    ) -> Self {
         Authenticator {
             upstream,
+            token_hosts,
+            read_idle,
             credentials,
             client,
             known: Mutex::new(None),
@@ -251,19 +266,22 @@ impl Authenticator {
     }
 
     /// May credentials be sent to `realm`? Only over HTTPS (or plain HTTP when the upstream
-    /// itself is plain HTTP), and only to the upstream's host or a host of its parent domain
-    /// (registry-1.docker.io → auth.docker.io).
-    pub fn realm_may_receive_credentials(upstream: &Url, realm: &Url) -> bool {
+    /// itself is plain HTTP), and only to the upstream's own host or a host the operator
+    /// listed in `token_hosts` (Docker Hub: `auth.docker.io`). A guess from the parent domain
+    /// would trust every tenant of shared domains such as `azurecr.io` or `amazonaws.com`.
+    pub fn realm_may_receive_credentials(
+        upstream: &Url,
+        realm: &Url,
+        token_hosts: &[String],
+    ) -> bool {
         let scheme_ok = realm.scheme() == "https" || upstream.scheme() == "http";
         let host_ok = match (upstream.host(), realm.host()) {
-            (Some(Host::Domain(u)), Some(Host::Domain(r))) => {
-                let (u, r) = (u.to_ascii_lowercase(), r.to_ascii_lowercase());
+            (Some(u), Some(r)) => {
                 u == r
-                    || u.split_once('.').is_some_and(|(_, parent)| {
-                        parent.contains('.') && (r == parent || r.ends_with(&format!(".{parent}")))
-                    })
+                    || token_hosts
+                        .iter()
+                        .any(|h| r.to_string().eq_ignore_ascii_case(h))
             }
-            (Some(u), Some(r)) => u == r,
             _ => false,
         };
         scheme_ok && host_ok
@@ -275,10 +293,9 @@ impl Authenticator {
         service: Option<String>,
         scope: &str,
     ) -> Result<HeaderValue, UpstreamError> {
-        let creds = self
-            .credentials
-            .clone()
-            .filter(|_| Self::realm_may_receive_credentials(&self.upstream, &realm));
+        let creds = self.credentials.clone().filter(|_| {
+            Self::realm_may_receive_credentials(&self.upstream, &realm, &self.token_hosts)
+        });
         if self.credentials.is_some() && creds.is_none() {
             tracing::warn!(
                 realm = realm.host_str().unwrap_or(""),
@@ -286,12 +303,13 @@ impl Authenticator {
             );
         }
         let client = self.client.clone();
+        let read_idle = self.read_idle;
         let scope_owned = scope.to_owned();
         let counter = &self.token_fetches;
         self.tokens
             .get(scope.to_owned(), || {
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                fetch_token(client, realm, service, scope_owned, creds)
+                fetch_token(client, realm, service, scope_owned, creds, read_idle)
             })
             .await
     }
@@ -303,6 +321,7 @@ async fn fetch_token(
     service: Option<String>,
     scope: String,
     creds: Option<Credentials>,
+    read_idle: Duration,
 ) -> Result<(HeaderValue, Option<Instant>), UpstreamError> {
     {
         let mut q = realm.query_pairs_mut();
@@ -321,18 +340,17 @@ async fn fetch_token(
     let started = Instant::now();
     let resp = client.send(&Method::GET, &realm, &headers).await?;
     let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| UpstreamError::Unreachable(e.to_string()))?
-        .to_bytes();
-    if !status.is_success() {
+    if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
         return Err(UpstreamError::Auth(format!(
-            "token realm answered {}",
+            "token realm refused the request ({})",
             status.as_u16()
         )));
     }
+    if !status.is_success() {
+        return Err(UpstreamError::Status(status.as_u16()));
+    }
+    // A token answer is small; a larger or stalled one is an error, never a hang.
+    let body = super::read_capped(resp.into_body(), MAX_TOKEN_RESPONSE, read_idle).await?;
     let parsed: TokenResponse = serde_json::from_slice(&body)
         .map_err(|_| UpstreamError::Auth("token realm sent unreadable JSON".into()))?;
     let token = parsed
@@ -340,8 +358,13 @@ async fn fetch_token(
         .or(parsed.access_token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| UpstreamError::Auth("token realm sent no token".into()))?;
-    // The distribution token spec's default lifetime is 60 s.
-    let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60).max(1));
+    // The distribution token spec's default lifetime is 60 s; a day at most is believed.
+    let lifetime = Duration::from_secs(
+        parsed
+            .expires_in
+            .unwrap_or(60)
+            .clamp(1, MAX_TOKEN_LIFETIME_S),
+    );
     let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| UpstreamError::Auth("token is not valid header text".into()))?;
     value.set_sensitive(true);
@@ -398,30 +421,49 @@ mod tests {
     }
 
     #[test]
-    fn realm_domain_rule() {
+    fn realm_rule() {
         let u = |s: &str| Url::parse(s).unwrap();
-        let ok = |a: &str, b: &str| Authenticator::realm_may_receive_credentials(&u(a), &u(b));
+        let hub = vec!["auth.docker.io".to_string()];
+        let ok = |a: &str, b: &str, hosts: &[String]| {
+            Authenticator::realm_may_receive_credentials(&u(a), &u(b), hosts)
+        };
         assert!(ok(
             "https://registry-1.docker.io",
-            "https://auth.docker.io/token"
+            "https://auth.docker.io/token",
+            &hub
         ));
-        assert!(ok("https://ghcr.io", "https://ghcr.io/token"));
-        assert!(ok("http://127.0.0.1:5000", "http://127.0.0.1:6000/token"));
+        assert!(ok("https://ghcr.io", "https://ghcr.io/token", &[]));
+        assert!(ok(
+            "http://127.0.0.1:5000",
+            "http://127.0.0.1:6000/token",
+            &[]
+        ));
         assert!(!ok(
             "https://registry-1.docker.io",
-            "http://auth.docker.io/token"
+            "http://auth.docker.io/token",
+            &hub
         ));
-        assert!(!ok("https://registry-1.docker.io", "https://evil.io/token"));
         assert!(!ok(
             "https://registry-1.docker.io",
-            "https://docker.io.evil.com/token"
+            "https://auth.docker.io/token",
+            &[]
         ));
-        assert!(!ok("https://ghcr.io", "https://other.io/token"));
-        assert!(!ok("http://127.0.0.1:5000", "http://127.0.0.2/token"));
         assert!(!ok(
-            "https://a.example.com",
-            "https://evilexample.com/token"
+            "https://registry-1.docker.io",
+            "https://evil.io/token",
+            &hub
         ));
+        assert!(!ok(
+            "https://registry-1.docker.io",
+            "https://docker.io.evil.com/token",
+            &hub
+        ));
+        assert!(!ok(
+            "https://me.azurecr.io",
+            "https://other.azurecr.io/token",
+            &[]
+        ));
+        assert!(!ok("http://127.0.0.1:5000", "http://127.0.0.2/token", &[]));
     }
 
     #[test]

@@ -128,7 +128,11 @@ impl HttpClient {
                         tracing::debug!(error = %e, host = url.host_str().unwrap_or(""), attempt, "upstream request failed");
                         return Err(UpstreamError::Unreachable(e.to_string()));
                     }
-                    let base = self.retry.backoff.0 * 2u32.pow(attempt - 1);
+                    let base = self
+                        .retry
+                        .backoff
+                        .0
+                        .saturating_mul(1 << (attempt - 1).min(16));
                     let jitter = base.mul_f64(rand::random::<f64>() / 2.0);
                     tracing::debug!(error = %e, attempt, "upstream connection failed; retrying");
                     tokio::time::sleep(base + jitter).await;
@@ -151,6 +155,12 @@ impl HttpClient {
         for _ in 0..=MAX_REDIRECTS {
             let resp = self.send(method, &current, &headers).await?;
             if !is_redirect(resp.status()) {
+                let mut resp = resp;
+                if current.origin() != origin {
+                    // A challenge from a redirect target (a CDN, S3) is not the registry's: it
+                    // must not steer where regcache sends credentials.
+                    resp.headers_mut().remove(header::WWW_AUTHENTICATE);
+                }
                 return Ok(resp);
             }
             let location = resp

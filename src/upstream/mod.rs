@@ -41,6 +41,8 @@ pub struct Upstream {
     max_manifest_size: u64,
     /// Longest pause between two body chunks.
     pub read_idle: Duration,
+    /// Longest time to obtain a response's headers, token fetch and redirects included.
+    pub exchange_deadline: Duration,
 }
 
 /// Failure building an upstream at start-up.
@@ -78,11 +80,20 @@ impl Upstream {
         Ok(Upstream {
             name: cfg.name.clone(),
             base: cfg.url.clone(),
-            auth: Authenticator::new(cfg.url.clone(), credentials, client.clone()),
+            auth: Authenticator::new(
+                cfg.url.clone(),
+                cfg.all_token_hosts(),
+                credentials,
+                client.clone(),
+                global.timeouts.read_idle.0,
+            ),
             client,
             tag_ttl: cfg.tag_ttl.unwrap_or(global.cache.tag_ttl).0,
             max_manifest_size: global.cache.max_manifest_size.0,
             read_idle: global.timeouts.read_idle.0,
+            // A token fetch, the request and its redirects each get the response timeout.
+            exchange_deadline: global.timeouts.response.0.saturating_mul(3)
+                + global.timeouts.connect.0.saturating_mul(2),
         })
     }
 
@@ -260,7 +271,11 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 /// Reads a whole body of at most `cap` bytes, each chunk within `idle`.
-async fn read_capped(mut body: Incoming, cap: u64, idle: Duration) -> Result<Bytes, UpstreamError> {
+pub(crate) async fn read_capped(
+    mut body: Incoming,
+    cap: u64,
+    idle: Duration,
+) -> Result<Bytes, UpstreamError> {
     let mut buf = BytesMut::new();
     loop {
         let frame = tokio::time::timeout(idle, body.frame())
