@@ -8,6 +8,7 @@ use std::time::Instant;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use moka::sync::Cache;
 
+use crate::access::{Access, Need};
 use crate::body::{self, Body};
 use crate::cache::inflight::InFlight;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
@@ -17,6 +18,7 @@ use crate::error::{Error, UpstreamError};
 use crate::flight::Flight;
 use crate::handlers::{self, ManifestKey};
 use crate::media::Accept;
+use crate::push::{self, Uploads};
 use crate::rewrite::RoutingTable;
 use crate::router::{self, Route};
 use crate::upstream::Upstream;
@@ -34,6 +36,10 @@ pub struct App {
     /// Coalesces concurrent fetches of one manifest (small, held in memory briefly).
     pub(crate) manifest_flight: Flight<ManifestKey, handlers::Fetched, UpstreamError>,
     next_request_id: AtomicU64,
+    /// Client authentication and push permission.
+    pub(crate) access: Arc<Access>,
+    /// Uploads under way through the proxy.
+    pub(crate) uploads: Uploads,
 }
 
 /// Start-up failure.
@@ -50,6 +56,9 @@ pub enum StartError {
     /// An upstream cannot be built.
     #[error(transparent)]
     Upstream(#[from] crate::upstream::BuildError),
+    /// The htpasswd file cannot be used.
+    #[error("{0}")]
+    Access(String),
 }
 
 impl App {
@@ -71,7 +80,10 @@ impl App {
             .iter()
             .map(|u| Upstream::new(u, &config).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let access = Arc::new(Access::new(&config.auth).map_err(StartError::Access)?);
         Ok(Arc::new(App {
+            access,
+            uploads: Uploads::default(),
             routing: RoutingTable::new(&config),
             tags: Cache::new(config.cache.tag_cache_entries),
             upstreams,
@@ -94,7 +106,11 @@ impl App {
     }
 
     /// Answers one request. Never fails: every error becomes an OCI JSON response.
-    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Body> {
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let method = req.method().clone();
@@ -127,8 +143,26 @@ impl App {
         resp
     }
 
-    async fn route<B>(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, Error> {
+    async fn route<B>(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, Error>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let parsed = router::parse(req.method(), req.uri().path(), req.uri().query())?;
+        let writes = matches!(
+            parsed.route,
+            Route::UploadStart { .. } | Route::Upload { .. } | Route::ManifestPut { .. }
+        );
+        let user = self
+            .access
+            .check(req.headers(), if writes { Need::Push } else { Need::Pull })
+            .await?;
+        let (parts, body) = req.into_parts();
+        let body: Body =
+            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, |e| {
+                std::io::Error::other(e.into())
+            }));
+        let req = Request::from_parts(parts, ());
         let host = req
             .headers()
             .get(header::HOST)
@@ -139,6 +173,11 @@ impl App {
         let head = parsed.head;
         match parsed.route {
             Route::Base => {
+                if self.access.challenges() && user.is_none() {
+                    // So that `docker login` checks the password and `docker push` sends it;
+                    // clients without credentials carry on anonymously where that is allowed.
+                    self.access.authenticate(req.headers()).await?;
+                }
                 let mut r = Response::new(if head {
                     body::empty()
                 } else {
@@ -160,6 +199,11 @@ impl App {
             }
             Route::Blob { name, digest } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                if head && self.access.may_push(req.headers()).await {
+                    // A pushing client asks whether the upstream repository has the blob;
+                    // the cache cannot answer that.
+                    return push::blob_exists(self, t.upstream, &t.repository, &digest).await;
+                }
                 let range = req
                     .headers()
                     .get(header::RANGE)
@@ -172,6 +216,52 @@ impl App {
                     &digest,
                     range.as_deref(),
                     head,
+                )
+                .await
+            }
+            Route::UploadStart {
+                name,
+                mount,
+                from,
+                digest,
+            } => {
+                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                // A mount source is only passed on when it lives on the same upstream.
+                let mount = match (mount, from) {
+                    (Some(d), Some(from)) => self
+                        .routing
+                        .resolve(&from, host, parsed.ns.as_deref())
+                        .ok()
+                        .filter(|f| f.upstream == t.upstream)
+                        .map(|f| (d, f.repository)),
+                    _ => None,
+                };
+                push::start(
+                    self,
+                    t.upstream,
+                    &t.repository,
+                    &name,
+                    mount,
+                    digest,
+                    req.headers(),
+                    body,
+                )
+                .await
+            }
+            Route::Upload { name, id, digest } => {
+                push::continue_upload(self, req.method(), &name, &id, digest, req.headers(), body)
+                    .await
+            }
+            Route::ManifestPut { name, reference } => {
+                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                push::put_manifest(
+                    self,
+                    t.upstream,
+                    &t.repository,
+                    &name,
+                    &reference,
+                    req.headers(),
+                    body,
                 )
                 .await
             }

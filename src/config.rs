@@ -84,6 +84,8 @@ pub struct Config {
     pub timeouts: TimeoutConfig,
     /// Upstream retries on connection errors.
     pub retry: RetryConfig,
+    /// Client authentication and push permission.
+    pub auth: AuthConfig,
     /// The upstream registries.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -141,8 +143,10 @@ pub struct RetryConfig {
 pub struct UpstreamConfig {
     /// Name; also the path prefix that selects it (`/v2/<name>/<repo>/...`).
     pub name: String,
-    /// Base URL of the registry API, e.g. `https://registry-1.docker.io`.
-    pub url: Url,
+    /// Base URL of the registry API, e.g. `https://registry-1.docker.io`. May be left out for
+    /// an ECR upstream given by `ecr.account_id` and `ecr.region`; validation fills it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<Url>,
     /// Apply Docker Hub's name rules (`alpine` → `library/alpine`). Default: true when the URL
     /// is Docker Hub's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +180,111 @@ pub struct UpstreamConfig {
     /// Overrides `cache.tag_ttl` for this upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_ttl: Option<HumanDuration>,
+    /// Makes this an Amazon ECR upstream authenticated through the AWS credential chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecr: Option<EcrConfig>,
+}
+
+/// Image tag mutability of repositories regcache creates in ECR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TagMutability {
+    /// Tags may be moved.
+    #[default]
+    Mutable,
+    /// Tags may not be moved.
+    Immutable,
+}
+
+/// Encryption of repositories regcache creates in ECR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum Encryption {
+    /// S3-managed AES-256.
+    #[default]
+    #[serde(rename = "AES256")]
+    Aes256,
+    /// AWS KMS, with `kms_key` or the AWS-managed key.
+    #[serde(rename = "KMS")]
+    Kms,
+}
+
+/// Amazon ECR settings of an upstream.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EcrConfig {
+    /// AWS account id (12 digits). Default: taken from the registry host in `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+    /// AWS region. Default: taken from the registry host in `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Role to assume through STS (cross-account access); the credential chain's identity
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// ECR API endpoint override (VPC endpoint, tests). `AWS_ENDPOINT_URL_ECR` also works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_endpoint: Option<Url>,
+    /// Create a missing repository on first push.
+    pub create_repositories: bool,
+    /// Tag mutability of created repositories.
+    pub tag_mutability: TagMutability,
+    /// Scan created repositories on push.
+    pub scan_on_push: bool,
+    /// Encryption of created repositories.
+    pub encryption: Encryption,
+    /// KMS key for `encryption = "KMS"` (the AWS-managed key when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<String>,
+}
+
+impl EcrConfig {
+    /// `(account, region)` from an ECR registry host `<account>.dkr.ecr.<region>.amazonaws.com`
+    /// (`.com.cn` in China).
+    pub fn parse_registry_host(host: &str) -> Option<(String, String)> {
+        let mut parts = host.split('.');
+        let account = parts.next()?;
+        if parts.next()? != "dkr" || parts.next()? != "ecr" {
+            return None;
+        }
+        let region = parts.next()?;
+        let rest: Vec<&str> = parts.collect();
+        if !(rest == ["amazonaws", "com"] || rest == ["amazonaws", "com", "cn"]) {
+            return None;
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) || region.is_empty()
+        {
+            return None;
+        }
+        Some((account.to_owned(), region.to_owned()))
+    }
+}
+
+/// Client authentication to regcache itself.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// htpasswd file with bcrypt entries (`htpasswd -nbB user password`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub htpasswd: Option<PathBuf>,
+    /// Allow pushes through the proxy. Requires `htpasswd`: every write is authenticated.
+    pub push: bool,
+    /// Users allowed to push; empty means every user in the htpasswd file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub push_users: Vec<String>,
+    /// Allow pulls without credentials. When false, pulls need a user from `htpasswd`.
+    pub anonymous_pull: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            htpasswd: None,
+            push: false,
+            push_users: Vec::new(),
+            anonymous_pull: true,
+        }
+    }
 }
 
 impl UpstreamConfig {
@@ -183,7 +292,7 @@ impl UpstreamConfig {
     pub fn new(name: &str, url: Url) -> Self {
         UpstreamConfig {
             name: name.to_owned(),
-            url,
+            url: Some(url),
             docker_hub: None,
             registry_hosts: Vec::new(),
             virtual_hosts: Vec::new(),
@@ -194,13 +303,17 @@ impl UpstreamConfig {
             password_env: None,
             ca_file: None,
             tag_ttl: None,
+            ecr: None,
         }
     }
 
-    /// `host[:port]` of the URL.
+    /// `host[:port]` of the URL (empty before validation filled in a missing URL).
     pub fn url_authority(&self) -> String {
-        let host = self.url.host_str().unwrap_or_default();
-        match self.url.port() {
+        let Some(url) = &self.url else {
+            return String::new();
+        };
+        let host = url.host_str().unwrap_or_default();
+        match url.port() {
             Some(p) => format!("{host}:{p}"),
             None => host.to_owned(),
         }
@@ -210,7 +323,8 @@ impl UpstreamConfig {
     pub fn is_docker_hub(&self) -> bool {
         self.docker_hub.unwrap_or_else(|| {
             self.url
-                .host_str()
+                .as_ref()
+                .and_then(Url::host_str)
                 .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
         })
     }
@@ -278,6 +392,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             timeouts: TimeoutConfig::default(),
             retry: RetryConfig::default(),
+            auth: AuthConfig::default(),
             upstreams: vec![UpstreamConfig::new(
                 "docker.io",
                 // The literal is a valid URL; covered by the defaults test.
@@ -318,6 +433,68 @@ impl Default for RetryConfig {
     }
 }
 
+/// Completes an ECR upstream: derives account and region from the URL, or the URL from them.
+fn fill_ecr(u: &mut UpstreamConfig, key: &str) -> Result<(), ConfigError> {
+    let Some(ecr) = &mut u.ecr else {
+        return Ok(());
+    };
+    let from_host = u
+        .url
+        .as_ref()
+        .and_then(|url| url.host_str())
+        .and_then(EcrConfig::parse_registry_host);
+    if ecr.account_id.is_none() {
+        ecr.account_id = from_host.as_ref().map(|(a, _)| a.clone());
+    }
+    if ecr.region.is_none() {
+        ecr.region = from_host.as_ref().map(|(_, r)| r.clone());
+    }
+    let (Some(account), Some(region)) = (&ecr.account_id, &ecr.region) else {
+        return Err(invalid(
+            format!("{key}.ecr"),
+            "set url to <account>.dkr.ecr.<region>.amazonaws.com, or ecr.account_id and ecr.region",
+        ));
+    };
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(
+            format!("{key}.ecr.account_id"),
+            "must be 12 digits",
+        ));
+    }
+    if region.is_empty()
+        || !region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(invalid(format!("{key}.ecr.region"), "is not a region name"));
+    }
+    if ecr.kms_key.is_some() && ecr.encryption != Encryption::Kms {
+        return Err(invalid(
+            format!("{key}.ecr.kms_key"),
+            "needs encryption = \"KMS\"",
+        ));
+    }
+    if let Some(arn) = &ecr.role_arn {
+        if !arn.starts_with("arn:") || !arn.contains(":role/") {
+            return Err(invalid(
+                format!("{key}.ecr.role_arn"),
+                "is not an IAM role ARN",
+            ));
+        }
+    }
+    if u.url.is_none() {
+        let suffix = if region.starts_with("cn-") {
+            "amazonaws.com.cn"
+        } else {
+            "amazonaws.com"
+        };
+        let url = Url::parse(&format!("https://{account}.dkr.ecr.{region}.{suffix}"))
+            .map_err(|e| invalid(format!("{key}.ecr.region"), e.to_string()))?;
+        u.url = Some(url);
+    }
+    Ok(())
+}
+
 /// True when `s` is usable as an upstream name and path prefix.
 fn valid_upstream_name(s: &str) -> bool {
     !s.is_empty()
@@ -345,7 +522,10 @@ impl Config {
     }
 
     /// Checks every rule once; returns the configuration unchanged when it holds.
-    pub fn validate(self) -> Result<Self, ConfigError> {
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        for (i, u) in self.upstreams.iter_mut().enumerate() {
+            fill_ecr(u, &format!("upstream[{i}]"))?;
+        }
         if self.upstreams.is_empty() {
             return Err(invalid("upstream", "at least one upstream is required"));
         }
@@ -408,13 +588,16 @@ impl Config {
                     format!("{:?} is used twice", u.name),
                 ));
             }
-            if !matches!(u.url.scheme(), "http" | "https") || u.url.host_str().is_none() {
+            let Some(url) = &u.url else {
+                return Err(invalid(format!("{key}.url"), "is required"));
+            };
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                 return Err(invalid(
                     format!("{key}.url"),
                     "must be an http:// or https:// URL with a host",
                 ));
             }
-            if u.url.path() != "/" || u.url.query().is_some() || !u.url.username().is_empty() {
+            if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
                 return Err(invalid(
                     format!("{key}.url"),
                     "must be scheme://host[:port] only (no path, query or credentials)",
@@ -467,6 +650,26 @@ impl Config {
                         format!("{h:?} is empty or used twice"),
                     ));
                 }
+            }
+        }
+        if self.auth.push && self.auth.htpasswd.is_none() {
+            return Err(invalid(
+                "auth.push",
+                "pushing through regcache requires client authentication: set auth.htpasswd",
+            ));
+        }
+        if !self.auth.anonymous_pull && self.auth.htpasswd.is_none() {
+            return Err(invalid(
+                "auth.anonymous_pull",
+                "turning anonymous pull off requires auth.htpasswd",
+            ));
+        }
+        if let Some(p) = &self.auth.htpasswd {
+            if !p.is_file() {
+                return Err(invalid(
+                    "auth.htpasswd",
+                    format!("{} is not a readable file", p.display()),
+                ));
             }
         }
         if !names.contains(self.default_upstream.as_str()) {
@@ -609,6 +812,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`upstream`"), "{e}");
+    }
+
+    #[test]
+    fn ecr_upstreams_by_host_or_by_account_and_region() {
+        let c = with_upstreams(
+            "[[upstream]]\nname = \"prod\"\nurl = \"https://123456789012.dkr.ecr.eu-west-1.amazonaws.com\"\n[upstream.ecr]\n\
+             [[upstream]]\nname = \"dev\"\n[upstream.ecr]\naccount_id = \"210987654321\"\nregion = \"us-east-2\"\n",
+        )
+        .unwrap();
+        let prod = c.upstreams[1].ecr.as_ref().unwrap();
+        assert_eq!(prod.account_id.as_deref(), Some("123456789012"));
+        assert_eq!(prod.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            c.upstreams[2].url.as_ref().unwrap().as_str(),
+            "https://210987654321.dkr.ecr.us-east-2.amazonaws.com/"
+        );
+        assert_eq!(
+            EcrConfig::parse_registry_host("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn"),
+            Some(("123456789012".into(), "cn-north-1".into()))
+        );
+        for bad in [
+            "ecr.amazonaws.com",
+            "12345.dkr.ecr.x.amazonaws.com",
+            "123456789012.dkr.ecr.x.evil.com",
+        ] {
+            assert_eq!(EcrConfig::parse_registry_host(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ecr_and_auth_rejection_rules() {
+        let cases = [
+            (
+                "[[upstream]]\nname = \"e\"\n[upstream.ecr]\n",
+                "upstream[1].ecr",
+            ),
+            (
+                "[[upstream]]\nname = \"e\"\nurl = \"https://example.com\"\n[upstream.ecr]\n",
+                "upstream[1].ecr",
+            ),
+            (
+                "[[upstream]]\nname = \"e\"\n[upstream.ecr]\naccount_id = \"12\"\nregion = \"us-east-1\"\n",
+                "upstream[1].ecr.account_id",
+            ),
+            (
+                "[[upstream]]\nname = \"e\"\n[upstream.ecr]\naccount_id = \"123456789012\"\nregion = \"US East\"\n",
+                "upstream[1].ecr.region",
+            ),
+            (
+                "[[upstream]]\nname = \"e\"\n[upstream.ecr]\naccount_id = \"123456789012\"\nregion = \"us-east-1\"\nkms_key = \"k\"\n",
+                "upstream[1].ecr.kms_key",
+            ),
+            (
+                "[[upstream]]\nname = \"e\"\n[upstream.ecr]\naccount_id = \"123456789012\"\nregion = \"us-east-1\"\nrole_arn = \"me\"\n",
+                "upstream[1].ecr.role_arn",
+            ),
+            ("[[upstream]]\nname = \"n\"\n", "upstream[1].url"),
+            ("[auth]\npush = true\n", "auth.push"),
+            ("[auth]\nanonymous_pull = false\n", "auth.anonymous_pull"),
+            (
+                "[auth]\nhtpasswd = \"/nonexistent/htpasswd\"\n",
+                "auth.htpasswd",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = with_upstreams(extra).unwrap_err();
+            assert!(e.contains(&format!("`{key}`")), "{extra:?}: {e}");
+        }
+        let e = Config::from_toml("[[upstream]]\nname = \"e\"\nurl = \"https://x\"\n[upstream.ecr]\nencryption = \"DES\"\n")
+            .unwrap_err();
+        assert!(e.contains("encryption"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub enum UpstreamError {
     /// Authentication with the upstream failed (token realm refused us, no credentials).
     #[error("upstream authentication failed: {0}")]
     Auth(String),
+    /// The upstream's identity provider denied access (e.g. an AWS `AccessDenied`); the text
+    /// names the provider's error code, never a secret.
+    #[error("upstream access denied: {0}")]
+    Denied(String),
     /// The upstream sent something unacceptable: wrong digest, oversized manifest, short body,
     /// redirect loop.
     #[error("upstream sent an invalid response: {0}")]
@@ -63,6 +67,18 @@ pub enum Error {
     /// An upstream fault while fetching `Kind`.
     #[error("{1}")]
     Upstream(Kind, UpstreamError),
+    /// A pushed manifest that cannot be accepted.
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    /// The client may not do this.
+    #[error(transparent)]
+    Access(#[from] crate::access::Denied),
+    /// An upload id that is unknown or expired.
+    #[error("blob upload unknown")]
+    UploadUnknown,
+    /// An upstream's error answer to a push, passed back as it came (status, type, body).
+    #[error("upstream answered {0}")]
+    Passthrough(u16, Option<String>, bytes::Bytes),
     /// A fault inside regcache; the text is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -103,6 +119,12 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
                 };
                 (S::BAD_REQUEST, code, p.to_string(), None)
             }
+            RouteError::UploadUnknown => (
+                S::NOT_FOUND,
+                "BLOB_UPLOAD_UNKNOWN",
+                "blob upload unknown to registry".into(),
+                None,
+            ),
             RouteError::Query(q) => (
                 S::BAD_REQUEST,
                 "PAGINATION_NUMBER_INVALID",
@@ -192,6 +214,12 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
                 "authentication with the upstream registry failed".into(),
                 Some(why.clone()),
             ),
+            UpstreamError::Denied(why) => (
+                S::FORBIDDEN,
+                "DENIED",
+                "the upstream registry's identity provider denied access".into(),
+                Some(why.clone()),
+            ),
             UpstreamError::Unreachable(_) => (
                 S::BAD_GATEWAY,
                 "UNKNOWN",
@@ -211,6 +239,44 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
                 Some(why.clone()),
             ),
         },
+        Error::Access(d) => match d {
+            crate::access::Denied::PushDisabled => (
+                S::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "push is not enabled on this proxy".into(),
+                None,
+            ),
+            crate::access::Denied::Unauthenticated => (
+                S::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "authentication required".into(),
+                None,
+            ),
+            crate::access::Denied::Forbidden(_) => (
+                S::FORBIDDEN,
+                "DENIED",
+                "requested access to the resource is denied".into(),
+                None,
+            ),
+        },
+        Error::ManifestInvalid(why) => (
+            S::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            "manifest invalid".into(),
+            Some(why.clone()),
+        ),
+        Error::UploadUnknown => (
+            S::NOT_FOUND,
+            "BLOB_UPLOAD_UNKNOWN",
+            "blob upload unknown to registry".into(),
+            None,
+        ),
+        Error::Passthrough(status, _, _) => (
+            S::from_u16(*status).unwrap_or(S::BAD_GATEWAY),
+            "UNKNOWN",
+            "the upstream registry refused the request".into(),
+            None,
+        ),
         Error::Internal(_) => (
             S::INTERNAL_SERVER_ERROR,
             "UNKNOWN",
@@ -228,6 +294,22 @@ impl Error {
 
     /// The OCI JSON response for this error; HEAD answers carry no body.
     pub fn into_response(self, head: bool) -> Response<Body> {
+        if let Error::Passthrough(status, content_type, body) = &self {
+            // The upstream's own error (e.g. ECR's TAG_INVALID) reaches the client intact.
+            let mut resp = Response::new(if head {
+                body::empty()
+            } else {
+                body::full(body.clone())
+            });
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let ct = content_type.as_deref().unwrap_or("application/json");
+            if let Ok(v) = HeaderValue::from_str(ct) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            return resp;
+        }
         let (status, code, message, detail) = describe(&self);
         let payload = json!({
             "errors": [{ "code": code, "message": message, "detail": detail }]
@@ -250,6 +332,12 @@ impl Error {
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),
         );
+        if let Error::Access(crate::access::Denied::Unauthenticated) = self {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"regcache\""),
+            );
+        }
         if let Error::RangeNotSatisfiable(total) = self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
                 h.insert(header::CONTENT_RANGE, v);

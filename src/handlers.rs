@@ -370,7 +370,10 @@ pub async fn blob(
             }
         }
     } else {
-        match app.inflight.join(digest, || app.store.staging_path(digest)) {
+        match app
+            .inflight
+            .join(digest, || app.store.staging_path(&digest.to_string()))
+        {
             Join::Follower(f) => f,
             Join::Leader(guard) => {
                 let f = guard.fill().clone();

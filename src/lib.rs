@@ -2,21 +2,25 @@
 //! from upstream once and streams it to every client that asks while it downloads.
 //!
 //! # Layout
+//! - [`access`]: client authentication (htpasswd/bcrypt) and push permission.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
 //! - [`server`]: accept loop, optional rustls, graceful shutdown.
 //! - [`cli`], [`config`], [`units`]: command line, configuration file, human units.
 //! - [`router`], [`reference`], [`rewrite`], [`media`], [`range`]: pure parsing of paths,
 //!   names, upstream routing, `Accept` and `Range` headers.
 //! - [`handlers`]: one function per registry route.
+//! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
-//! - [`upstream`]: HTTP client (timeouts, retries, redirects) and authentication.
+//! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
+//!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
 //! - [`cache`]: storage interface and filesystem backend, blob single flight, download task,
 //!   readers of growing files, tag answers.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod app;
 pub mod body;
 pub mod cache;
@@ -26,6 +30,7 @@ pub mod error;
 pub mod flight;
 pub mod handlers;
 pub mod media;
+pub mod push;
 pub mod range;
 pub mod reference;
 pub mod rewrite;

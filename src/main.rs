@@ -56,7 +56,13 @@ async fn main() -> anyhow::Result<()> {
     let upstreams: Vec<String> = config
         .upstreams
         .iter()
-        .map(|u| format!("{}={}", u.name, u.url))
+        .map(|u| {
+            format!(
+                "{}={}",
+                u.name,
+                u.url.as_ref().map(|u| u.as_str()).unwrap_or("")
+            )
+        })
         .collect();
     let app = regcache::app::App::new(config).await?;
     tracing::info!(

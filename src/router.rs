@@ -27,6 +27,34 @@ pub enum Route {
         /// Blob digest.
         digest: Digest,
     },
+    /// `POST /v2/<name>/blobs/uploads/` (push): start an upload, mount a blob from another
+    /// repository (`mount`, `from`) or upload it whole (`digest`).
+    UploadStart {
+        /// Repository as the client wrote it.
+        name: Repository,
+        /// `mount=`: blob to mount.
+        mount: Option<Digest>,
+        /// `from=`: repository to mount it from.
+        from: Option<Repository>,
+        /// `digest=`: monolithic upload of this blob.
+        digest: Option<Digest>,
+    },
+    /// `PATCH|PUT|GET|DELETE /v2/<name>/blobs/uploads/<id>` (push).
+    Upload {
+        /// Repository as the client wrote it.
+        name: Repository,
+        /// regcache's upload id.
+        id: String,
+        /// `digest=` of a closing `PUT`.
+        digest: Option<Digest>,
+    },
+    /// `PUT /v2/<name>/manifests/<reference>` (push).
+    ManifestPut {
+        /// Repository as the client wrote it.
+        name: Repository,
+        /// Tag or digest.
+        reference: Reference,
+    },
     /// `GET /v2/<name>/tags/list?n=&last=`.
     TagsList {
         /// Repository as the client wrote it.
@@ -67,6 +95,9 @@ pub enum RouteError {
     /// A query parameter is malformed.
     #[error("invalid query parameter {0}")]
     Query(&'static str),
+    /// An upload id that regcache never handed out.
+    #[error("upload unknown")]
+    UploadUnknown,
 }
 
 /// Parses method, path and query. Query parameters other than `ns`, `n` and `last` are ignored.
@@ -76,11 +107,15 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
     let mut ns = None;
     let mut n = None;
     let mut last = None;
+    let (mut digest_q, mut mount, mut from) = (None, None, None);
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*k {
             "ns" => ns = Some(v.to_ascii_lowercase()),
             "n" => n = Some(v.parse::<u32>().map_err(|_| RouteError::Query("n"))?),
             "last" => last = Some(v.into_owned()),
+            "digest" => digest_q = Some(v.parse::<Digest>()?),
+            "mount" => mount = Some(v.parse::<Digest>()?),
+            "from" => from = Some(v.parse::<Repository>()?),
             _ => {}
         }
     }
@@ -115,9 +150,36 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
             ns,
         });
     }
-    if let Some((name, _)) = rest.split_once("/blobs/uploads") {
-        name.parse::<Repository>()?;
-        return Err(RouteError::Unsupported("push is not enabled on this proxy"));
+    if let Some((name, after)) = rest.split_once("/blobs/uploads") {
+        let name: Repository = name.parse()?;
+        let route = match after {
+            "" | "/" if method == Method::POST => Route::UploadStart {
+                name,
+                mount,
+                from,
+                digest: digest_q,
+            },
+            "" | "/" => return Err(RouteError::MethodNotAllowed),
+            id => {
+                let id = id.strip_prefix('/').ok_or(RouteError::NotFound)?;
+                if id.len() != 32
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                {
+                    return Err(RouteError::UploadUnknown);
+                }
+                if ![Method::PATCH, Method::PUT, Method::GET, Method::DELETE].contains(method) {
+                    return Err(RouteError::MethodNotAllowed);
+                }
+                Route::Upload {
+                    name,
+                    id: id.to_owned(),
+                    digest: digest_q,
+                }
+            }
+        };
+        return Ok(Parsed { route, head, ns });
     }
     let (before, last_segment) = rest.rsplit_once('/').ok_or(RouteError::NotFound)?;
     let (name, kind) = before.rsplit_once('/').ok_or(RouteError::NotFound)?;
@@ -132,14 +194,21 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
         },
         _ => return Err(RouteError::NotFound),
     };
+    if method == Method::PUT {
+        if let Route::Manifest { name, reference } = route {
+            return Ok(Parsed {
+                route: Route::ManifestPut { name, reference },
+                head,
+                ns,
+            });
+        }
+    }
     if !read {
-        return Err(
-            if method == Method::PUT || method == Method::DELETE || method == Method::POST {
-                RouteError::Unsupported("push and delete are not enabled on this proxy")
-            } else {
-                RouteError::MethodNotAllowed
-            },
-        );
+        return Err(if method == Method::DELETE {
+            RouteError::Unsupported("deleting through a cache is not supported")
+        } else {
+            RouteError::MethodNotAllowed
+        });
     }
     Ok(Parsed { route, head, ns })
 }
@@ -198,6 +267,42 @@ mod tests {
     }
 
     #[test]
+    fn push_routes() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let p = parse(
+            &Method::POST,
+            "/v2/a/b/blobs/uploads/",
+            Some(&format!("mount={D}&from=c/d")),
+        )
+        .unwrap();
+        assert_eq!(
+            p.route,
+            Route::UploadStart {
+                name: "a/b".parse().unwrap(),
+                mount: Some(D.parse().unwrap()),
+                from: Some("c/d".parse().unwrap()),
+                digest: None
+            }
+        );
+        let p = parse(
+            &Method::PUT,
+            &format!("/v2/a/blobs/uploads/{id}"),
+            Some(&format!("digest={D}")),
+        )
+        .unwrap();
+        assert_eq!(
+            p.route,
+            Route::Upload {
+                name: "a".parse().unwrap(),
+                id: id.into(),
+                digest: Some(D.parse().unwrap())
+            }
+        );
+        let p = parse(&Method::PUT, "/v2/a/manifests/v1", None).unwrap();
+        assert!(matches!(p.route, Route::ManifestPut { .. }));
+    }
+
+    #[test]
     fn refusals() {
         assert_eq!(get("/v3/").unwrap_err(), RouteError::NotFound);
         assert_eq!(get("/v2x").unwrap_err(), RouteError::NotFound);
@@ -238,12 +343,24 @@ mod tests {
         let long = format!("/v2/{}/manifests/x", "a".repeat(300));
         assert!(matches!(get(&long), Err(RouteError::Invalid(_))));
         assert!(matches!(
-            parse(&Method::POST, "/v2/a/blobs/uploads/", None),
+            parse(&Method::DELETE, "/v2/a/manifests/latest", None),
             Err(RouteError::Unsupported(_))
         ));
+        assert_eq!(
+            parse(&Method::PATCH, "/v2/a/blobs/uploads/not-ours", None).unwrap_err(),
+            RouteError::UploadUnknown
+        );
+        assert_eq!(
+            parse(&Method::GET, "/v2/a/blobs/uploads/", None).unwrap_err(),
+            RouteError::MethodNotAllowed
+        );
         assert!(matches!(
-            parse(&Method::PUT, "/v2/a/manifests/latest", None),
-            Err(RouteError::Unsupported(_))
+            parse(
+                &Method::POST,
+                "/v2/a/blobs/uploads/",
+                Some("digest=sha256:12")
+            ),
+            Err(RouteError::Invalid(ParseError::Digest(_)))
         ));
         assert_eq!(
             parse(&Method::PATCH, "/v2/a/manifests/latest", None).unwrap_err(),

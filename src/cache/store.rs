@@ -61,8 +61,9 @@ pub struct TagRecord {
 /// staged in a local file first; `commit_blob` takes the verified file in.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
-    /// A fresh local path where a download of `digest` is staged before `commit_blob`.
-    fn staging_path(&self, digest: &Digest) -> PathBuf;
+    /// A fresh local path where content is staged before `commit_blob`. `label` names what is
+    /// staged (a digest, an upload id) and must consist of `[a-z0-9:-]`.
+    fn staging_path(&self, label: &str) -> PathBuf;
     /// Size of a committed blob, or `None` when absent.
     async fn blob_len(&self, digest: &Digest) -> io::Result<Option<u64>>;
     /// Opens a committed blob at `offset`.
@@ -179,13 +180,19 @@ fn absent<T>(r: io::Result<T>) -> io::Result<Option<T>> {
 
 #[async_trait]
 impl BlobStore for FsStore {
-    fn staging_path(&self, digest: &Digest) -> PathBuf {
+    fn staging_path(&self, label: &str) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.tmp.join(format!(
-            "{}-{}.{n}.part",
-            digest.algorithm().as_str(),
-            digest.hex()
-        ))
+        let safe: String = label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        self.tmp.join(format!("{safe}.{n}.part"))
     }
 
     async fn blob_len(&self, digest: &Digest) -> io::Result<Option<u64>> {
@@ -287,7 +294,7 @@ mod tests {
         let data = b"hello blob";
         let d = Digest::sha256(data);
         assert_eq!(s.blob_len(&d).await.unwrap(), None);
-        let staged = s.staging_path(&d);
+        let staged = s.staging_path(&d.to_string());
         std::fs::write(&staged, data).unwrap();
         s.commit_blob(&d, &staged).await.unwrap();
         assert!(

@@ -116,13 +116,40 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    fn basic_header(&self) -> Result<HeaderValue, UpstreamError> {
+    /// The `Authorization: Basic` value for these credentials, marked sensitive.
+    pub fn basic_header(&self) -> Result<HeaderValue, UpstreamError> {
         let raw = format!("{}:{}", self.username, self.password);
         let enc = base64::engine::general_purpose::STANDARD.encode(raw);
         let mut v = HeaderValue::from_str(&format!("Basic {enc}"))
             .map_err(|_| UpstreamError::Auth("credentials are not valid header text".into()))?;
         v.set_sensitive(true);
         Ok(v)
+    }
+}
+
+/// Where an upstream's credentials come from: fixed configuration, or a provider that mints
+/// them (ECR's GetAuthorizationToken) and caches them.
+#[async_trait::async_trait]
+pub trait CredentialProvider: Send + Sync + 'static {
+    /// The credentials to use now (cached by the provider).
+    async fn credentials(&self) -> Result<Credentials, UpstreamError>;
+    /// The upstream refused the request that carried `rejected` (a `Basic` header made from
+    /// earlier credentials). Returns fresh credentials worth one retry, or `None` when a retry
+    /// cannot help.
+    async fn refresh(&self, rejected: &HeaderValue) -> Result<Option<Credentials>, UpstreamError>;
+}
+
+/// Credentials from the configuration file.
+pub struct StaticCredentials(pub Credentials);
+
+#[async_trait::async_trait]
+impl CredentialProvider for StaticCredentials {
+    async fn credentials(&self) -> Result<Credentials, UpstreamError> {
+        Ok(self.0.clone())
+    }
+
+    async fn refresh(&self, _: &HeaderValue) -> Result<Option<Credentials>, UpstreamError> {
+        Ok(None)
     }
 }
 
@@ -146,7 +173,7 @@ pub struct Authenticator {
     upstream: Url,
     token_hosts: Vec<String>,
     read_idle: Duration,
-    credentials: Option<Credentials>,
+    credentials: Option<Arc<dyn CredentialProvider>>,
     client: HttpClient,
     // Protects only the learned scheme; short critical sections, never across `.await`.
     known: Mutex<Option<Known>>,
@@ -170,7 +197,7 @@ impl Authenticator {
     pub fn new(
         upstream: Url,
         token_hosts: Vec<String>,
-        credentials: Option<Credentials>,
+        credentials: Option<Arc<dyn CredentialProvider>>,
         client: HttpClient,
         read_idle: Duration,
     ) -> Self {
@@ -200,11 +227,10 @@ impl Authenticator {
     pub async fn header_for(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
         match self.known() {
             None => Ok(None),
-            Some(Known::Basic) => self
-                .credentials
-                .as_ref()
-                .map(Credentials::basic_header)
-                .transpose(),
+            Some(Known::Basic) => match &self.credentials {
+                Some(p) => p.credentials().await?.basic_header().map(Some),
+                None => Ok(None),
+            },
             Some(Known::Bearer { realm, service }) => {
                 self.token(realm, service, scope).await.map(Some)
             }
@@ -243,22 +269,41 @@ impl Authenticator {
             return self.token(realm, service, scope).await;
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
-            let creds = self.credentials.as_ref().ok_or_else(|| {
+            let provider = self.credentials.as_ref().ok_or_else(|| {
                 UpstreamError::Auth(
                     "upstream wants basic auth and no credentials are configured".into(),
                 )
             })?;
-            if rejected.is_some() {
-                return Err(UpstreamError::Auth(
-                    "upstream refused the configured credentials".into(),
-                ));
-            }
             self.learn(Known::Basic);
-            return creds.basic_header();
+            return match rejected {
+                None => provider.credentials().await?.basic_header(),
+                Some(r) => match provider.refresh(r).await? {
+                    Some(fresh) => fresh.basic_header(),
+                    None => Err(UpstreamError::Auth(
+                        "upstream refused the configured credentials".into(),
+                    )),
+                },
+            };
         }
         Err(UpstreamError::Auth(
             "no supported authentication scheme offered".into(),
         ))
+    }
+
+    /// The upstream refused a request that carried `rejected` with something other than a
+    /// 401 challenge (ECR: 403, or 400 with an expired-token message). Returns the header to
+    /// retry with once, when fresh credentials can be had.
+    pub async fn after_refusal(
+        &self,
+        rejected: &HeaderValue,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        match (&self.credentials, self.known()) {
+            (Some(p), Some(Known::Basic)) => match p.refresh(rejected).await? {
+                Some(fresh) => fresh.basic_header().map(Some),
+                None => Ok(None),
+            },
+            _ => Ok(None),
+        }
     }
 
     fn learn(&self, k: Known) {
@@ -293,15 +338,19 @@ impl Authenticator {
         service: Option<String>,
         scope: &str,
     ) -> Result<HeaderValue, UpstreamError> {
-        let creds = self.credentials.clone().filter(|_| {
-            Self::realm_may_receive_credentials(&self.upstream, &realm, &self.token_hosts)
-        });
-        if self.credentials.is_some() && creds.is_none() {
-            tracing::warn!(
-                realm = realm.host_str().unwrap_or(""),
-                "token realm is outside the upstream's domain; asking for an anonymous token"
-            );
-        }
+        let allowed =
+            Self::realm_may_receive_credentials(&self.upstream, &realm, &self.token_hosts);
+        let creds = match &self.credentials {
+            Some(p) if allowed => Some(p.credentials().await?),
+            Some(_) => {
+                tracing::warn!(
+                    realm = realm.host_str().unwrap_or(""),
+                    "token realm is not the upstream's host nor in token_hosts; asking for an anonymous token"
+                );
+                None
+            }
+            None => None,
+        };
         let client = self.client.clone();
         let read_idle = self.read_idle;
         let scope_owned = scope.to_owned();

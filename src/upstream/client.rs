@@ -141,6 +141,36 @@ impl HttpClient {
         }
     }
 
+    /// Sends one request with a streamed body, once: a body cannot be replayed, so there is
+    /// no retry and no redirect. No overall timeout applies, since an upload may take long;
+    /// the connect timeout does.
+    pub async fn send_body(
+        &self,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|_| UpstreamError::Invalid("unusable URL".into()))?;
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(body)
+            .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        *req.headers_mut() = headers.clone();
+        req.headers_mut().insert(
+            header::USER_AGENT,
+            header::HeaderValue::from_static(USER_AGENT),
+        );
+        self.inner
+            .request(req)
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))
+    }
+
     /// Sends a GET or HEAD and follows redirects. `Authorization` goes only to `url`'s own
     /// origin: once a redirect leaves it (a CDN or S3), the header is dropped for good.
     pub async fn send_following(

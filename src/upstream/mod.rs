@@ -3,7 +3,10 @@
 
 pub mod auth;
 pub mod client;
+pub mod ecr;
+pub mod push;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -12,10 +15,11 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use url::Url;
 
+use crate::body::{self, Body};
 use crate::config::{Config, UpstreamConfig};
 use crate::error::UpstreamError;
 use crate::reference::{Digest, Reference, Repository};
-use auth::{Authenticator, Credentials};
+use auth::{Authenticator, CredentialProvider, Credentials, StaticCredentials};
 use client::HttpClient;
 
 /// A manifest as the upstream sent it.
@@ -43,6 +47,10 @@ pub struct Upstream {
     pub read_idle: Duration,
     /// Longest time to obtain a response's headers, token fetch and redirects included.
     pub exchange_deadline: Duration,
+    /// Creates repositories a push finds missing, when the upstream is configured to.
+    pub(crate) repository_creator: Option<Arc<dyn push::RepositoryCreator>>,
+    /// The Amazon ECR side (credentials, repository creation) of an ECR upstream.
+    ecr: Option<Arc<ecr::Ecr>>,
 }
 
 /// Failure building an upstream at start-up.
@@ -70,18 +78,33 @@ impl Upstream {
         let password = cfg
             .resolve_password(&cfg.name)
             .map_err(|e| wrap(Box::new(e)))?;
-        let credentials = match (&cfg.username, password) {
-            (Some(u), Some(p)) => Some(Credentials {
+        let url = cfg
+            .url
+            .clone()
+            .ok_or_else(|| wrap("no URL (configuration not validated)".into()))?;
+        // An ECR upstream's credentials come from GetAuthorizationToken, never the file.
+        let ecr = match &cfg.ecr {
+            Some(e) => Some(Arc::new(ecr::Ecr::new(e).map_err(|e| wrap(e.into()))?)),
+            None => None,
+        };
+        let credentials: Option<Arc<dyn CredentialProvider>> = match (&ecr, &cfg.username, password)
+        {
+            (Some(e), _, _) => Some(e.clone()),
+            (None, Some(u), Some(p)) => Some(Arc::new(StaticCredentials(Credentials {
                 username: u.clone(),
                 password: p,
-            }),
+            }))),
+            _ => None,
+        };
+        let repository_creator: Option<Arc<dyn push::RepositoryCreator>> = match &ecr {
+            Some(e) if e.creates_repositories() => Some(e.clone()),
             _ => None,
         };
         Ok(Upstream {
             name: cfg.name.clone(),
-            base: cfg.url.clone(),
+            base: url.clone(),
             auth: Authenticator::new(
-                cfg.url.clone(),
+                url,
                 cfg.all_token_hosts(),
                 credentials,
                 client.clone(),
@@ -94,7 +117,14 @@ impl Upstream {
             // A token fetch, the request and its redirects each get the response timeout.
             exchange_deadline: global.timeouts.response.0.saturating_mul(3)
                 + global.timeouts.connect.0.saturating_mul(2),
+            repository_creator,
+            ecr,
         })
+    }
+
+    /// The Amazon ECR side of an ECR upstream (token counters, repository creation).
+    pub fn ecr(&self) -> Option<&Arc<ecr::Ecr>> {
+        self.ecr.as_ref()
     }
 
     /// Token requests this upstream has made.
@@ -108,30 +138,62 @@ impl Upstream {
             .map_err(|_| UpstreamError::Invalid("cannot build upstream URL".into()))
     }
 
-    /// Sends an authenticated request for `repo`, answering one 401 challenge.
+    /// Sends an authenticated, bodiless request for `repo` with pull scope.
     async fn request(
         &self,
         method: &Method,
         repo: &Repository,
         path_and_query: &str,
-        mut headers: HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let url = self.url(path_and_query)?;
+        headers: HeaderMap,
+    ) -> Result<Response<Body>, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
-        let mut auth = self.auth.header_for(&scope).await?;
+        self.exchange(method, &scope, path_and_query, headers).await
+    }
+
+    /// Sends an authenticated, bodiless request (redirects followed). Answers one refusal:
+    /// a 401 challenge (token dance, basic), or a 403 / 400-expired-token from an upstream
+    /// whose credentials can be refreshed (ECR), with exactly one retry.
+    pub(crate) async fn exchange(
+        &self,
+        method: &Method,
+        scope: &str,
+        path_and_query: &str,
+        mut headers: HeaderMap,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let url = self.url(path_and_query)?;
+        let mut auth = self.auth.header_for(scope).await?;
         for attempt in 0..2 {
             match &auth {
                 Some(v) => headers.insert(header::AUTHORIZATION, v.clone()),
                 None => headers.remove(header::AUTHORIZATION),
             };
             let resp = self.client.send_following(method, &url, &headers).await?;
-            if resp.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+            let status = resp.status();
+            if attempt == 0 && status == StatusCode::UNAUTHORIZED {
                 if let Some(ch) = resp.headers().get(header::WWW_AUTHENTICATE) {
-                    auth = Some(self.auth.on_challenge(ch, &scope, auth.as_ref()).await?);
+                    auth = Some(self.auth.on_challenge(ch, scope, auth.as_ref()).await?);
                     continue;
                 }
             }
-            return Ok(resp);
+            if let (0, Some(sent), StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST) =
+                (attempt, &auth, status)
+            {
+                let (parts, body) = resp.into_parts();
+                let text = read_capped(body, MAX_ERROR_BODY, self.read_idle)
+                    .await
+                    .unwrap_or_default();
+                let expired = String::from_utf8_lossy(&text)
+                    .to_ascii_lowercase()
+                    .contains("expired");
+                if status == StatusCode::FORBIDDEN || expired {
+                    if let Some(fresh) = self.auth.after_refusal(sent).await? {
+                        auth = Some(fresh);
+                        continue;
+                    }
+                }
+                return Ok(Response::from_parts(parts, body::full(text)));
+            }
+            return Ok(resp.map(box_incoming));
         }
         Err(UpstreamError::Status(401))
     }
@@ -201,7 +263,7 @@ impl Upstream {
         &self,
         repo: &Repository,
         digest: &Digest,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let resp = self
             .request(
                 &Method::GET,
@@ -270,12 +332,24 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
         .and_then(|s| s.parse().ok())
 }
 
+/// Largest error body read to look for an expired-token message.
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+
+/// An upstream body as the crate's body type.
+pub fn box_incoming(b: Incoming) -> Body {
+    b.map_err(std::io::Error::other).boxed_unsync()
+}
+
 /// Reads a whole body of at most `cap` bytes, each chunk within `idle`.
-pub(crate) async fn read_capped(
-    mut body: Incoming,
+pub(crate) async fn read_capped<B>(
+    mut body: B,
     cap: u64,
     idle: Duration,
-) -> Result<Bytes, UpstreamError> {
+) -> Result<Bytes, UpstreamError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let mut buf = BytesMut::new();
     loop {
         let frame = tokio::time::timeout(idle, body.frame())

@@ -64,6 +64,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     tokens_issued: AtomicU64,
     token_lifetime: AtomicU64,
+    // (status, how many more) for registry requests that carry an `Authorization` header.
+    refuse: Mutex<Option<(StatusCode, u64)>>,
 }
 
 /// The fake registry.
@@ -177,6 +179,15 @@ impl FakeUpstream {
 
     pub fn set_auth(&self, mode: AuthMode) {
         *self.state.auth.lock().unwrap() = Some(mode);
+    }
+
+    /// The next `n` registry requests that carry an `Authorization` header (right or wrong)
+    /// are answered `status` as a registry that refuses the credentials would: 401 with a
+    /// `Basic` challenge, 403 `DENIED`, or 400 with an expired-token message. `u64::MAX`
+    /// refuses for good; `n = 0` turns it off.
+    pub fn refuse_authenticated(&self, status: u16, n: u64) {
+        let status = StatusCode::from_u16(status).unwrap();
+        *self.state.refuse.lock().unwrap() = (n > 0).then_some((status, n));
     }
 
     pub fn set_token_lifetime(&self, secs: u64) {
@@ -324,6 +335,11 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
         String::new()
     };
     let repo = repo_of(&rest);
+    if authz.is_some() {
+        if let Some(r) = refusal(&st) {
+            return r;
+        }
+    }
     match &auth {
         AuthMode::None => {}
         AuthMode::Bearer { .. } => {
@@ -450,6 +466,33 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
         return r;
     }
     oci_error(StatusCode::NOT_FOUND, "NOT_FOUND")
+}
+
+/// Takes one refusal off the `refuse_authenticated` counter, if any is left.
+fn refusal(st: &State) -> Option<Response<FakeBody>> {
+    let mut refuse = st.refuse.lock().unwrap();
+    let (status, left) = (*refuse)?;
+    *refuse = (left > 1).then_some((status, left.saturating_sub(1)));
+    Some(match status {
+        StatusCode::UNAUTHORIZED => {
+            let mut r = oci_error(status, "UNAUTHORIZED");
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                r#"Basic realm="fake""#.parse().unwrap(),
+            );
+            r
+        }
+        StatusCode::FORBIDDEN => oci_error(status, "DENIED"),
+        _ => {
+            let mut r = full(
+                status,
+                r#"{"errors":[{"code":"DENIED","message":"Your authorization token has expired. Reauthenticate and try again."}]}"#,
+            );
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+            r
+        }
+    })
 }
 
 async fn blob_response(st: &State, b: Bytes, head: bool) -> Response<FakeBody> {

@@ -10,6 +10,8 @@
 //!   multi-arch indexes) and `skopeo` push / pull / inspect helpers.
 //! - [`proxy`]: regcache itself in-process, a token-auth "Docker Hub" upstream and a
 //!   request-recording TCP tap.
+//! - [`moto`]: the AWS side of the ECR tests: hermetic AWS environment, a `moto` server (ECR
+//!   and STS APIs), relays for endpoint variables, an AWS error server, log capture.
 //! - [`peers`]: `dockerd` and `containerd` guards, `hosts.toml` writer, free / dead ports and
 //!   the [`peers::Skip`] mechanism for peers that cannot start here.
 //!
@@ -17,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod image;
+pub mod moto;
 pub mod peers;
 pub mod proxy;
 pub mod registry;

@@ -1,0 +1,591 @@
+//! Push through the proxy: upload start, chunked `PATCH`, monolithic and closing `PUT`,
+//! cross-repository mount and manifest `PUT`, streamed to the upstream with `Location`
+//! headers rewritten to regcache's own paths. Pushed blobs and manifests are written through
+//! to the cache, so a pull right after a push is a cache hit.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use url::Url;
+
+use crate::app::App;
+use crate::body::{self, Body};
+use crate::cache::hasher::Hasher;
+use crate::cache::store::StoredManifest;
+use crate::error::{Error, Kind, UpstreamError};
+use crate::reference::{Algorithm, Digest, Reference, Repository};
+use crate::upstream::Upstream;
+use crate::upstream::push::PushTarget;
+
+/// Headers of a client's push request passed on to the upstream.
+const FORWARDED: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_RANGE,
+];
+/// Largest upstream error body passed back.
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+/// An upload nobody touches for this long is forgotten (its local copy deleted).
+const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
+
+/// The local copy of an upload, hashed as the bytes pass through.
+struct Spool {
+    path: PathBuf,
+    file: std::fs::File,
+    hasher: Hasher,
+    broken: bool,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        // Committed spools have been renamed away; this removes every other one.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where an upload stands upstream, and its local copy.
+struct UploadState {
+    location: Url,
+    spool: Arc<Mutex<Option<Spool>>>,
+}
+
+/// One upload regcache handed out an id for.
+pub struct Upload {
+    upstream: usize,
+    repo: Repository,
+    client_name: Repository,
+    // Taken out while a request works on the upload and put back after, so two requests can
+    // never interleave on it; the lock itself is held only for the take and the put.
+    state: Mutex<Option<UploadState>>,
+}
+
+/// The uploads under way, forgotten after an hour without use.
+pub struct Uploads {
+    sessions: moka::sync::Cache<String, Arc<Upload>>,
+}
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Uploads {
+            sessions: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(UPLOAD_IDLE)
+                .build(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A request body that copies every chunk into a spool (hash + local file) on its way
+/// upstream. Writes are plain page-cache writes of one network frame each; the spool is
+/// fsynced only at commit, on a blocking thread.
+struct Tee {
+    inner: Body,
+    spool: Arc<Mutex<Option<Spool>>>,
+}
+
+impl HttpBody for Tee {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(s) = lock(&self.spool).as_mut() {
+                        if !s.broken {
+                            s.hasher.update(data);
+                            if s.file.write_all(data).is_err() {
+                                s.broken = true;
+                            }
+                        }
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(s) = lock(&self.spool).as_mut() {
+                    s.broken = true;
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn new_spool(app: &App, label: &str) -> Option<Spool> {
+    let path = app.store.staging_path(label);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(file) => Some(Spool {
+            path,
+            file,
+            hasher: Hasher::new(Algorithm::Sha256),
+            broken: false,
+        }),
+        Err(e) => {
+            // Pushing still works; only the write-through to the cache is lost.
+            tracing::warn!(error = %e, "cannot spool a pushed blob; it will not be cached");
+            None
+        }
+    }
+}
+
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in FORWARDED {
+        if let Some(v) = headers.get(&name) {
+            out.insert(name, v.clone());
+        }
+    }
+    out
+}
+
+fn upstream_err(e: UpstreamError) -> Error {
+    Error::Upstream(Kind::Blob, e)
+}
+
+/// An upstream answer that is not the success a push step expects: passed back intact.
+async fn passthrough(resp: Response<Body>, idle: Duration) -> Error {
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = crate::upstream::read_capped(resp.into_body(), MAX_ERROR_BODY, idle)
+        .await
+        .unwrap_or_default();
+    Error::Passthrough(status, content_type, body)
+}
+
+/// Commits a spool whose content hashes to `digest`; otherwise drops it.
+async fn commit_spool(app: &App, spool: &Arc<Mutex<Option<Spool>>>, digest: &Digest) {
+    let Some(mut s) = lock(spool).take() else {
+        return;
+    };
+    if s.broken || digest.algorithm() != Algorithm::Sha256 {
+        return;
+    }
+    let actual = std::mem::replace(&mut s.hasher, Hasher::new(Algorithm::Sha256)).finish();
+    if actual != *digest {
+        tracing::warn!(%digest, %actual, "pushed bytes do not match the digest; not cached");
+        return;
+    }
+    let path = s.path.clone();
+    let synced = tokio::task::spawn_blocking(move || s.file.sync_all().map(|_| s))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    match synced {
+        Ok(s) => match app.store.commit_blob(digest, &path).await {
+            Ok(()) => tracing::debug!(%digest, "pushed blob written through to the cache"),
+            Err(e) => {
+                tracing::warn!(error = %e, %digest, "cannot cache a pushed blob");
+                drop(s);
+            }
+        },
+        Err(e) => tracing::warn!(error = %e, %digest, "cannot cache a pushed blob"),
+    }
+}
+
+fn set(resp: &mut Response<Body>, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
+}
+
+fn answer(status: StatusCode, location: &str) -> Response<Body> {
+    let mut r = Response::new(body::empty());
+    *r.status_mut() = status;
+    set(&mut r, header::LOCATION, location);
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    r
+}
+
+/// Copies the headers a client needs from an upstream upload answer.
+fn copy_upload_headers(from: &HeaderMap, to: &mut Response<Body>) {
+    for name in [
+        header::RANGE,
+        HeaderName::from_static("docker-content-digest"),
+    ] {
+        if let Some(v) = from.get(&name) {
+            to.headers_mut().insert(name, v.clone());
+        }
+    }
+}
+
+/// Sends a bodiless push request; when the upstream is ECR with repository creation on and
+/// says the repository does not exist, creates it and sends the request once more.
+async fn push_creating(
+    up: &Upstream,
+    method: &Method,
+    repo: &Repository,
+    target: &PushTarget,
+    headers: HeaderMap,
+) -> Result<Response<Body>, Error> {
+    let resp = up
+        .push(method, repo, target, headers.clone(), None)
+        .await
+        .map_err(upstream_err)?;
+    if resp.status() == StatusCode::NOT_FOUND && up.creates_repositories() {
+        up.create_repository(repo).await.map_err(upstream_err)?;
+        return up
+            .push(method, repo, target, headers, None)
+            .await
+            .map_err(upstream_err);
+    }
+    Ok(resp)
+}
+
+/// `POST /v2/<name>/blobs/uploads/`.
+#[allow(clippy::too_many_arguments)]
+pub async fn start(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    client_name: &Repository,
+    mount: Option<(Digest, Repository)>,
+    digest: Option<Digest>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response<Body>, Error> {
+    let up = &app.upstreams[upstream];
+    let query = {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some((d, from)) = &mount {
+            q.append_pair("mount", &d.to_string());
+            q.append_pair("from", from.as_str());
+        }
+        if let Some(d) = &digest {
+            q.append_pair("digest", &d.to_string());
+        }
+        q.finish()
+    };
+    let path = if query.is_empty() {
+        format!("/v2/{repo}/blobs/uploads/")
+    } else {
+        format!("/v2/{repo}/blobs/uploads/?{query}")
+    };
+    let target = PushTarget::Path(path);
+    let spool = Arc::new(Mutex::new(None));
+    let resp = match &digest {
+        // A monolithic upload carries the blob: stream it through once.
+        Some(d) => {
+            *lock(&spool) = new_spool(app, &d.to_string());
+            let tee = Tee {
+                inner: body,
+                spool: spool.clone(),
+            };
+            up.push(
+                &Method::POST,
+                repo,
+                &target,
+                forwarded(headers),
+                Some(tee.boxed_unsync()),
+            )
+            .await
+            .map_err(upstream_err)?
+        }
+        None => push_creating(up, &Method::POST, repo, &target, forwarded(headers)).await?,
+    };
+    match resp.status() {
+        StatusCode::CREATED => {
+            let d = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<Digest>().ok())
+                .or_else(|| digest.clone())
+                .or_else(|| mount.as_ref().map(|(d, _)| d.clone()));
+            if let Some(d) = &digest {
+                commit_spool(app, &spool, d).await;
+            }
+            let location = match &d {
+                Some(d) => format!("/v2/{client_name}/blobs/{d}"),
+                None => format!("/v2/{client_name}/blobs/"),
+            };
+            let mut r = answer(StatusCode::CREATED, &location);
+            copy_upload_headers(resp.headers(), &mut r);
+            Ok(r)
+        }
+        StatusCode::ACCEPTED => {
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    upstream_err(UpstreamError::Invalid(
+                        "upload started without a Location".into(),
+                    ))
+                })?;
+            let location = up.resolve_location(location).map_err(upstream_err)?;
+            let id = hex::encode(rand::random::<[u8; 16]>());
+            let spool = Arc::new(Mutex::new(new_spool(app, &format!("upload-{id}"))));
+            app.uploads.sessions.insert(
+                id.clone(),
+                Arc::new(Upload {
+                    upstream,
+                    repo: repo.clone(),
+                    client_name: client_name.clone(),
+                    state: Mutex::new(Some(UploadState { location, spool })),
+                }),
+            );
+            let mut r = answer(
+                StatusCode::ACCEPTED,
+                &format!("/v2/{client_name}/blobs/uploads/{id}"),
+            );
+            copy_upload_headers(resp.headers(), &mut r);
+            set(&mut r, HeaderName::from_static("docker-upload-uuid"), &id);
+            if r.headers().get(header::RANGE).is_none() {
+                r.headers_mut()
+                    .insert(header::RANGE, HeaderValue::from_static("0-0"));
+            }
+            Ok(r)
+        }
+        _ => Err(passthrough(resp, up.read_idle).await),
+    }
+}
+
+/// `PATCH|PUT|GET|DELETE /v2/<name>/blobs/uploads/<id>`.
+pub async fn continue_upload(
+    app: &Arc<App>,
+    method: &Method,
+    client_name: &Repository,
+    id: &str,
+    digest: Option<Digest>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response<Body>, Error> {
+    let upload = app.uploads.sessions.get(id).ok_or(Error::UploadUnknown)?;
+    if upload.client_name != *client_name {
+        return Err(Error::UploadUnknown);
+    }
+    let state = lock(&upload.state).take().ok_or(Error::UploadUnknown)?;
+    let up = &app.upstreams[upload.upstream];
+    let mut url = state.location.clone();
+    if let Some(d) = &digest {
+        url.query_pairs_mut().append_pair("digest", &d.to_string());
+    }
+    let target = PushTarget::Url(url);
+    let sends_body = *method == Method::PATCH || *method == Method::PUT;
+    let result = if sends_body {
+        let tee = Tee {
+            inner: body,
+            spool: state.spool.clone(),
+        };
+        up.push(
+            method,
+            &upload.repo,
+            &target,
+            forwarded(headers),
+            Some(tee.boxed_unsync()),
+        )
+        .await
+    } else {
+        up.push(method, &upload.repo, &target, HeaderMap::new(), None)
+            .await
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            *lock(&upload.state) = Some(state);
+            return Err(upstream_err(e));
+        }
+    };
+    let ours = format!("/v2/{client_name}/blobs/uploads/{id}");
+    match (method.clone(), resp.status()) {
+        (Method::PUT, StatusCode::CREATED) => {
+            app.uploads.sessions.invalidate(id);
+            let d = digest.ok_or(Error::Upstream(
+                Kind::Blob,
+                UpstreamError::Invalid("upload closed without a digest".into()),
+            ))?;
+            commit_spool(app, &state.spool, &d).await;
+            let mut r = answer(StatusCode::CREATED, &format!("/v2/{client_name}/blobs/{d}"));
+            copy_upload_headers(resp.headers(), &mut r);
+            set(
+                &mut r,
+                HeaderName::from_static("docker-content-digest"),
+                &d.to_string(),
+            );
+            Ok(r)
+        }
+        (Method::DELETE, s) if s.is_success() => {
+            app.uploads.sessions.invalidate(id);
+            let mut r = Response::new(body::empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            Ok(r)
+        }
+        (_, StatusCode::ACCEPTED) | (_, StatusCode::NO_CONTENT) => {
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| up.resolve_location(l).ok())
+                .unwrap_or(state.location.clone());
+            *lock(&upload.state) = Some(UploadState {
+                location,
+                spool: state.spool.clone(),
+            });
+            let mut r = answer(resp.status(), &ours);
+            copy_upload_headers(resp.headers(), &mut r);
+            set(&mut r, HeaderName::from_static("docker-upload-uuid"), id);
+            Ok(r)
+        }
+        _ => {
+            // The upload may still be usable (e.g. a wrong range); keep it.
+            *lock(&upload.state) = Some(state);
+            Err(passthrough(resp, up.read_idle).await)
+        }
+    }
+}
+
+/// `PUT /v2/<name>/manifests/<reference>`: the manifest (small, size-capped) is read whole,
+/// sent upstream and, once accepted, stored by digest.
+pub async fn put_manifest(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    client_name: &Repository,
+    reference: &Reference,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response<Body>, Error> {
+    let up = &app.upstreams[upstream];
+    let max = app.config.cache.max_manifest_size.0;
+    let bytes = crate::upstream::read_capped(body, max, up.read_idle)
+        .await
+        .map_err(|_| {
+            Error::ManifestInvalid(format!(
+                "manifest missing, unreadable or larger than {max} bytes"
+            ))
+        })?;
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| crate::media::sniff(&bytes))
+        .ok_or_else(|| Error::ManifestInvalid("no Content-Type and no mediaType".into()))?;
+    let digest = Digest::sha256(&bytes);
+    if let Reference::Digest(d) = reference {
+        if *d != Digest::of(d.algorithm(), &bytes) {
+            return Err(Error::ManifestInvalid(
+                "body does not match the digest in the path".into(),
+            ));
+        }
+    }
+    let target = PushTarget::Path(format!("/v2/{repo}/manifests/{reference}"));
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let mut resp = up
+        .push(
+            &Method::PUT,
+            repo,
+            &target,
+            h.clone(),
+            Some(body::full(bytes.clone())),
+        )
+        .await
+        .map_err(upstream_err)?;
+    if resp.status() == StatusCode::NOT_FOUND && up.creates_repositories() {
+        up.create_repository(repo).await.map_err(upstream_err)?;
+        resp = up
+            .push(
+                &Method::PUT,
+                repo,
+                &target,
+                h,
+                Some(body::full(bytes.clone())),
+            )
+            .await
+            .map_err(upstream_err)?;
+    }
+    if resp.status() != StatusCode::CREATED {
+        return Err(passthrough(resp, up.read_idle).await);
+    }
+    let manifest = StoredManifest {
+        media_type,
+        body: bytes,
+    };
+    if let Err(e) = app.store.put_manifest(&digest, &manifest).await {
+        tracing::warn!(error = %e, %digest, "cannot cache a pushed manifest");
+    }
+    let mut r = answer(
+        StatusCode::CREATED,
+        &format!("/v2/{client_name}/manifests/{digest}"),
+    );
+    set(
+        &mut r,
+        HeaderName::from_static("docker-content-digest"),
+        &digest.to_string(),
+    );
+    Ok(r)
+}
+
+/// `HEAD /v2/<name>/blobs/<digest>` from a pushing client: asks the upstream whether the
+/// repository there has the blob (the cache cannot answer that for a push).
+pub async fn blob_exists(
+    app: &Arc<App>,
+    upstream: usize,
+    repo: &Repository,
+    digest: &Digest,
+) -> Result<Response<Body>, Error> {
+    let up = &app.upstreams[upstream];
+    let target = PushTarget::Path(format!("/v2/{repo}/blobs/{digest}"));
+    let resp = up
+        .push(&Method::HEAD, repo, &target, HeaderMap::new(), None)
+        .await
+        .map_err(upstream_err)?;
+    match resp.status() {
+        StatusCode::OK => {
+            let mut r = Response::new(body::empty());
+            for name in [
+                header::CONTENT_LENGTH,
+                HeaderName::from_static("docker-content-digest"),
+            ] {
+                if let Some(v) = resp.headers().get(&name) {
+                    r.headers_mut().insert(name, v.clone());
+                }
+            }
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            Ok(r)
+        }
+        StatusCode::NOT_FOUND => Err(Error::BlobUnknown),
+        _ => Err(passthrough(resp, up.read_idle).await),
+    }
+}
