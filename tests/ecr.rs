@@ -681,3 +681,140 @@ fn aws_endpoint_url_ecr_is_honoured_without_api_endpoint() {
         assert_logs_clean();
     });
 }
+
+/// `[auth]` with push on for the htpasswd user `ci` (password `ci-pass`), the file kept in `dir`.
+fn push_auth(dir: &std::path::Path) -> regcache::config::AuthConfig {
+    use std::io::Write;
+    let path = dir.join("htpasswd");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "ci:{}", bcrypt::hash("ci-pass", 4).unwrap()).unwrap();
+    regcache::config::AuthConfig {
+        htpasswd: Some(path),
+        push: true,
+        push_users: Vec::new(),
+        anonymous_pull: true,
+    }
+}
+
+#[test]
+fn a_push_to_a_missing_repository_creates_it_with_the_configured_settings() {
+    moto::run(async {
+        let moto = Moto::start().await.unwrap();
+        let fake = FakeUpstream::start().await;
+        fake.set_auth(AuthMode::Basic {
+            user: "AWS".into(),
+            pass: MOTO_PASSWORD.into(),
+        });
+        fake.missing_once("team/new");
+        let dir = tempfile::tempdir().unwrap();
+        let kms_key = "arn:aws:kms:us-east-1:123456789012:key/regcache-push";
+        let mut config = prod_config(
+            &fake.url(),
+            EcrConfig {
+                create_repositories: true,
+                tag_mutability: TagMutability::Immutable,
+                scan_on_push: true,
+                encryption: Encryption::Kms,
+                kms_key: Some(kms_key.into()),
+                ..ecr_settings(&moto.url())
+            },
+            &dir.path().join("cache"),
+        );
+        config.auth = push_auth(dir.path());
+        let proxy = Proxy::start_with(config).await.unwrap();
+        let r = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("{}/v2/prod/team/new/blobs/uploads/", proxy.url()))
+            .basic_auth("ci", Some("ci-pass"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "created, then the upload started");
+        assert!(
+            r.headers()["location"]
+                .to_str()
+                .unwrap()
+                .starts_with("/v2/prod/team/new/blobs/uploads/")
+        );
+        assert_eq!(
+            fake.count("POST", "/v2/team/new/blobs/uploads/"),
+            3,
+            "anonymous try, refused as missing, retried after CreateRepository"
+        );
+        let repos = moto_client(&moto.url())
+            .await
+            .describe_repositories()
+            .repository_names("team/new")
+            .send()
+            .await
+            .unwrap();
+        let repo = &repos.repositories()[0];
+        assert_eq!(
+            repo.image_tag_mutability().map(|m| m.as_str()),
+            Some("IMMUTABLE")
+        );
+        assert_eq!(
+            repo.image_scanning_configuration()
+                .map(|c| c.scan_on_push()),
+            Some(true)
+        );
+        let enc = repo.encryption_configuration().unwrap();
+        assert_eq!(enc.encryption_type().as_str(), "KMS");
+        assert_eq!(enc.kms_key(), Some(kms_key));
+        assert_logs_clean();
+    });
+}
+
+#[test]
+fn skopeo_pushes_through_an_ecr_upstream_and_pulls_back_from_cache() {
+    moto::run(async {
+        let moto = Moto::start().await.unwrap();
+        let registry = Registry::start(RegistryAuth::Htpasswd {
+            user: "AWS".into(),
+            password: MOTO_PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = prod_config(
+            &registry.url(),
+            ecr_settings(&moto.url()),
+            &dir.path().join("cache"),
+        );
+        config.auth = push_auth(dir.path());
+        let proxy = Proxy::start_with(config).await.unwrap();
+        let img = image::single_arch_with_layers("2.0", &[Layer::deterministic(150_000, 0xEC10)])
+            .unwrap();
+        let pushed = image::push(
+            &img,
+            &format!("docker://{}/prod/my-app:2.0", proxy.host()),
+            Some(("ci", "ci-pass")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pushed, img.digest());
+        assert_eq!(
+            upstream_digest(&registry, "my-app", "2.0").await,
+            img.digest()
+        );
+        let out = tempfile::tempdir().unwrap();
+        image::skopeo_pull(
+            &format!("docker://{}/prod/my-app:2.0", proxy.host()),
+            &out.path().join("oci"),
+            &[],
+        )
+        .await
+        .unwrap();
+        registry.settle_log().await;
+        assert!(
+            blobs_of(&img)
+                .iter()
+                .all(|d| registry.blob_get_count(d) == 0),
+            "the pull after the push was served from the cache"
+        );
+        assert_eq!(prod_ecr(&proxy.app).token_fetches(), 1);
+        assert_logs_clean();
+    });
+}

@@ -162,21 +162,32 @@ impl Upstream {
     ) -> Result<Response<Body>, UpstreamError> {
         let url = self.url(path_and_query)?;
         let mut auth = self.auth.header_for(scope).await?;
-        for attempt in 0..2 {
+        // At most one answer to a challenge met without credentials (learning the scheme) and
+        // one refresh of refused credentials: three sends in all.
+        let mut learned = false;
+        let mut refreshed = false;
+        loop {
             match &auth {
                 Some(v) => headers.insert(header::AUTHORIZATION, v.clone()),
                 None => headers.remove(header::AUTHORIZATION),
             };
             let resp = self.client.send_following(method, &url, &headers).await?;
             let status = resp.status();
-            if attempt == 0 && status == StatusCode::UNAUTHORIZED {
-                if let Some(ch) = resp.headers().get(header::WWW_AUTHENTICATE) {
+            if status == StatusCode::UNAUTHORIZED {
+                let may_answer = if auth.is_some() { !refreshed } else { !learned };
+                if let (true, Some(ch)) = (may_answer, resp.headers().get(header::WWW_AUTHENTICATE))
+                {
+                    if auth.is_some() {
+                        refreshed = true;
+                    } else {
+                        learned = true;
+                    }
                     auth = Some(self.auth.on_challenge(ch, scope, auth.as_ref()).await?);
                     continue;
                 }
             }
-            if let (0, Some(sent), StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST) =
-                (attempt, &auth, status)
+            if let (false, Some(sent), StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST) =
+                (refreshed, &auth, status)
             {
                 let (parts, body) = resp.into_parts();
                 let text = read_capped(body, MAX_ERROR_BODY, self.read_idle)
@@ -187,6 +198,7 @@ impl Upstream {
                     .contains("expired");
                 if status == StatusCode::FORBIDDEN || expired {
                     if let Some(fresh) = self.auth.after_refusal(sent).await? {
+                        refreshed = true;
                         auth = Some(fresh);
                         continue;
                     }
@@ -195,7 +207,6 @@ impl Upstream {
             }
             return Ok(resp.map(box_incoming));
         }
-        Err(UpstreamError::Status(401))
     }
 
     /// Fetches a manifest (GET reads the body, capped at `max_manifest_size`; HEAD does not).

@@ -63,6 +63,9 @@ struct State {
     redirect_to: Mutex<Option<String>>,
     seen: Mutex<Vec<Seen>>,
     tokens_issued: AtomicU64,
+    // Repositories whose next upload start answers 404 NAME_UNKNOWN (once each).
+    missing_once: Mutex<Vec<String>>,
+    uploads_started: AtomicU64,
     token_lifetime: AtomicU64,
     // (status, how many more) for registry requests that carry an `Authorization` header.
     refuse: Mutex<Option<(StatusCode, u64)>>,
@@ -188,6 +191,16 @@ impl FakeUpstream {
     pub fn refuse_authenticated(&self, status: u16, n: u64) {
         let status = StatusCode::from_u16(status).unwrap();
         *self.state.refuse.lock().unwrap() = (n > 0).then_some((status, n));
+    }
+
+    /// The next upload start in `repo` answers 404 NAME_UNKNOWN, as ECR does for a
+    /// repository that does not exist; later ones succeed.
+    pub fn missing_once(&self, repo: &str) {
+        self.state
+            .missing_once
+            .lock()
+            .unwrap()
+            .push(repo.to_owned());
     }
 
     pub fn set_token_lifetime(&self, secs: u64) {
@@ -375,6 +388,26 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
     let head = req.method() == Method::HEAD;
     if rest.is_empty() {
         return full(StatusCode::OK, "{}");
+    }
+    if req.method() == Method::POST && rest.ends_with("/blobs/uploads/") {
+        let repo = rest.trim_end_matches("/blobs/uploads/").to_owned();
+        let missing = {
+            let mut m = st.missing_once.lock().unwrap();
+            let found = m.iter().position(|r| *r == repo);
+            found.map(|i| m.remove(i)).is_some()
+        };
+        if missing {
+            return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+        }
+        let n = st.uploads_started.fetch_add(1, Ordering::SeqCst);
+        let mut r = full(StatusCode::ACCEPTED, "");
+        r.headers_mut().insert(
+            header::LOCATION,
+            format!("/v2/{repo}/blobs/uploads/upload-{n}")
+                .parse()
+                .unwrap(),
+        );
+        return r;
     }
     if let Some((_, reference)) = rest.rsplit_once("/manifests/") {
         let found = if reference.starts_with("sha256:") {
