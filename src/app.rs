@@ -8,7 +8,7 @@ use std::time::Instant;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use moka::sync::Cache;
 
-use crate::access::{Access, Need};
+use crate::access::{Access, Denied, Need, SERVICE, TOKEN_PATH};
 use crate::body::{self, Body};
 use crate::cache::inflight::InFlight;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
@@ -116,6 +116,7 @@ impl App {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let head = method == http::Method::HEAD;
+        let realm = self.token_realm(req.headers());
         let span = tracing::info_span!("request", id, %method, path = %path);
         let result = {
             use tracing::Instrument;
@@ -127,7 +128,16 @@ impl App {
                 if e.status().is_server_error() {
                     tracing::warn!(parent: &span, error = %e, "request failed");
                 }
-                e.into_response(head)
+                let challenge = matches!(e, Error::Access(Denied::Unauthenticated));
+                let mut r = e.into_response(head);
+                if challenge {
+                    // Point clients at regcache's own token endpoint (never the upstream's).
+                    let value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                    }
+                }
+                r
             }
         };
         resp.headers_mut().insert(
@@ -143,11 +153,61 @@ impl App {
         resp
     }
 
+    /// The absolute URL of regcache's token endpoint as this client reaches regcache.
+    fn token_realm(&self, headers: &http::HeaderMap) -> String {
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.config.listen.to_string());
+        format!("{scheme}://{host}{TOKEN_PATH}")
+    }
+
+    /// `GET /auth/token`: tokens for Docker-style clients. Credentials (`Basic`) give a
+    /// token for that user; none give an anonymous token where anonymous pull is allowed.
+    async fn token(self: &Arc<Self>, headers: &http::HeaderMap) -> Result<Response<Body>, Error> {
+        let user = if headers.contains_key(header::AUTHORIZATION) {
+            Some(self.access.authenticate(headers).await?)
+        } else if self.access.anonymous_pull() {
+            None
+        } else {
+            return Err(Error::Access(Denied::Unauthenticated));
+        };
+        let token = self.access.issue_token(user.as_deref());
+        let payload = serde_json::json!({
+            "token": token,
+            "access_token": token,
+            "expires_in": crate::access::TOKEN_LIFETIME.as_secs(),
+        })
+        .to_string();
+        let mut r = Response::new(body::full(payload.clone()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(payload.len()));
+        Ok(r)
+    }
+
     async fn route<B>(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, Error>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        if req.uri().path() == TOKEN_PATH && req.method() == http::Method::GET {
+            return self.token(req.headers()).await;
+        }
         let parsed = router::parse(req.method(), req.uri().path(), req.uri().query())?;
         let writes = matches!(
             parsed.route,
@@ -174,9 +234,10 @@ impl App {
         match parsed.route {
             Route::Base => {
                 if self.access.challenges() && user.is_none() {
-                    // So that `docker login` checks the password and `docker push` sends it;
-                    // clients without credentials carry on anonymously where that is allowed.
-                    self.access.authenticate(req.headers()).await?;
+                    // So that `docker login` checks the password and `docker push` sends a
+                    // token; clients without credentials get an anonymous token from the
+                    // realm and pull with it where that is allowed.
+                    self.access.identify(req.headers()).await?;
                 }
                 let mut r = Response::new(if head {
                     body::empty()

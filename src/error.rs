@@ -332,12 +332,6 @@ impl Error {
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),
         );
-        if let Error::Access(crate::access::Denied::Unauthenticated) = self {
-            h.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"regcache\""),
-            );
-        }
         if let Error::RangeNotSatisfiable(total) = self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
                 h.insert(header::CONTENT_RANGE, v);

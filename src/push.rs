@@ -51,10 +51,13 @@ impl Drop for Spool {
     }
 }
 
+/// A spool shared by the request body that fills it and the code that commits it.
+type SharedSpool = Arc<Mutex<Option<Spool>>>;
+
 /// Where an upload stands upstream, and its local copy.
 struct UploadState {
     location: Url,
-    spool: Arc<Mutex<Option<Spool>>>,
+    spool: SharedSpool,
 }
 
 /// One upload regcache handed out an id for.
@@ -65,6 +68,49 @@ pub struct Upload {
     // Taken out while a request works on the upload and put back after, so two requests can
     // never interleave on it; the lock itself is held only for the take and the put.
     state: Mutex<Option<UploadState>>,
+}
+
+/// An upload's state taken out for one request, so two requests never interleave on it.
+/// Dropped without `finish` or `put_back` (an error, or the client going away mid-request),
+/// it puts the state back as it was.
+struct Taken {
+    upload: Arc<Upload>,
+    original: Option<UploadState>,
+}
+
+impl Taken {
+    /// Takes the upload's state; also returns where it stood upstream and its local copy.
+    fn new(upload: Arc<Upload>) -> Option<(Self, Url, SharedSpool)> {
+        let state = lock(&upload.state).take()?;
+        let (location, spool) = (state.location.clone(), state.spool.clone());
+        Some((
+            Taken {
+                original: Some(state),
+                upload,
+            },
+            location,
+            spool,
+        ))
+    }
+
+    /// The upload is complete or cancelled: nothing to put back.
+    fn finish(&mut self) {
+        self.original = None;
+    }
+
+    /// Puts back an updated state.
+    fn put_back(&mut self, state: UploadState) {
+        self.original = None;
+        *lock(&self.upload.state) = Some(state);
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(state) = self.original.take() {
+            *lock(&self.upload.state) = Some(state);
+        }
+    }
 }
 
 /// The uploads under way, forgotten after an hour without use.
@@ -242,6 +288,18 @@ fn copy_upload_headers(from: &HeaderMap, to: &mut Response<Body>) {
     }
 }
 
+/// Whether an upstream 404 means the repository does not exist (as opposed to, say, an
+/// unknown upload or blob).
+fn says_repository_missing(e: &Error) -> bool {
+    match e {
+        Error::Passthrough(404, _, body) => {
+            let text = String::from_utf8_lossy(body);
+            text.contains("NAME_UNKNOWN") || text.contains("RepositoryNotFound")
+        }
+        _ => false,
+    }
+}
+
 /// Sends a bodiless push request; when the upstream is ECR with repository creation on and
 /// says the repository does not exist, creates it and sends the request once more.
 async fn push_creating(
@@ -256,6 +314,10 @@ async fn push_creating(
         .await
         .map_err(upstream_err)?;
     if resp.status() == StatusCode::NOT_FOUND && up.creates_repositories() {
+        let err = passthrough(resp, up.read_idle).await;
+        if !says_repository_missing(&err) {
+            return Err(err);
+        }
         up.create_repository(repo).await.map_err(upstream_err)?;
         return up
             .push(method, repo, target, headers, None)
@@ -388,9 +450,9 @@ pub async fn continue_upload(
     if upload.client_name != *client_name {
         return Err(Error::UploadUnknown);
     }
-    let state = lock(&upload.state).take().ok_or(Error::UploadUnknown)?;
+    let (mut taken, location, spool) = Taken::new(upload.clone()).ok_or(Error::UploadUnknown)?;
     let up = &app.upstreams[upload.upstream];
-    let mut url = state.location.clone();
+    let mut url = location.clone();
     if let Some(d) = &digest {
         url.query_pairs_mut().append_pair("digest", &d.to_string());
     }
@@ -399,7 +461,7 @@ pub async fn continue_upload(
     let result = if sends_body {
         let tee = Tee {
             inner: body,
-            spool: state.spool.clone(),
+            spool: spool.clone(),
         };
         up.push(
             method,
@@ -413,22 +475,19 @@ pub async fn continue_upload(
         up.push(method, &upload.repo, &target, HeaderMap::new(), None)
             .await
     };
-    let resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            *lock(&upload.state) = Some(state);
-            return Err(upstream_err(e));
-        }
-    };
+    // On any early return from here on (or the client going away), `taken` puts the
+    // upload back as it was, so the client can resume it.
+    let resp = result.map_err(upstream_err)?;
     let ours = format!("/v2/{client_name}/blobs/uploads/{id}");
     match (method.clone(), resp.status()) {
         (Method::PUT, StatusCode::CREATED) => {
+            taken.finish();
             app.uploads.sessions.invalidate(id);
             let d = digest.ok_or(Error::Upstream(
                 Kind::Blob,
                 UpstreamError::Invalid("upload closed without a digest".into()),
             ))?;
-            commit_spool(app, &state.spool, &d).await;
+            commit_spool(app, &spool, &d).await;
             let mut r = answer(StatusCode::CREATED, &format!("/v2/{client_name}/blobs/{d}"));
             copy_upload_headers(resp.headers(), &mut r);
             set(
@@ -439,32 +498,31 @@ pub async fn continue_upload(
             Ok(r)
         }
         (Method::DELETE, s) if s.is_success() => {
+            taken.finish();
             app.uploads.sessions.invalidate(id);
             let mut r = Response::new(body::empty());
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
         }
         (_, StatusCode::ACCEPTED) | (_, StatusCode::NO_CONTENT) => {
-            let location = resp
+            let next = resp
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|l| up.resolve_location(l).ok())
-                .unwrap_or(state.location.clone());
-            *lock(&upload.state) = Some(UploadState {
-                location,
-                spool: state.spool.clone(),
+                .unwrap_or(location);
+            taken.put_back(UploadState {
+                location: next,
+                spool,
             });
+            // Seen again: a long request does not let the upload idle out.
+            app.uploads.sessions.insert(id.to_owned(), upload.clone());
             let mut r = answer(resp.status(), &ours);
             copy_upload_headers(resp.headers(), &mut r);
             set(&mut r, HeaderName::from_static("docker-upload-uuid"), id);
             Ok(r)
         }
-        _ => {
-            // The upload may still be usable (e.g. a wrong range); keep it.
-            *lock(&upload.state) = Some(state);
-            Err(passthrough(resp, up.read_idle).await)
-        }
+        _ => Err(passthrough(resp, up.read_idle).await),
     }
 }
 
@@ -520,6 +578,10 @@ pub async fn put_manifest(
         .await
         .map_err(upstream_err)?;
     if resp.status() == StatusCode::NOT_FOUND && up.creates_repositories() {
+        let err = passthrough(resp, up.read_idle).await;
+        if !says_repository_missing(&err) {
+            return Err(err);
+        }
         up.create_repository(repo).await.map_err(upstream_err)?;
         resp = up
             .push(
@@ -534,6 +596,17 @@ pub async fn put_manifest(
     }
     if resp.status() != StatusCode::CREATED {
         return Err(passthrough(resp, up.read_idle).await);
+    }
+    if let Reference::Tag(tag) = reference {
+        // Every cached answer for this tag, whatever Accept it was for, is now out of date.
+        for accept in 0..(1u8 << crate::media::MANIFEST_TYPES.len()) {
+            app.tags.invalidate(&crate::cache::store::TagKey {
+                upstream: up.name.clone(),
+                repository: repo.clone(),
+                tag: tag.clone(),
+                accept,
+            });
+        }
     }
     let manifest = StoredManifest {
         media_type,

@@ -146,7 +146,14 @@ async fn access_control_on_writes() {
     // No credentials: 401 with a Basic challenge.
     let r = c.post(&start).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(r.headers()["www-authenticate"], "Basic realm=\"regcache\"");
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        format!(
+            "Bearer realm=\"{}/auth/token\",service=\"regcache\"",
+            s.proxy.url()
+        )
+        .as_str()
+    );
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["errors"][0]["code"], "UNAUTHORIZED");
     // Wrong password: 401.
@@ -197,6 +204,54 @@ async fn access_control_on_writes() {
     assert_eq!(r.status(), 400);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["errors"][0]["code"], "MANIFEST_BLOB_UNKNOWN", "{v}");
+    // The token endpoint: anonymous tokens pull but cannot push; a user's token pushes.
+    let token = |creds: Option<(&str, &str)>| {
+        let mut b = c.get(format!(
+            "{}/auth/token?service=regcache&scope=repository:team/app:pull,push",
+            s.proxy.url()
+        ));
+        if let Some((u, p)) = creds {
+            b = b.basic_auth(u, Some(p));
+        }
+        b.send()
+    };
+    let anon: serde_json::Value = token(None).await.unwrap().json().await.unwrap();
+    let anon = anon["token"].as_str().unwrap().to_owned();
+    assert_eq!(token(Some(("ci", "wrong"))).await.unwrap().status(), 401);
+    let ci: serde_json::Value = token(Some(("ci", "ci-pass")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ci = ci["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        c.post(&start)
+            .bearer_auth(&anon)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.post(&start)
+            .bearer_auth(&ci)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    assert_eq!(
+        c.get(format!("{}/v2/", s.proxy.url()))
+            .bearer_auth(&anon)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // /v2/ challenges so that docker login checks the password; a pull stays anonymous.
     let r = c
         .get(format!("{}/v2/", s.proxy.url()))
@@ -284,6 +339,15 @@ async fn docker_login_and_push_through_regcache() {
             .await
             .is_err()
     );
+    // With push on, an anonymous docker pull still works (anonymous token from the realm).
+    docker.docker_ok(&["logout", &host]).await.unwrap();
+    docker.docker_ok(&["rmi", &target, &proxied]).await.unwrap();
+    docker.docker_ok(&["pull", &target]).await.unwrap();
+    let out = docker
+        .docker_ok(&["run", "--rm", "--network", "none", &target])
+        .await
+        .unwrap();
+    assert!(out.contains("hello from regcache"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,6 +103,11 @@ where
             let detail = format!("ECR {operation} failed: {code}");
             if is_denied(&code) {
                 UpstreamError::Denied(detail)
+            } else if status == 429 || code.contains("Throttl") {
+                // Not a credentials problem: the client should back off, not re-login.
+                UpstreamError::Status(429)
+            } else if status >= 500 {
+                UpstreamError::Status(status)
             } else {
                 UpstreamError::Auth(detail)
             }

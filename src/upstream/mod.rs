@@ -158,9 +158,22 @@ impl Upstream {
         method: &Method,
         scope: &str,
         path_and_query: &str,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
     ) -> Result<Response<Body>, UpstreamError> {
         let url = self.url(path_and_query)?;
+        self.exchange_url(method, scope, &url, headers).await
+    }
+
+    /// [`Upstream::exchange`] for a URL on the registry's own origin. GET and HEAD follow
+    /// redirects; other methods are sent bodiless, without following.
+    pub(crate) async fn exchange_url(
+        &self,
+        method: &Method,
+        scope: &str,
+        url: &Url,
+        mut headers: HeaderMap,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let url = url.clone();
         let mut auth = self.auth.header_for(scope).await?;
         // At most one answer to a challenge met without credentials (learning the scheme) and
         // one refresh of refused credentials: three sends in all.
@@ -171,7 +184,11 @@ impl Upstream {
                 Some(v) => headers.insert(header::AUTHORIZATION, v.clone()),
                 None => headers.remove(header::AUTHORIZATION),
             };
-            let resp = self.client.send_following(method, &url, &headers).await?;
+            let resp = if *method == Method::GET || *method == Method::HEAD {
+                self.client.send_following(method, &url, &headers).await?
+            } else {
+                self.client.send(method, &url, &headers).await?
+            };
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED {
                 let may_answer = if auth.is_some() { !refreshed } else { !learned };

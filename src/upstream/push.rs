@@ -67,60 +67,57 @@ impl Upstream {
             PushTarget::Url(u) => u.clone(),
         };
         let own_origin = url.origin() == self.base.origin();
+        let Some(body) = body else {
+            // Bodiless steps can be repeated: the shared exchange answers a challenge and a
+            // refusal of the credentials with one refresh, with the usual timeouts. Only the
+            // registry's own origin ever receives credentials.
+            return if own_origin {
+                self.exchange_url(method, &scope, &url, headers).await
+            } else {
+                headers.remove(header::AUTHORIZATION);
+                Ok(self
+                    .client
+                    .send(method, &url, &headers)
+                    .await?
+                    .map(box_incoming))
+            };
+        };
         let mut auth = if own_origin {
             self.auth.header_for(&scope).await?
         } else {
             None
         };
-        let Some(body) = body else {
-            for attempt in 0..2 {
-                match &auth {
-                    Some(v) => headers.insert(header::AUTHORIZATION, v.clone()),
-                    None => headers.remove(header::AUTHORIZATION),
-                };
-                let resp = self
-                    .client
-                    .send_body(method, &url, &headers, crate::body::empty())
-                    .await?;
-                if attempt == 0 && own_origin {
-                    if resp.status() == StatusCode::UNAUTHORIZED {
-                        if let Some(ch) = resp.headers().get(header::WWW_AUTHENTICATE) {
-                            auth = Some(self.auth.on_challenge(ch, &scope, auth.as_ref()).await?);
-                            continue;
-                        }
-                    }
-                    if resp.status() == StatusCode::FORBIDDEN {
-                        if let Some(sent) = &auth {
-                            if let Some(fresh) = self.auth.after_refusal(sent).await? {
-                                auth = Some(fresh);
-                                continue;
-                            }
-                        }
-                    }
-                }
-                return Ok(resp.map(box_incoming));
-            }
-            return Err(UpstreamError::Status(401));
-        };
         if auth.is_none() && own_origin {
             // The scheme is not known yet and the body cannot be sent twice: learn it from a
             // bodiless probe first (answered 401 with the challenge by registries that want
             // credentials, 200 by those that do not).
-            let probe = Box::pin(self.push(
-                &Method::GET,
-                repo,
-                &PushTarget::Path("/v2/".into()),
-                HeaderMap::new(),
-                None,
-            ))
-            .await?;
-            drop(probe);
+            let probe = self.url("/v2/")?;
+            drop(
+                self.exchange_url(&Method::GET, &scope, &probe, HeaderMap::new())
+                    .await?,
+            );
             auth = self.auth.header_for(&scope).await?;
         }
-        if let Some(v) = auth {
-            headers.insert(header::AUTHORIZATION, v);
+        if let Some(v) = &auth {
+            headers.insert(header::AUTHORIZATION, v.clone());
         }
         let resp = self.client.send_body(method, &url, &headers, body).await?;
+        if let (Some(sent), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) =
+            (&auth, resp.status())
+        {
+            // This body is spent, but the next request should carry fresh credentials.
+            let refreshed = match resp.headers().get(header::WWW_AUTHENTICATE) {
+                Some(ch) => self
+                    .auth
+                    .on_challenge(ch, &scope, Some(sent))
+                    .await
+                    .map(|_| ()),
+                None => self.auth.after_refusal(sent).await.map(|_| ()),
+            };
+            if let Err(e) = refreshed {
+                tracing::debug!(error = %e, "could not refresh refused upstream credentials");
+            }
+        }
         Ok(resp.map(box_incoming))
     }
 }
