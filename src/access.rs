@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use http::{HeaderMap, header};
-use sha2::{Digest as _, Sha256};
+use sha2::Sha256;
 
 use crate::config::AuthConfig;
 
@@ -199,7 +199,11 @@ impl Access {
     /// Verifies `Authorization: Basic` against the user table.
     pub async fn authenticate(self: &Arc<Self>, headers: &HeaderMap) -> Result<String, Denied> {
         let (user, password) = basic_credentials(headers).ok_or(Denied::Unauthenticated)?;
-        let key: [u8; 32] = Sha256::digest(format!("{user}:{password}").as_bytes()).into();
+        // Keyed with the process's secret, so the table holds no plain password hashes.
+        let Ok(key) = <[u8; 32]>::try_from(self.sign(format!("{user}:{password}").as_bytes()))
+        else {
+            return Err(Denied::Unauthenticated);
+        };
         if let Some(u) = self.verified.get(&key) {
             return Ok(u);
         }

@@ -22,6 +22,10 @@ use crate::error::UpstreamError;
 pub const MAX_REDIRECTS: usize = 5;
 const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
 
+/// Marks a response that came from another origin than the registry, after a redirect.
+#[derive(Debug, Clone, Copy)]
+pub struct FromRedirectTarget;
+
 /// A pooled HTTP/1.1 + HTTP/2 client for one upstream.
 #[derive(Clone)]
 pub struct HttpClient {
@@ -187,9 +191,11 @@ impl HttpClient {
             if !is_redirect(resp.status()) {
                 let mut resp = resp;
                 if current.origin() != origin {
-                    // A challenge from a redirect target (a CDN, S3) is not the registry's: it
-                    // must not steer where regcache sends credentials.
+                    // A challenge or refusal from a redirect target (a CDN, S3) is not the
+                    // registry's: it must not steer where regcache sends credentials, nor
+                    // make it refresh them.
                     resp.headers_mut().remove(header::WWW_AUTHENTICATE);
+                    resp.extensions_mut().insert(FromRedirectTarget);
                 }
                 return Ok(resp);
             }

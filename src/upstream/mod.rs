@@ -203,8 +203,12 @@ impl Upstream {
                     continue;
                 }
             }
-            if let (false, Some(sent), StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST) =
-                (refreshed, &auth, status)
+            let from_registry = resp
+                .extensions()
+                .get::<client::FromRedirectTarget>()
+                .is_none();
+            if let (false, true, Some(sent), StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST) =
+                (refreshed, from_registry, &auth, status)
             {
                 let (parts, body) = resp.into_parts();
                 let text = read_capped(body, MAX_ERROR_BODY, self.read_idle)
