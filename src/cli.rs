@@ -24,6 +24,9 @@ pub struct Cli {
     /// Log format (overrides `log_format`).
     #[arg(long, value_enum, env = "REGCACHE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Serve from the cache only and never contact an upstream (sets `offline`).
+    #[arg(long, env = "REGCACHE_OFFLINE")]
+    pub offline: bool,
 }
 
 impl Cli {
@@ -41,6 +44,9 @@ impl Cli {
         }
         if let Some(f) = self.log_format {
             config.log_format = f;
+        }
+        if self.offline {
+            config.offline = true;
         }
         config.validate()
     }
@@ -69,6 +75,12 @@ mod tests {
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.cache_dir, PathBuf::from("/y"));
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn offline_flag() {
+        let cli = Cli::try_parse_from(["regcache", "--offline"]).unwrap();
+        assert!(cli.load_config().unwrap().offline);
     }
 
     #[test]

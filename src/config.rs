@@ -76,6 +76,8 @@ pub struct Config {
     pub default_upstream: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Serve every upstream from the cache only, never contacting any (air-gapped use).
+    pub offline: bool,
     /// Serve HTTPS instead of plain HTTP.
     pub tls: Option<TlsConfig>,
     /// Cache behaviour.
@@ -180,6 +182,13 @@ pub struct UpstreamConfig {
     /// Overrides `cache.tag_ttl` for this upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_ttl: Option<HumanDuration>,
+    /// Tag patterns (`*` and `?` wildcards) that never move once cached, e.g. `v*.*.*`:
+    /// they are never revalidated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub immutable_tags: Vec<String>,
+    /// Serve this upstream from the cache only, never contacting it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
     /// Makes this an Amazon ECR upstream authenticated through the AWS credential chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecr: Option<EcrConfig>,
@@ -303,6 +312,8 @@ impl UpstreamConfig {
             password_env: None,
             ca_file: None,
             tag_ttl: None,
+            immutable_tags: Vec::new(),
+            offline: false,
             ecr: None,
         }
     }
@@ -388,6 +399,7 @@ impl Default for Config {
             cache_dir: PathBuf::from("regcache-data"),
             default_upstream: "docker.io".to_owned(),
             log_format: LogFormat::Pretty,
+            offline: false,
             tls: None,
             cache: CacheConfig::default(),
             timeouts: TimeoutConfig::default(),
@@ -493,6 +505,30 @@ fn fill_ecr(u: &mut UpstreamConfig, key: &str) -> Result<(), ConfigError> {
         u.url = Some(url);
     }
     Ok(())
+}
+
+/// Matches `text` against `pattern`, where `*` is any run of characters and `?` one.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    // Iterative matching with one backtrack point: linear in practice, no recursion.
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 /// True when `s` is usable as an upstream name and path prefix.
@@ -626,6 +662,14 @@ impl Config {
                     return Err(invalid(
                         format!("{key}.ca_file"),
                         format!("{} is not a readable file", ca.display()),
+                    ));
+                }
+            }
+            for (j, p) in u.immutable_tags.iter().enumerate() {
+                if p.is_empty() || p.len() > 128 || p.contains('/') {
+                    return Err(invalid(
+                        format!("{key}.immutable_tags[{j}]"),
+                        "must be a tag pattern of 1 to 128 characters without '/'",
                     ));
                 }
             }
@@ -883,6 +927,30 @@ mod tests {
         let e = Config::from_toml("[[upstream]]\nname = \"e\"\nurl = \"https://x\"\n[upstream.ecr]\nencryption = \"DES\"\n")
             .unwrap_err();
         assert!(e.contains("encryption"), "{e}");
+    }
+
+    #[test]
+    fn glob_patterns() {
+        for (p, t, want) in [
+            ("v*.*.*", "v1.2.3", true),
+            ("v*.*.*", "v1.2", false),
+            ("sha-*", "sha-abc", true),
+            ("*", "anything", true),
+            ("1.?", "1.2", true),
+            ("1.?", "1.23", false),
+            ("latest", "latest", true),
+            ("latest", "latest2", false),
+            ("*-rc*", "1.0-rc1", true),
+            ("a*b*c", "aXXbYYc", true),
+            ("a*b*c", "aXXbYY", false),
+        ] {
+            assert_eq!(glob_match(p, t), want, "{p} {t}");
+        }
+        let e = with_upstreams(
+            "[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nimmutable_tags = [\"\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("`upstream[1].immutable_tags[0]`"), "{e}");
     }
 
     #[test]

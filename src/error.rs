@@ -67,6 +67,9 @@ pub enum Error {
     /// An upstream fault while fetching `Kind`.
     #[error("{1}")]
     Upstream(Kind, UpstreamError),
+    /// Not in the cache, and the upstream may not be contacted (offline mode).
+    #[error("not cached, and regcache is in offline mode")]
+    Offline(Kind),
     /// A pushed manifest that cannot be accepted.
     #[error("manifest invalid: {0}")]
     ManifestInvalid(String),
@@ -259,6 +262,16 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
                 None,
             ),
         },
+        Error::Offline(kind) => (
+            S::NOT_FOUND,
+            match kind {
+                Kind::Manifest => "MANIFEST_UNKNOWN",
+                Kind::Blob => "BLOB_UNKNOWN",
+                Kind::Tags => "NAME_UNKNOWN",
+            },
+            "not in the cache, and regcache is in offline mode: no upstream is contacted".into(),
+            Some("offline mode".into()),
+        ),
         Error::ManifestInvalid(why) => (
             S::BAD_REQUEST,
             "MANIFEST_INVALID",

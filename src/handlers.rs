@@ -77,6 +77,9 @@ pub async fn manifest(
         Reference::Digest(d) => {
             let m = match app.store.manifest(d).await? {
                 Some(m) => m,
+                None if app.upstreams[upstream].offline => {
+                    return Err(Error::Offline(Kind::Manifest));
+                }
                 None => {
                     fetch_manifest(app, upstream, repo, reference, accept, Some(d))
                         .await?
@@ -124,7 +127,8 @@ async fn manifest_by_tag(
             .filter(|m| accept.accepts(&m.media_type));
         if let Some(m) = cached {
             let digest = entry.record.digest.clone();
-            if entry.is_fresh(up.tag_ttl) {
+            // Fresh, a tag configured as immutable, or no upstream to ask: served as it is.
+            if entry.is_fresh(up.tag_ttl) || up.is_immutable_tag(tag.as_str()) || up.offline {
                 return Ok(manifest_response(&m, &digest, head, false));
             }
             // Revalidate with a HEAD: it does not count against Docker Hub's pull limit, and
@@ -168,6 +172,9 @@ async fn manifest_by_tag(
                 }
             }
         }
+    }
+    if up.offline {
+        return offline_tag(app, &up.name, repo, tag, accept, head).await;
     }
     let fetched = fetch_manifest(
         app,
@@ -352,6 +359,9 @@ pub async fn blob(
         ));
     }
     let up = &app.upstreams[upstream];
+    if up.offline {
+        return Err(Error::Offline(Kind::Blob));
+    }
     let fill = if head {
         // A HEAD alone never starts a download: it follows one under way, or asks upstream.
         match app.inflight.get(digest) {
@@ -445,10 +455,26 @@ pub async fn tags(
         }
         q.finish()
     };
-    let (body, link) = up
-        .tags(repo, &query)
-        .await
-        .map_err(|e| Error::Upstream(Kind::Tags, e))?;
+    let fetched = if up.offline {
+        None
+    } else {
+        match up.tags(repo, &query).await {
+            Ok(answer) => Some(answer),
+            // The upstream is unhealthy: answer from what the cache knows, marked stale.
+            Err(
+                e @ (UpstreamError::Unreachable(_)
+                | UpstreamError::Timeout
+                | UpstreamError::Status(429 | 500..=599)),
+            ) => {
+                tracing::warn!(error = %e, repository = %repo, stale = true, "tag list from the cache");
+                None
+            }
+            Err(e) => return Err(Error::Upstream(Kind::Tags, e)),
+        }
+    };
+    let Some((body, link)) = fetched else {
+        return cached_tags(app, &up.name, repo, n, last.as_deref(), up.offline).await;
+    };
     let len = body.len();
     let mut r = Response::new(body::full(body));
     r.headers_mut().insert(
@@ -459,6 +485,81 @@ pub async fn tags(
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Some(link) = link.and_then(|l| next_page_link(&l, client_name, ns)) {
         set(&mut r, header::LINK, &link);
+    }
+    Ok(r)
+}
+
+/// A cached answer for `tag` under any accept key whose manifest this client accepts: what an
+/// offline regcache can serve for a tag.
+async fn offline_tag(
+    app: &Arc<App>,
+    upstream: &str,
+    repo: &Repository,
+    tag: &Tag,
+    accept: &Accept,
+    head: bool,
+) -> Result<Response<Body>, Error> {
+    for (t, _, record) in app.store.tags_of(upstream, repo).await? {
+        if t != *tag || !accept.accepts(&record.media_type) {
+            continue;
+        }
+        if let Some(m) = app.store.manifest(&record.digest).await? {
+            if accept.accepts(&m.media_type) {
+                return Ok(manifest_response(&m, &record.digest, head, false));
+            }
+        }
+    }
+    Err(Error::Offline(Kind::Manifest))
+}
+
+/// `tags/list` from the tag answers the cache holds, sorted, with `n`/`last` applied.
+async fn cached_tags(
+    app: &Arc<App>,
+    upstream: &str,
+    repo: &Repository,
+    n: Option<u32>,
+    last: Option<&str>,
+    offline: bool,
+) -> Result<Response<Body>, Error> {
+    let mut tags: Vec<String> = app
+        .store
+        .tags_of(upstream, repo)
+        .await?
+        .into_iter()
+        .map(|(t, _, _)| t.as_str().to_owned())
+        .collect();
+    tags.sort();
+    tags.dedup();
+    if tags.is_empty() {
+        return Err(if offline {
+            Error::Offline(Kind::Tags)
+        } else {
+            Error::Upstream(
+                Kind::Tags,
+                UpstreamError::Unreachable("no cached tags".into()),
+            )
+        });
+    }
+    if let Some(l) = last {
+        tags.retain(|t| t.as_str() > l);
+    }
+    if let Some(n) = n {
+        tags.truncate(n as usize);
+    }
+    let payload = serde_json::json!({ "name": repo.as_str(), "tags": tags }).to_string();
+    let len = payload.len();
+    let mut r = Response::new(body::full(payload));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if !offline {
+        r.headers_mut().insert(
+            header::WARNING,
+            HeaderValue::from_static("110 regcache \"Response is Stale\""),
+        );
     }
     Ok(r)
 }

@@ -340,6 +340,9 @@ pub async fn start(
     body: Body,
 ) -> Result<Response<Body>, Error> {
     let up = &app.upstreams[upstream];
+    if up.offline {
+        return Err(Error::Offline(Kind::Blob));
+    }
     let query = {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         if let Some((d, from)) = &mount {
@@ -538,6 +541,9 @@ pub async fn put_manifest(
     body: Body,
 ) -> Result<Response<Body>, Error> {
     let up = &app.upstreams[upstream];
+    if up.offline {
+        return Err(Error::Offline(Kind::Manifest));
+    }
     let max = app.config.cache.max_manifest_size.0;
     let bytes = crate::upstream::read_capped(body, max, up.read_idle)
         .await
@@ -636,6 +642,9 @@ pub async fn blob_exists(
     digest: &Digest,
 ) -> Result<Response<Body>, Error> {
     let up = &app.upstreams[upstream];
+    if up.offline {
+        return Err(Error::Offline(Kind::Blob));
+    }
     let target = PushTarget::Path(format!("/v2/{repo}/blobs/{digest}"));
     let resp = up
         .push(&Method::HEAD, repo, &target, HeaderMap::new(), None)

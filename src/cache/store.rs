@@ -80,6 +80,12 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn put_tag(&self, key: &TagKey, record: &TagRecord) -> io::Result<()>;
     /// Forgets a tag (the upstream said it is gone).
     async fn remove_tag(&self, key: &TagKey) -> io::Result<()>;
+    /// Every tag record of a repository: `(tag, accept key, record)`.
+    async fn tags_of(
+        &self,
+        upstream: &str,
+        repository: &Repository,
+    ) -> io::Result<Vec<(Tag, u8, TagRecord)>>;
 }
 
 /// The filesystem backend.
@@ -276,6 +282,41 @@ impl BlobStore for FsStore {
     async fn remove_tag(&self, key: &TagKey) -> io::Result<()> {
         absent(tokio::fs::remove_file(self.tag_path(key)).await).map(|_| ())
     }
+
+    async fn tags_of(
+        &self,
+        upstream: &str,
+        repository: &Repository,
+    ) -> io::Result<Vec<(Tag, u8, TagRecord)>> {
+        let mut dir = self.root.join("tags").join(upstream);
+        for c in repository.components() {
+            dir.push(c);
+        }
+        dir.push("_tags");
+        let Some(mut entries) = absent(tokio::fs::read_dir(&dir).await)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while let Some(e) = entries.next_entry().await? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((tag, accept)) = name.rsplit_once('@') else {
+                continue;
+            };
+            let (Ok(tag), Ok(accept)) = (tag.parse::<Tag>(), u8::from_str_radix(accept, 16)) else {
+                continue;
+            };
+            let key = TagKey {
+                upstream: upstream.to_owned(),
+                repository: repository.clone(),
+                tag: tag.clone(),
+                accept,
+            };
+            if let Some(record) = self.tag(&key).await? {
+                out.push((tag, accept, record));
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -327,9 +368,17 @@ mod tests {
             media_type: "x/y".into(),
         };
         s.put_tag(&k, &rec).await.unwrap();
-        assert_eq!(s.tag(&k).await.unwrap(), Some(rec));
+        assert_eq!(s.tag(&k).await.unwrap(), Some(rec.clone()));
+        let listed = s.tags_of("docker.io", &k.repository).await.unwrap();
+        assert_eq!(listed, vec![(k.tag.clone(), 0x1f, rec.clone())]);
         s.remove_tag(&k).await.unwrap();
         assert_eq!(s.tag(&k).await.unwrap(), None);
+        assert!(
+            s.tags_of("docker.io", &k.repository)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -51,6 +51,9 @@ pub struct Upstream {
     pub(crate) repository_creator: Option<Arc<dyn push::RepositoryCreator>>,
     /// The Amazon ECR side (credentials, repository creation) of an ECR upstream.
     ecr: Option<Arc<ecr::Ecr>>,
+    /// Served from the cache only; never contacted.
+    pub offline: bool,
+    immutable_tags: Vec<String>,
 }
 
 /// Failure building an upstream at start-up.
@@ -119,7 +122,16 @@ impl Upstream {
                 + global.timeouts.connect.0.saturating_mul(2),
             repository_creator,
             ecr,
+            offline: global.offline || cfg.offline,
+            immutable_tags: cfg.immutable_tags.clone(),
         })
+    }
+
+    /// Whether a cached answer for `tag` is never revalidated.
+    pub fn is_immutable_tag(&self, tag: &str) -> bool {
+        self.immutable_tags
+            .iter()
+            .any(|p| crate::config::glob_match(p, tag))
     }
 
     /// The Amazon ECR side of an ECR upstream (token counters, repository creation).
