@@ -174,9 +174,11 @@ async fn manifest_by_tag(
         }
     }
     if up.offline {
-        return offline_tag(app, &up.name, repo, tag, accept, head).await;
+        return cached_tag(app, &up.name, repo, tag, accept, head, false)
+            .await?
+            .ok_or(Error::Offline(Kind::Manifest));
     }
-    let fetched = fetch_manifest(
+    let fetched = match fetch_manifest(
         app,
         upstream,
         repo,
@@ -184,7 +186,27 @@ async fn manifest_by_tag(
         accept,
         None,
     )
-    .await?;
+    .await
+    {
+        Ok(f) => f,
+        // The upstream is unhealthy: what the cache has for this tag under another client's
+        // Accept is better than an error, if this client accepts its type.
+        Err(Error::Upstream(
+            _,
+            e @ (UpstreamError::Unreachable(_)
+            | UpstreamError::Timeout
+            | UpstreamError::Status(429 | 500..=599)),
+        )) => {
+            return match cached_tag(app, &up.name, repo, tag, accept, head, true).await? {
+                Some(r) => {
+                    tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "upstream unhealthy; serving a cached answer for the tag");
+                    Ok(r)
+                }
+                None => Err(Error::Upstream(Kind::Manifest, e)),
+            };
+        }
+        Err(e) => return Err(e),
+    };
     if !accept.accepts(&fetched.manifest.media_type) {
         return Err(Error::ManifestNotAccepted(fetched.manifest.media_type));
     }
@@ -489,27 +511,28 @@ pub async fn tags(
     Ok(r)
 }
 
-/// A cached answer for `tag` under any accept key whose manifest this client accepts: what an
-/// offline regcache can serve for a tag.
-async fn offline_tag(
+/// A cached answer for `tag` under any accept key whose manifest this client accepts: what
+/// regcache serves for a tag when it may not, or cannot, ask the upstream.
+async fn cached_tag(
     app: &Arc<App>,
     upstream: &str,
     repo: &Repository,
     tag: &Tag,
     accept: &Accept,
     head: bool,
-) -> Result<Response<Body>, Error> {
+    stale: bool,
+) -> Result<Option<Response<Body>>, Error> {
     for (t, _, record) in app.store.tags_of(upstream, repo).await? {
         if t != *tag || !accept.accepts(&record.media_type) {
             continue;
         }
         if let Some(m) = app.store.manifest(&record.digest).await? {
             if accept.accepts(&m.media_type) {
-                return Ok(manifest_response(&m, &record.digest, head, false));
+                return Ok(Some(manifest_response(&m, &record.digest, head, stale)));
             }
         }
     }
-    Err(Error::Offline(Kind::Manifest))
+    Ok(None)
 }
 
 /// `tags/list` from the tag answers the cache holds, sorted, with `n`/`last` applied.
