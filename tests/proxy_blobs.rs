@@ -366,3 +366,60 @@ async fn a_stalled_upstream_is_abandoned_and_every_waiter_gets_an_error() {
     same(&r.bytes().await.unwrap(), &data);
     assert_eq!(up.blob_gets(&d), 2);
 }
+
+#[tokio::test]
+async fn a_redirect_loop_is_refused_and_nothing_is_cached() {
+    let up = FakeUpstream::start().await;
+    let data = blob_of(1000, 20);
+    let d = up.add_blob(data);
+    up.redirect_blobs_to(&up.url());
+    up.set_redirect_loop(true);
+    let proxy = Proxy::start(config_for(&up.url())).await;
+    let r = client()
+        .get(proxy.url(&format!("/v2/lib/app/blobs/{d}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["errors"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("redirects"),
+        "{v}"
+    );
+    // One registry request plus at most MAX_REDIRECTS hops, then it gave up.
+    let hops = up.count("GET", "/cdn/");
+    assert_eq!(hops, regcache::upstream::client::MAX_REDIRECTS);
+}
+
+#[tokio::test]
+async fn a_wrong_content_length_is_never_cached() {
+    for delta in [100i64, -100] {
+        let up = FakeUpstream::start().await;
+        let data = blob_of(5 * CHUNK, 21);
+        let d = up.add_blob(data.clone());
+        up.lie_about_length(delta);
+        let proxy = Proxy::start(config_for(&up.url())).await;
+        let url = proxy.url(&format!("/v2/lib/app/blobs/{d}"));
+        let r = client().get(&url).send().await.unwrap();
+        let body = r.bytes().await;
+        assert!(
+            body.is_err() || body.as_ref().unwrap().as_ref() != data.as_ref(),
+            "delta {delta}: a body with a lying length must not arrive as the blob"
+        );
+        fake::until(|| proxy.app.downloads_in_flight() == 0).await;
+        let blob_file = proxy
+            .dir
+            .path()
+            .join("blobs/sha256")
+            .join(&d[7..9])
+            .join(&d[7..]);
+        assert!(!blob_file.exists(), "delta {delta}: committed");
+        // Fixed upstream: the next request works.
+        up.lie_about_length(0);
+        let r = client().get(&url).send().await.unwrap();
+        same(&r.bytes().await.unwrap(), &data);
+    }
+}

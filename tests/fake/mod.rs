@@ -61,6 +61,10 @@ struct State {
     corrupt: AtomicBool,
     down: AtomicBool,
     redirect_to: Mutex<Option<String>>,
+    // Every `/cdn/` request redirects to itself.
+    redirect_loop: AtomicBool,
+    // Added to the true Content-Length of blob answers (a lying upstream).
+    length_lie: std::sync::atomic::AtomicI64,
     seen: Mutex<Vec<Seen>>,
     tokens_issued: AtomicU64,
     // Repositories whose next upload start answers 404 NAME_UNKNOWN (once each).
@@ -229,6 +233,16 @@ impl FakeUpstream {
     }
 
     /// Blob GETs answer 307 to `base` + the same path.
+    /// `/cdn/` answers redirect to themselves forever.
+    pub fn set_redirect_loop(&self, on: bool) {
+        self.state.redirect_loop.store(on, Ordering::SeqCst);
+    }
+
+    /// Blob answers declare a Content-Length off by `delta` from what they send.
+    pub fn lie_about_length(&self, delta: i64) {
+        self.state.length_lie.store(delta, Ordering::SeqCst);
+    }
+
     pub fn redirect_blobs_to(&self, base: &str) {
         *self.state.redirect_to.lock().unwrap() = Some(base.to_owned());
     }
@@ -330,6 +344,12 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
         None if path == "/v2" => String::new(),
         None => {
             // The "CDN" side of a redirect: blobs by digest, no auth.
+            if st.redirect_loop.load(Ordering::SeqCst) {
+                let mut r = full(StatusCode::TEMPORARY_REDIRECT, "");
+                r.headers_mut()
+                    .insert(header::LOCATION, path.parse().unwrap());
+                return r;
+            }
             if let Some(d) = path.rsplit('/').next() {
                 let found = st.blobs.lock().unwrap().get(d).cloned();
                 if let Some(b) = found {
@@ -554,7 +574,9 @@ async fn blob_response(st: &State, b: Bytes, head: bool) -> Response<FakeBody> {
         BodyExt::boxed(StreamBody::new(stream))
     };
     let mut r = Response::new(body);
-    r.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+    let declared = (len as i64 + st.length_lie.load(Ordering::SeqCst)).max(0) as u64;
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, declared.into());
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         "application/octet-stream".parse().unwrap(),
