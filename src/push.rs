@@ -300,29 +300,27 @@ fn says_repository_missing(e: &Error) -> bool {
     }
 }
 
-/// Sends a bodiless push request; when the upstream is ECR with repository creation on and
-/// says the repository does not exist, creates it and sends the request once more.
+/// Sends a push request whose body (if any) is small and held whole, so it can be sent again:
+/// when the upstream is ECR with repository creation on and says the repository does not
+/// exist, creates it and sends the request once more.
 async fn push_creating(
     up: &Upstream,
     method: &Method,
     repo: &Repository,
     target: &PushTarget,
     headers: HeaderMap,
+    body: Option<Bytes>,
 ) -> Result<Response<Body>, Error> {
-    let resp = up
-        .push(method, repo, target, headers.clone(), None)
-        .await
-        .map_err(upstream_err)?;
+    let send =
+        |headers: HeaderMap| up.push(method, repo, target, headers, body.clone().map(body::full));
+    let resp = send(headers.clone()).await.map_err(upstream_err)?;
     if resp.status() == StatusCode::NOT_FOUND && up.creates_repositories() {
         let err = passthrough(resp, up.read_idle).await;
         if !says_repository_missing(&err) {
             return Err(err);
         }
         up.create_repository(repo).await.map_err(upstream_err)?;
-        return up
-            .push(method, repo, target, headers, None)
-            .await
-            .map_err(upstream_err);
+        return send(headers).await.map_err(upstream_err);
     }
     Ok(resp)
 }
@@ -379,7 +377,7 @@ pub async fn start(
             .await
             .map_err(upstream_err)?
         }
-        None => push_creating(up, &Method::POST, repo, &target, forwarded(headers)).await?,
+        None => push_creating(up, &Method::POST, repo, &target, forwarded(headers), None).await?,
     };
     match resp.status() {
         StatusCode::CREATED => {
@@ -573,33 +571,7 @@ pub async fn put_manifest(
         h.insert(header::CONTENT_TYPE, v);
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    let mut resp = up
-        .push(
-            &Method::PUT,
-            repo,
-            &target,
-            h.clone(),
-            Some(body::full(bytes.clone())),
-        )
-        .await
-        .map_err(upstream_err)?;
-    if resp.status() == StatusCode::NOT_FOUND && up.creates_repositories() {
-        let err = passthrough(resp, up.read_idle).await;
-        if !says_repository_missing(&err) {
-            return Err(err);
-        }
-        up.create_repository(repo).await.map_err(upstream_err)?;
-        resp = up
-            .push(
-                &Method::PUT,
-                repo,
-                &target,
-                h,
-                Some(body::full(bytes.clone())),
-            )
-            .await
-            .map_err(upstream_err)?;
-    }
+    let resp = push_creating(up, &Method::PUT, repo, &target, h, Some(bytes.clone())).await?;
     if resp.status() != StatusCode::CREATED {
         return Err(passthrough(resp, up.read_idle).await);
     }
