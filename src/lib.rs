@@ -2,7 +2,8 @@
 //! from upstream once and streams it to every client that asks while it downloads.
 //!
 //! # Layout
-//! - [`access`]: client authentication (htpasswd/bcrypt) and push permission.
+//! - [`access`]: client authentication (htpasswd/bcrypt, regcache-issued tokens) and push
+//!   permission.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
 //! - [`server`]: accept loop, optional rustls, graceful shutdown.
 //! - [`cli`], [`config`], [`units`]: command line, configuration file, human units.
