@@ -95,6 +95,32 @@ impl App {
         }))
     }
 
+    /// Runs garbage collection every `cache.gc_interval` when `cache.gc_max_age` is set.
+    pub fn start_periodic_gc(self: &Arc<Self>) {
+        let Some(max_age) = self.config.cache.gc_max_age else {
+            return;
+        };
+        let interval = self.config.cache.gc_interval.0;
+        let store = self.store.clone();
+        // Detached on purpose: it lives as long as the process and holds no request state.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match store.collect_garbage(max_age.0).await {
+                    Ok(r) => tracing::info!(
+                        files = r.files,
+                        bytes = r.bytes,
+                        kept = r.kept,
+                        "garbage collection"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                }
+            }
+        });
+    }
+
     /// The upstream called `name`.
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.name == name)

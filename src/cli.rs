@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{Config, ConfigError, LogFormat};
+use crate::units::HumanDuration;
 
 /// A pull-through caching proxy for container registries.
 #[derive(Debug, Parser)]
@@ -27,6 +28,22 @@ pub struct Cli {
     /// Serve from the cache only and never contact an upstream (sets `offline`).
     #[arg(long, env = "REGCACHE_OFFLINE")]
     pub offline: bool,
+    /// What to do; without a command regcache serves.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands besides serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Remove cached blobs and manifests unused for a while and report what was freed. Safe to
+    /// run while regcache serves the same cache.
+    Gc {
+        /// Remove what was unused for this long (e.g. "30d"). Default: `cache.gc_max_age`,
+        /// else 30d.
+        #[arg(long)]
+        max_age: Option<HumanDuration>,
+    },
 }
 
 impl Cli {
@@ -75,6 +92,22 @@ mod tests {
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.cache_dir, PathBuf::from("/y"));
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn gc_command() {
+        let cli = Cli::try_parse_from(["regcache", "--cache-dir", "/c", "gc", "--max-age", "7d"])
+            .unwrap();
+        match cli.command {
+            Some(Command::Gc { max_age }) => {
+                assert_eq!(
+                    max_age,
+                    Some(HumanDuration(std::time::Duration::from_secs(7 * 86400)))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["regcache", "gc", "--max-age", "soon"]).is_err());
     }
 
     #[test]

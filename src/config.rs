@@ -113,6 +113,12 @@ pub struct CacheConfig {
     pub max_manifest_size: ByteSize,
     /// How many tag entries are kept in memory (they are also kept on disk).
     pub tag_cache_entries: u64,
+    /// Remove blobs and manifests unused for this long, every `gc_interval` while serving.
+    /// Unset: no periodic collection (`regcache gc` still works).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc_max_age: Option<HumanDuration>,
+    /// How often the periodic collection runs.
+    pub gc_interval: HumanDuration,
 }
 
 /// Network timeouts.
@@ -420,6 +426,8 @@ impl Default for CacheConfig {
             tag_ttl: HumanDuration(std::time::Duration::from_secs(300)),
             max_manifest_size: ByteSize(4 << 20),
             tag_cache_entries: 100_000,
+            gc_max_age: None,
+            gc_interval: HumanDuration(std::time::Duration::from_secs(3600)),
         }
     }
 }
@@ -581,6 +589,16 @@ impl Config {
                 "cache.max_manifest_size",
                 "must be larger than zero",
             ));
+        }
+        if self.cache.gc_interval.0.is_zero() {
+            return Err(invalid("cache.gc_interval", "must be longer than zero"));
+        }
+        if self
+            .cache
+            .gc_max_age
+            .is_some_and(|a| a.0 < std::time::Duration::from_secs(60))
+        {
+            return Err(invalid("cache.gc_max_age", "must be at least 1m"));
         }
         if self.cache.tag_cache_entries == 0 {
             return Err(invalid("cache.tag_cache_entries", "must be at least 1"));
@@ -782,6 +800,8 @@ mod tests {
             ("[cache]\nmax_manifest_size = 0", "cache.max_manifest_size"),
             ("[retry]\nattempts = 0", "retry.attempts"),
             ("[retry]\nbackoff = \"2h\"", "retry.backoff"),
+            ("[cache]\ngc_max_age = \"5s\"", "cache.gc_max_age"),
+            ("[cache]\ngc_interval = \"0s\"", "cache.gc_interval"),
             ("[timeouts]\nread_idle = \"0ms\"", "timeouts.read_idle"),
             (
                 "[[upstream]]\nname = \"a\"\nurl = \"http://x\"",

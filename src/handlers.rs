@@ -76,7 +76,10 @@ pub async fn manifest(
     match reference {
         Reference::Digest(d) => {
             let m = match app.store.manifest(d).await? {
-                Some(m) => m,
+                Some(m) => {
+                    app.store.note_use(d).await;
+                    m
+                }
                 None if app.upstreams[upstream].offline => {
                     return Err(Error::Offline(Kind::Manifest));
                 }
@@ -128,6 +131,7 @@ async fn manifest_by_tag(
         if let Some(m) = cached {
             let digest = entry.record.digest.clone();
             // Fresh, a tag configured as immutable, or no upstream to ask: served as it is.
+            app.store.note_use(&digest).await;
             if entry.is_fresh(up.tag_ttl) || up.is_immutable_tag(tag.as_str()) || up.offline {
                 return Ok(manifest_response(&m, &digest, head, false));
             }
@@ -357,6 +361,7 @@ pub async fn blob(
 ) -> Result<Response<Body>, Error> {
     if let Some(total) = app.store.blob_len(digest).await? {
         let (status, start, len) = plan(range, total)?;
+        app.store.note_use(digest).await;
         if head {
             return Ok(blob_response(
                 digest,
@@ -367,18 +372,18 @@ pub async fn blob(
                 body::empty(),
             ));
         }
-        let Some(b) = app.store.open_blob(digest, start).await? else {
-            return Err(Error::BlobUnknown);
-        };
-        let stream = read_stream(b.reader, len);
-        return Ok(blob_response(
-            digest,
-            total,
-            status,
-            start,
-            len,
-            body::stream(stream),
-        ));
+        // Gone between the two calls (garbage collection): fetched again below.
+        if let Some(b) = app.store.open_blob(digest, start).await? {
+            let stream = read_stream(b.reader, len);
+            return Ok(blob_response(
+                digest,
+                total,
+                status,
+                start,
+                len,
+                body::stream(stream),
+            ));
+        }
     }
     let up = &app.upstreams[upstream];
     if up.offline {

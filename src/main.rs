@@ -43,6 +43,25 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     init_tracing(config.log_format);
+    if let Some(regcache::cli::Command::Gc { max_age }) = &cli.command {
+        use regcache::cache::store::BlobStore;
+        let max_age =
+            max_age
+                .or(config.cache.gc_max_age)
+                .unwrap_or(regcache::units::HumanDuration(
+                    std::time::Duration::from_secs(30 * 86400),
+                ));
+        let store = regcache::cache::store::FsStore::open_shared(&config.cache_dir)
+            .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
+        let r = store.collect_garbage(max_age.0).await?;
+        println!(
+            "gc: removed {} files unused for {max_age}, freed {}, kept {} files",
+            r.files,
+            regcache::units::ByteSize(r.bytes),
+            r.kept
+        );
+        return Ok(());
+    }
     let tls = match &config.tls {
         Some(t) => {
             Some(regcache::server::tls_acceptor(&t.cert, &t.key).map_err(anyhow::Error::msg)?)
@@ -73,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         tls = tls.is_some(),
         "regcache ready"
     );
+    app.start_periodic_gc();
     regcache::server::serve(listener, app, tls, grace, shutdown_signal()).await?;
     Ok(())
 }

@@ -97,3 +97,58 @@ fn no_arguments_runs_the_embedded_default_and_sigterm_shuts_down() {
         "{rest:?}"
     );
 }
+
+#[test]
+fn gc_removes_what_was_unused_for_long_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let blobs = cache.join("blobs/sha256/ab");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(cache.join("tmp")).unwrap();
+    let old = blobs.join(format!("ab{}", "0".repeat(62)));
+    let new = blobs.join(format!("ab{}", "1".repeat(62)));
+    std::fs::write(&old, vec![0u8; 1000]).unwrap();
+    std::fs::write(&new, vec![0u8; 10]).unwrap();
+    // A download another regcache has under way must survive a gc run.
+    std::fs::write(cache.join("tmp/in-progress.part"), b"x").unwrap();
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    let out = regcache()
+        .args([
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "gc",
+            "--max-age",
+            "30d",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("removed 1 files unused for 30d, freed 1000B, kept 1 files"),
+        "{text}"
+    );
+    assert!(!old.exists() && new.exists());
+    assert!(cache.join("tmp/in-progress.part").exists());
+    // Not a cache folder: a clear error, not a new folder.
+    let out = regcache()
+        .args([
+            "--cache-dir",
+            dir.path().join("nope").to_str().unwrap(),
+            "gc",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!dir.path().join("nope").exists());
+}

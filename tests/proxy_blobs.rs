@@ -423,3 +423,71 @@ async fn a_wrong_content_length_is_never_cached() {
         same(&r.bytes().await.unwrap(), &data);
     }
 }
+
+#[tokio::test]
+async fn garbage_collection_while_serving_is_safe() {
+    use regcache::cache::store::{BlobStore, FsStore};
+    let (up, proxy) = setup().await;
+    let old = blob_of(3 * CHUNK, 50);
+    let fresh = blob_of(1000, 51);
+    let (d_old, d_fresh) = (up.add_blob(old.clone()), up.add_blob(fresh.clone()));
+    let url = |d: &str| proxy.url(&format!("/v2/lib/app/blobs/{d}"));
+    for d in [&d_old, &d_fresh] {
+        client()
+            .get(url(d))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    // A reader has `old` open; then `old` is made to look unused for 40 days.
+    let reader = client().get(url(&d_old)).send().await.unwrap();
+    let path = proxy
+        .dir
+        .path()
+        .join("blobs/sha256")
+        .join(&d_old[7..9])
+        .join(&d_old[7..]);
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    let store = FsStore::open_shared(proxy.dir.path()).unwrap();
+    let report = store
+        .collect_garbage(std::time::Duration::from_secs(30 * 86400))
+        .await
+        .unwrap();
+    assert_eq!(report.files, 1);
+    assert!(!path.exists());
+    // The open reader still gets the whole, correct body; the next request fetches it again.
+    same(&reader.bytes().await.unwrap(), &old);
+    same(
+        &client()
+            .get(url(&d_old))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        &old,
+    );
+    assert_eq!(up.blob_gets(&d_old), 2);
+    same(
+        &client()
+            .get(url(&d_fresh))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        &fresh,
+    );
+    assert_eq!(up.blob_gets(&d_fresh), 1);
+}

@@ -80,6 +80,12 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn put_tag(&self, key: &TagKey, record: &TagRecord) -> io::Result<()>;
     /// Forgets a tag (the upstream said it is gone).
     async fn remove_tag(&self, key: &TagKey) -> io::Result<()>;
+    /// Records that a blob or manifest was just used (for garbage collection). Cheap: at most
+    /// one timestamp update per digest per hour, never an fsync.
+    async fn note_use(&self, digest: &Digest);
+    /// Removes blobs and manifests unused for longer than `max_age`; safe while serving
+    /// (readers holding a file open keep reading it).
+    async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport>;
     /// Every tag record of a repository: `(tag, accept key, record)`.
     async fn tags_of(
         &self,
@@ -88,14 +94,48 @@ pub trait BlobStore: Send + Sync + 'static {
     ) -> io::Result<Vec<(Tag, u8, TagRecord)>>;
 }
 
-/// The filesystem backend.
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Files removed.
+    pub files: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Files kept.
+    pub kept: u64,
+}
+
+/// How often a digest's last-use time is written at most.
+const USE_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The filesystem backend. A file's modification time is its last use.
 pub struct FsStore {
     root: PathBuf,
     tmp: PathBuf,
     seq: AtomicU64,
+    // Digests whose use was recorded within the last hour: skipped, so a hot blob costs no
+    // syscall per read.
+    recently_used: moka::sync::Cache<Digest, ()>,
 }
 
 impl FsStore {
+    /// Opens a store another process may be serving from, for maintenance (`regcache gc`):
+    /// nothing is created and the other process's downloads in `tmp/` are left alone.
+    pub fn open_shared(root: &Path) -> io::Result<Self> {
+        if !root.join("blobs").is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a regcache cache folder", root.display()),
+            ));
+        }
+        Ok(FsStore {
+            root: root.to_owned(),
+            tmp: root.join("tmp"),
+            seq: AtomicU64::new(0),
+            recently_used: moka::sync::Cache::new(1),
+        })
+    }
+
     /// Opens (creating if needed) a store under `root` and clears stale temp files.
     pub async fn open(root: &Path) -> io::Result<Self> {
         for d in ["blobs", "manifests", "tags", "tmp"] {
@@ -119,6 +159,10 @@ impl FsStore {
             root: root.to_owned(),
             tmp,
             seq: AtomicU64::new(0),
+            recently_used: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(USE_RESOLUTION)
+                .build(),
         })
     }
 
@@ -167,6 +211,33 @@ impl FsStore {
         }
         result
     }
+}
+
+fn gc_walk(dir: &Path, cutoff: std::time::SystemTime, report: &mut GcReport) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let meta = e.metadata()?;
+        if meta.is_dir() {
+            gc_walk(&e.path(), cutoff, report)?;
+        } else if meta.modified()? < cutoff {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    report.files += 1;
+                    report.bytes += meta.len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            report.kept += 1;
+        }
+    }
+    Ok(())
 }
 
 async fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -283,6 +354,41 @@ impl BlobStore for FsStore {
         absent(tokio::fs::remove_file(self.tag_path(key)).await).map(|_| ())
     }
 
+    async fn note_use(&self, digest: &Digest) {
+        if self.recently_used.contains_key(digest) {
+            return;
+        }
+        self.recently_used.insert(digest.clone(), ());
+        let paths = [
+            self.blob_path(digest),
+            self.content_path("manifests", digest),
+        ];
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in paths {
+                if let Ok(f) = std::fs::File::options().write(true).open(&p) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport> {
+        let roots = [self.root.join("blobs"), self.root.join("manifests")];
+        tokio::task::spawn_blocking(move || {
+            let cutoff = std::time::SystemTime::now()
+                .checked_sub(max_age)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let mut report = GcReport::default();
+            for root in roots {
+                gc_walk(&root, cutoff, &mut report)?;
+            }
+            Ok(report)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
     async fn tags_of(
         &self,
         upstream: &str,
@@ -379,6 +485,39 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn garbage_collection_removes_only_what_was_unused_for_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStore::open(dir.path()).await.unwrap();
+        let mut digests = Vec::new();
+        for data in [&b"old blob"[..], b"new blob", b"used blob"] {
+            let d = Digest::sha256(data);
+            let staged = s.staging_path(&d.to_string());
+            std::fs::write(&staged, data).unwrap();
+            s.commit_blob(&d, &staged).await.unwrap();
+            digests.push(d);
+        }
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
+        for d in [&digests[0], &digests[2]] {
+            std::fs::File::options()
+                .write(true)
+                .open(s.blob_path(d))
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        // Reading `used blob` records its use; `old blob` stays unused.
+        s.note_use(&digests[2]).await;
+        let r = s
+            .collect_garbage(std::time::Duration::from_secs(30 * 86400))
+            .await
+            .unwrap();
+        assert_eq!((r.files, r.bytes, r.kept), (1, 8, 2));
+        assert_eq!(s.blob_len(&digests[0]).await.unwrap(), None);
+        assert!(s.blob_len(&digests[1]).await.unwrap().is_some());
+        assert!(s.blob_len(&digests[2]).await.unwrap().is_some());
     }
 
     #[tokio::test]
