@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, header};
 use moka::sync::Cache;
 
 use crate::access::{Access, Denied, Need, SERVICE, TOKEN_PATH};
@@ -142,7 +142,8 @@ impl App {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let head = method == http::Method::HEAD;
-        let realm = self.token_realm(req.headers());
+        // Only the Host is kept: the challenge realm is built for the rare 401 alone.
+        let host = req.headers().get(header::HOST).cloned();
         let span = tracing::info_span!("request", id, %method, path = %path);
         let result = {
             use tracing::Instrument;
@@ -158,6 +159,7 @@ impl App {
                 let mut r = e.into_response(head);
                 if challenge {
                     // Point clients at regcache's own token endpoint (never the upstream's).
+                    let realm = self.token_realm(host.as_ref());
                     let value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
                     if let Ok(v) = HeaderValue::from_str(&value) {
                         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
@@ -180,14 +182,13 @@ impl App {
     }
 
     /// The absolute URL of regcache's token endpoint as this client reaches regcache.
-    fn token_realm(&self, headers: &http::HeaderMap) -> String {
+    fn token_realm(&self, host: Option<&HeaderValue>) -> String {
         let scheme = if self.config.tls.is_some() {
             "https"
         } else {
             "http"
         };
-        let host = headers
-            .get(header::HOST)
+        let host = host
             .and_then(|v| v.to_str().ok())
             .filter(|h| {
                 !h.is_empty()
@@ -216,13 +217,7 @@ impl App {
             "expires_in": crate::access::TOKEN_LIFETIME.as_secs(),
         })
         .to_string();
-        let mut r = Response::new(body::full(payload.clone()));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(payload.len()));
+        let r = body::json(payload, false);
         Ok(r)
     }
 
@@ -265,19 +260,7 @@ impl App {
                     // realm and pull with it where that is allowed.
                     self.access.identify(req.headers()).await?;
                 }
-                let mut r = Response::new(if head {
-                    body::empty()
-                } else {
-                    body::full("{}")
-                });
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                r.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(2));
-                *r.status_mut() = StatusCode::OK;
-                Ok(r)
+                Ok(body::json("{}", head))
             }
             Route::Manifest { name, reference } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;

@@ -4,6 +4,7 @@ use std::io;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use http::{HeaderName, HeaderValue, Response, header};
 use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::Frame;
 
@@ -28,4 +29,25 @@ where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
     StreamBody::new(stream.map(|r| r.map(Frame::data))).boxed_unsync()
+}
+
+/// A JSON answer with `Content-Type` and `Content-Length` set; HEAD answers carry no body.
+pub fn json(payload: impl Into<Bytes>, head: bool) -> Response<Body> {
+    let payload: Bytes = payload.into();
+    let len = payload.len();
+    let mut r = Response::new(if head { empty() } else { full(payload) });
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r
+}
+
+/// Sets a header from text, skipping values that are not valid header text.
+pub fn set_header(resp: &mut Response<Body>, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
 }

@@ -328,19 +328,9 @@ impl Error {
             "errors": [{ "code": code, "message": message, "detail": detail }]
         })
         .to_string();
-        let len = payload.len();
-        let mut resp = Response::new(if head {
-            body::empty()
-        } else {
-            body::full(payload)
-        });
+        let mut resp = body::json(payload, head);
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         h.insert(
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),

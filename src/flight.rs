@@ -141,8 +141,9 @@ where
     answer
 }
 
-/// Locks a mutex, recovering from poisoning: the table holds no invariant a panic can break.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex, recovering from poisoning. Every mutex in regcache guards plain tables
+/// that a panicking holder cannot leave half-updated, so the data is still good.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

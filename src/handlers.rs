@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::app::App;
-use crate::body::{self, Body};
+use crate::body::{self, Body, set_header as set};
 use crate::cache::fill;
 use crate::cache::inflight::{FillError, FillState, Join};
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
@@ -32,11 +32,8 @@ pub struct Fetched {
     pub manifest: StoredManifest,
 }
 
-fn set(resp: &mut Response<Body>, name: header::HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        resp.headers_mut().insert(name, v);
-    }
-}
+/// Marks an answer served from the cache after the upstream could not confirm it.
+const STALE: HeaderValue = HeaderValue::from_static("110 regcache \"Response is Stale\"");
 
 fn manifest_response(
     m: &StoredManifest,
@@ -56,10 +53,7 @@ fn manifest_response(
     set(&mut r, DOCKER_CONTENT_DIGEST, &digest.to_string());
     set(&mut r, header::ETAG, &format!("\"{digest}\""));
     if stale {
-        r.headers_mut().insert(
-            header::WARNING,
-            HeaderValue::from_static("110 regcache \"Response is Stale\""),
-        );
+        r.headers_mut().insert(header::WARNING, STALE);
     }
     r
 }
@@ -502,14 +496,7 @@ pub async fn tags(
     let Some((body, link)) = fetched else {
         return cached_tags(app, &up.name, repo, n, last.as_deref(), up.offline).await;
     };
-    let len = body.len();
-    let mut r = Response::new(body::full(body));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let mut r = body::json(body, false);
     if let Some(link) = link.and_then(|l| next_page_link(&l, client_name, ns)) {
         set(&mut r, header::LINK, &link);
     }
@@ -575,19 +562,9 @@ async fn cached_tags(
         tags.truncate(n as usize);
     }
     let payload = serde_json::json!({ "name": repo.as_str(), "tags": tags }).to_string();
-    let len = payload.len();
-    let mut r = Response::new(body::full(payload));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let mut r = body::json(payload, false);
     if !offline {
-        r.headers_mut().insert(
-            header::WARNING,
-            HeaderValue::from_static("110 regcache \"Response is Stale\""),
-        );
+        r.headers_mut().insert(header::WARNING, STALE);
     }
     Ok(r)
 }

@@ -17,10 +17,11 @@ use http_body_util::BodyExt;
 use url::Url;
 
 use crate::app::App;
-use crate::body::{self, Body};
+use crate::body::{self, Body, set_header as set};
 use crate::cache::hasher::Hasher;
 use crate::cache::store::StoredManifest;
 use crate::error::{Error, Kind, UpstreamError};
+use crate::flight::lock;
 use crate::reference::{Algorithm, Digest, Reference, Repository};
 use crate::upstream::Upstream;
 use crate::upstream::push::PushTarget;
@@ -127,10 +128,6 @@ impl Default for Uploads {
                 .build(),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A request body that copies every chunk into a spool (hash + local file) on its way
@@ -258,12 +255,6 @@ async fn commit_spool(app: &App, spool: &Arc<Mutex<Option<Spool>>>, digest: &Dig
             }
         },
         Err(e) => tracing::warn!(error = %e, %digest, "cannot cache a pushed blob"),
-    }
-}
-
-fn set(resp: &mut Response<Body>, name: HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        resp.headers_mut().insert(name, v);
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::error::UpstreamError;
+use crate::flight::lock;
 use crate::reference::Digest;
 
 /// Why a download ended without committing anything.
@@ -87,7 +88,7 @@ impl InFlight {
     /// Joins the download of `digest`, or becomes its leader. `staged` names the staging file
     /// and is called only for a leader.
     pub fn join(self: &Arc<Self>, digest: &Digest, staged: impl FnOnce() -> PathBuf) -> Join {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.map);
         if let Some(f) = map.get(digest) {
             return Join::Follower(f.clone());
         }
@@ -107,16 +108,12 @@ impl InFlight {
 
     /// The download of `digest` under way, if any, without starting one.
     pub fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-            .cloned()
+        lock(&self.map).get(digest).cloned()
     }
 
     /// Downloads under way.
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.map).len()
     }
 
     /// True when nothing is downloading.
@@ -160,7 +157,7 @@ impl LeaderGuard {
 impl Drop for LeaderGuard {
     fn drop(&mut self) {
         {
-            let mut map = self.owner.map.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = lock(&self.owner.map);
             if map
                 .get(&self.fill.digest)
                 .is_some_and(|f| Arc::ptr_eq(f, &self.fill))

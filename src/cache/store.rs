@@ -119,6 +119,18 @@ pub struct FsStore {
 }
 
 impl FsStore {
+    fn at(root: &Path) -> Self {
+        FsStore {
+            root: root.to_owned(),
+            tmp: root.join("tmp"),
+            seq: AtomicU64::new(0),
+            recently_used: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(USE_RESOLUTION)
+                .build(),
+        }
+    }
+
     /// Opens a store another process may be serving from, for maintenance (`regcache gc`):
     /// nothing is created and the other process's downloads in `tmp/` are left alone.
     pub fn open_shared(root: &Path) -> io::Result<Self> {
@@ -128,12 +140,7 @@ impl FsStore {
                 format!("{} is not a regcache cache folder", root.display()),
             ));
         }
-        Ok(FsStore {
-            root: root.to_owned(),
-            tmp: root.join("tmp"),
-            seq: AtomicU64::new(0),
-            recently_used: moka::sync::Cache::new(1),
-        })
+        Ok(FsStore::at(root))
     }
 
     /// Opens (creating if needed) a store under `root` and clears stale temp files.
@@ -155,15 +162,7 @@ impl FsStore {
         if cleared > 0 {
             tracing::info!(cleared, "removed unfinished downloads from an earlier run");
         }
-        Ok(FsStore {
-            root: root.to_owned(),
-            tmp,
-            seq: AtomicU64::new(0),
-            recently_used: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(USE_RESOLUTION)
-                .build(),
-        })
+        Ok(FsStore::at(root))
     }
 
     fn content_path(&self, kind: &str, d: &Digest) -> PathBuf {

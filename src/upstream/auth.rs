@@ -17,7 +17,7 @@ use url::Url;
 
 use super::client::HttpClient;
 use crate::error::UpstreamError;
-use crate::flight::Flight;
+use crate::flight::{Flight, lock};
 
 /// An authentication scheme offered by a `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,7 +220,7 @@ impl Authenticator {
     }
 
     fn known(&self) -> Option<Known> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.known).clone()
     }
 
     /// The `Authorization` to send up front for `scope`, once the upstream's scheme is known.
@@ -307,7 +307,7 @@ impl Authenticator {
     }
 
     fn learn(&self, k: Known) {
-        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = Some(k);
+        *lock(&self.known) = Some(k);
     }
 
     /// May credentials be sent to `realm`? Only over HTTPS (or plain HTTP when the upstream
