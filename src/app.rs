@@ -64,7 +64,7 @@ pub enum StartError {
 impl App {
     /// Opens the cache and builds the upstreams from a validated configuration.
     pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
-        let store = FsStore::open(&config.cache_dir)
+        let store = FsStore::open_limited(&config.cache_dir, config.cache.limits())
             .await
             .map_err(|source| StartError::Cache {
                 path: config.cache_dir.display().to_string(),
@@ -129,6 +129,11 @@ impl App {
     /// Blob downloads under way.
     pub fn downloads_in_flight(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// Cache size and eviction figures, when the store keeps them.
+    pub fn cache_usage(&self) -> Option<crate::cache::budget::Usage> {
+        self.store.usage()
     }
 
     /// Answers one request. Never fails: every error becomes an OCI JSON response.

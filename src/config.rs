@@ -119,6 +119,23 @@ pub struct CacheConfig {
     pub gc_max_age: Option<HumanDuration>,
     /// How often the periodic collection runs.
     pub gc_interval: HumanDuration,
+    /// Most bytes of blobs and manifests kept on disk (downloads in progress come on top).
+    /// Unset: unbounded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+    /// Fraction of `max_size` above which least recently used entries are evicted.
+    pub high_watermark: f64,
+    /// Fraction of `max_size` eviction brings the cache down to.
+    pub low_watermark: f64,
+}
+
+impl CacheConfig {
+    /// The size limits for the store, when bounded.
+    pub fn limits(&self) -> Option<crate::cache::budget::Limits> {
+        self.max_size.map(|m| {
+            crate::cache::budget::Limits::new(m.0, self.high_watermark, self.low_watermark)
+        })
+    }
 }
 
 /// Network timeouts.
@@ -428,6 +445,9 @@ impl Default for CacheConfig {
             tag_cache_entries: 100_000,
             gc_max_age: None,
             gc_interval: HumanDuration(std::time::Duration::from_secs(3600)),
+            max_size: None,
+            high_watermark: 0.95,
+            low_watermark: 0.85,
         }
     }
 }
@@ -599,6 +619,22 @@ impl Config {
             .is_some_and(|a| a.0 < std::time::Duration::from_secs(60))
         {
             return Err(invalid("cache.gc_max_age", "must be at least 1m"));
+        }
+        if self.cache.max_size.is_some_and(|m| m.0 < 1 << 20) {
+            return Err(invalid("cache.max_size", "must be at least 1MiB"));
+        }
+        let (high, low) = (self.cache.high_watermark, self.cache.low_watermark);
+        if !(high > 0.0 && high <= 1.0) {
+            return Err(invalid(
+                "cache.high_watermark",
+                "must be a fraction of max_size above 0 and at most 1",
+            ));
+        }
+        if !(low > 0.0 && low < high) {
+            return Err(invalid(
+                "cache.low_watermark",
+                "must be a fraction of max_size above 0 and below high_watermark",
+            ));
         }
         if self.cache.tag_cache_entries == 0 {
             return Err(invalid("cache.tag_cache_entries", "must be at least 1"));
@@ -789,6 +825,8 @@ mod tests {
     fn bad_values_are_named() {
         let e = Config::from_toml("[cache]\ntag_ttl = \"5 weeks\"").unwrap_err();
         assert!(e.contains("tag_ttl"), "{e}");
+        let e = Config::from_toml("[cache]\nmax_size = \"many\"").unwrap_err();
+        assert!(e.contains("max_size"), "{e}");
         let e = Config::from_toml("listen = \"nowhere\"").unwrap_err();
         assert!(e.contains("listen"), "{e}");
     }
@@ -801,6 +839,9 @@ mod tests {
             ("[retry]\nattempts = 0", "retry.attempts"),
             ("[retry]\nbackoff = \"2h\"", "retry.backoff"),
             ("[cache]\ngc_max_age = \"5s\"", "cache.gc_max_age"),
+            ("[cache]\nmax_size = \"10KiB\"", "cache.max_size"),
+            ("[cache]\nhigh_watermark = 1.5", "cache.high_watermark"),
+            ("[cache]\nlow_watermark = 0.99", "cache.low_watermark"),
             ("[cache]\ngc_interval = \"0s\"", "cache.gc_interval"),
             ("[timeouts]\nread_idle = \"0ms\"", "timeouts.read_idle"),
             (

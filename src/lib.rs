@@ -16,8 +16,9 @@
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
 //!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
-//! - [`cache`]: storage interface and filesystem backend, blob single flight, download task,
-//!   readers of growing files, tag answers.
+//! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
+//!   blob single flight, download task, readers of growing files (falling back to the
+//!   upstream when the disk cannot take a blob), tag answers.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,6 +1,8 @@
-//! The disk cache: the storage interface and its filesystem backend, blob single flight, the
-//! detached download task, readers that follow a growing file, and tag answers.
+//! The disk cache: the storage interface and its filesystem backend with its size budget,
+//! blob single flight, the detached download task, readers that follow a growing file, and
+//! tag answers.
 
+pub mod budget;
 pub mod fill;
 pub mod hasher;
 pub mod inflight;

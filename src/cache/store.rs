@@ -5,16 +5,22 @@
 //! `blobs/sha256/ab/<hex>`, `manifests/sha256/ab/<hex>` (first line: media type),
 //! `tags/<upstream>/<repo>/_tags/<tag>@<accept key>` and `tmp/` for downloads in progress.
 //! Everything in `tmp/` is removed at start-up: it was never verified.
+//!
+//! A serving store keeps a [`Budget`]: the use order and sizes of what it holds, built by a
+//! background scan at start-up, which bounds the cache to `cache.max_size` by evicting the
+//! least recently used entries as new ones are committed.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWriteExt};
 
+use super::budget::{self, Budget, EntryKind, Key, Limits, Usage};
 use crate::reference::{Digest, Repository, Tag};
 
 /// A committed blob opened for reading at some offset.
@@ -92,6 +98,16 @@ pub trait BlobStore: Send + Sync + 'static {
         upstream: &str,
         repository: &Repository,
     ) -> io::Result<Vec<(Tag, u8, TagRecord)>>;
+    /// Whether a blob of `len` bytes can be cached at all; a download of one that cannot is
+    /// streamed to its clients without being stored.
+    fn admits(&self, len: u64) -> bool {
+        let _ = len;
+        true
+    }
+    /// Size and eviction figures, when the backend keeps them.
+    fn usage(&self) -> Option<Usage> {
+        None
+    }
 }
 
 /// What a garbage collection removed.
@@ -116,6 +132,8 @@ pub struct FsStore {
     // Digests whose use was recorded within the last hour: skipped, so a hot blob costs no
     // syscall per read.
     recently_used: moka::sync::Cache<Digest, ()>,
+    // Use order and sizes; absent for maintenance opens (`regcache gc`).
+    budget: Option<Arc<Budget>>,
 }
 
 impl FsStore {
@@ -128,6 +146,7 @@ impl FsStore {
                 .max_capacity(1_000_000)
                 .time_to_live(USE_RESOLUTION)
                 .build(),
+            budget: None,
         }
     }
 
@@ -143,8 +162,14 @@ impl FsStore {
         Ok(FsStore::at(root))
     }
 
-    /// Opens (creating if needed) a store under `root` and clears stale temp files.
+    /// Opens (creating if needed) a store under `root` without a size limit.
     pub async fn open(root: &Path) -> io::Result<Self> {
+        Self::open_limited(root, None).await
+    }
+
+    /// Opens (creating if needed) a store under `root`, clears stale temp files and starts
+    /// counting what it holds in the background; with `limits`, evicts to stay within them.
+    pub async fn open_limited(root: &Path, limits: Option<Limits>) -> io::Result<Self> {
         for d in ["blobs", "manifests", "tags", "tmp"] {
             tokio::fs::create_dir_all(root.join(d)).await?;
         }
@@ -162,15 +187,68 @@ impl FsStore {
         if cleared > 0 {
             tracing::info!(cleared, "removed unfinished downloads from an earlier run");
         }
-        Ok(FsStore::at(root))
+        let budget = Arc::new(Budget::new(limits));
+        let mut store = FsStore::at(root);
+        store.budget = Some(budget.clone());
+        let root = root.to_owned();
+        // Start-up does not wait for this: requests are served while it counts.
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let scan_root = root.clone();
+            let scanned = match tokio::task::spawn_blocking(move || scan(&scan_root)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "could not count the cache; no eviction until restart");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let victims = budget.load(scanned);
+            let usage = budget.usage();
+            tracing::info!(
+                entries = usage.entries,
+                bytes = usage.bytes,
+                limit = usage.limit,
+                millis = started.elapsed().as_millis() as u64,
+                "cache counted"
+            );
+            remove_victims(&root, victims).await;
+        });
+        Ok(store)
+    }
+
+    /// Waits until the start-up count has finished (for tests and benchmarks).
+    pub async fn counted(&self) {
+        while self.budget.as_ref().is_some_and(|b| !b.usage().ready) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     fn content_path(&self, kind: &str, d: &Digest) -> PathBuf {
-        self.root
-            .join(kind)
-            .join(d.algorithm().as_str())
-            .join(&d.hex()[..2])
-            .join(d.hex())
+        content_path(&self.root, kind, d)
+    }
+
+    fn forget(&self, key: Key) {
+        if let Some(b) = &self.budget {
+            b.forget(&key);
+        }
+    }
+
+    // Admits an entry about to be committed, removing what it displaces first so the cache
+    // never holds more than the high watermark.
+    async fn admit(&self, key: Key, size: u64, refs: Option<Arc<[Digest]>>) -> io::Result<()> {
+        let Some(b) = &self.budget else {
+            return Ok(());
+        };
+        if !b.admits(size) {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("{size} bytes do not fit under the cache's size limit"),
+            ));
+        }
+        let victims = b.admit(key, size, refs);
+        remove_victims(&self.root, victims).await;
+        Ok(())
     }
 
     /// Path of a committed blob (whether or not it exists).
@@ -212,7 +290,107 @@ impl FsStore {
     }
 }
 
-fn gc_walk(dir: &Path, cutoff: std::time::SystemTime, report: &mut GcReport) -> io::Result<()> {
+fn content_path(root: &Path, kind: &str, d: &Digest) -> PathBuf {
+    root.join(kind)
+        .join(d.algorithm().as_str())
+        .join(&d.hex()[..2])
+        .join(d.hex())
+}
+
+fn kind_dir(kind: EntryKind) -> &'static str {
+    match kind {
+        EntryKind::Blob => "blobs",
+        EntryKind::Manifest => "manifests",
+    }
+}
+
+/// The entry a content file's path names: `<root>/<blobs|manifests>/<algorithm>/xx/<hex>`.
+fn key_of(path: &Path) -> Option<Key> {
+    let mut parts = path.iter().rev();
+    let hex = parts.next()?.to_str()?;
+    let _fan = parts.next()?;
+    let alg = parts.next()?.to_str()?;
+    let kind = match parts.next()?.to_str()? {
+        "blobs" => EntryKind::Blob,
+        "manifests" => EntryKind::Manifest,
+        _ => return None,
+    };
+    Some((kind, format!("{alg}:{hex}").parse().ok()?))
+}
+
+/// Every committed entry with its size, oldest use first. Reads directories and inode
+/// metadata only, never file contents.
+fn scan(root: &Path) -> io::Result<Vec<(Key, u64)>> {
+    let mut found = Vec::new();
+    for kind in [EntryKind::Blob, EntryKind::Manifest] {
+        let top = root.join(kind_dir(kind));
+        for alg in read_dir_or_empty(&top)? {
+            for fan in read_dir_or_empty(&alg?.path())? {
+                for f in read_dir_or_empty(&fan?.path())? {
+                    let f = f?;
+                    let Ok(meta) = f.metadata() else { continue };
+                    let Some(key) = key_of(&f.path()) else {
+                        continue;
+                    };
+                    if meta.is_file() {
+                        let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                        found.push((used, key, meta.len()));
+                    }
+                }
+            }
+        }
+    }
+    found.sort_by_key(|(used, _, _)| *used);
+    Ok(found.into_iter().map(|(_, k, size)| (k, size)).collect())
+}
+
+fn read_dir_or_empty(
+    dir: &Path,
+) -> io::Result<Box<dyn Iterator<Item = io::Result<std::fs::DirEntry>>>> {
+    match std::fs::read_dir(dir) {
+        Ok(e) => Ok(Box::new(e)),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
+        {
+            Ok(Box::new(std::iter::empty()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes evicted files. Clients already reading one keep their open handle to the end;
+/// a crash part-way leaves only whole files, which the next start-up counts again.
+async fn remove_victims(root: &Path, victims: Vec<(Key, u64)>) {
+    if victims.is_empty() {
+        return;
+    }
+    let root = root.to_owned();
+    let done = tokio::task::spawn_blocking(move || {
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for ((kind, digest), size) in victims {
+            match std::fs::remove_file(content_path(&root, kind_dir(kind), &digest)) {
+                Ok(()) => {
+                    files += 1;
+                    bytes += size;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => tracing::warn!(%error, %digest, "could not evict"),
+            }
+        }
+        (files, bytes)
+    })
+    .await;
+    if let Ok((files, bytes)) = done {
+        tracing::info!(files, bytes, "evicted least recently used entries");
+    }
+}
+
+fn gc_walk(
+    dir: &Path,
+    cutoff: std::time::SystemTime,
+    report: &mut GcReport,
+    removed: &dyn Fn(&Path),
+) -> io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -222,12 +400,13 @@ fn gc_walk(dir: &Path, cutoff: std::time::SystemTime, report: &mut GcReport) -> 
         let e = e?;
         let meta = e.metadata()?;
         if meta.is_dir() {
-            gc_walk(&e.path(), cutoff, report)?;
+            gc_walk(&e.path(), cutoff, report, removed)?;
         } else if meta.modified()? < cutoff {
             match std::fs::remove_file(e.path()) {
                 Ok(()) => {
                     report.files += 1;
                     report.bytes += meta.len();
+                    removed(&e.path());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -292,9 +471,19 @@ impl BlobStore for FsStore {
     async fn commit_blob(&self, digest: &Digest, staged: &Path) -> io::Result<()> {
         let dest = self.blob_path(digest);
         let parent = dest.parent().unwrap_or(&self.root).to_owned();
-        tokio::fs::create_dir_all(&parent).await?;
-        tokio::fs::rename(staged, &dest).await?;
-        sync_dir(&parent).await
+        let size = tokio::fs::metadata(staged).await?.len();
+        self.admit((EntryKind::Blob, digest.clone()), size, None)
+            .await?;
+        let result = async {
+            tokio::fs::create_dir_all(&parent).await?;
+            tokio::fs::rename(staged, &dest).await?;
+            sync_dir(&parent).await
+        }
+        .await;
+        if result.is_err() {
+            self.forget((EntryKind::Blob, digest.clone()));
+        }
+        result
     }
 
     async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
@@ -316,17 +505,32 @@ impl BlobStore for FsStore {
             tracing::error!(%digest, "stored manifest does not match its digest; ignoring it");
             return Ok(None);
         }
+        if let Some(b) = self.budget.as_ref().filter(|b| b.wants_refs(digest)) {
+            b.set_refs(digest, budget::references(&body).into());
+        }
         Ok(Some(StoredManifest { media_type, body }))
     }
 
     async fn put_manifest(&self, digest: &Digest, m: &StoredManifest) -> io::Result<()> {
         let head = format!("{}\n", m.media_type.replace('\n', ""));
-        self.write_atomic(
-            &self.content_path("manifests", digest),
-            &[head.as_bytes(), &m.body],
-            true,
+        let refs: Arc<[Digest]> = budget::references(&m.body).into();
+        self.admit(
+            (EntryKind::Manifest, digest.clone()),
+            (head.len() + m.body.len()) as u64,
+            Some(refs),
         )
-        .await
+        .await?;
+        let result = self
+            .write_atomic(
+                &self.content_path("manifests", digest),
+                &[head.as_bytes(), &m.body],
+                true,
+            )
+            .await;
+        if result.is_err() {
+            self.forget((EntryKind::Manifest, digest.clone()));
+        }
+        result
     }
 
     async fn tag(&self, key: &TagKey) -> io::Result<Option<TagRecord>> {
@@ -354,14 +558,21 @@ impl BlobStore for FsStore {
     }
 
     async fn note_use(&self, digest: &Digest) {
-        if self.recently_used.contains_key(digest) {
+        let refs = self.budget.as_ref().and_then(|b| b.touch(digest));
+        // What a manifest references counts as used with it (see `budget`), on disk too so
+        // the order survives a restart.
+        let mut paths = Vec::new();
+        for d in std::iter::once(digest).chain(refs.iter().flat_map(|r| r.iter())) {
+            if self.recently_used.contains_key(d) {
+                continue;
+            }
+            self.recently_used.insert(d.clone(), ());
+            paths.push(self.blob_path(d));
+            paths.push(self.content_path("manifests", d));
+        }
+        if paths.is_empty() {
             return;
         }
-        self.recently_used.insert(digest.clone(), ());
-        let paths = [
-            self.blob_path(digest),
-            self.content_path("manifests", digest),
-        ];
         let _ = tokio::task::spawn_blocking(move || {
             for p in paths {
                 if let Ok(f) = std::fs::File::options().write(true).open(&p) {
@@ -374,13 +585,19 @@ impl BlobStore for FsStore {
 
     async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport> {
         let roots = [self.root.join("blobs"), self.root.join("manifests")];
+        let budget = self.budget.clone();
         tokio::task::spawn_blocking(move || {
             let cutoff = std::time::SystemTime::now()
                 .checked_sub(max_age)
                 .unwrap_or(std::time::UNIX_EPOCH);
             let mut report = GcReport::default();
+            let removed = |p: &Path| {
+                if let (Some(b), Some(k)) = (&budget, key_of(p)) {
+                    b.forget(&k);
+                }
+            };
             for root in roots {
-                gc_walk(&root, cutoff, &mut report)?;
+                gc_walk(&root, cutoff, &mut report, &removed)?;
             }
             Ok(report)
         })
@@ -421,6 +638,14 @@ impl BlobStore for FsStore {
             }
         }
         Ok(out)
+    }
+
+    fn admits(&self, len: u64) -> bool {
+        self.budget.as_ref().is_none_or(|b| b.admits(len))
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.budget.as_ref().map(|b| b.usage())
     }
 }
 
