@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::BodyExt;
 
 use crate::app::App;
 use crate::body::{self, Body, set_header as set};
@@ -11,11 +12,12 @@ use crate::cache::fill;
 use crate::cache::inflight::{FillError, FillState, Join};
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
-use crate::cache::tail::{Tail, read_stream};
+use crate::cache::tail::{ByteStream, Refetch, Tail, read_stream};
 use crate::error::{Error, Kind, UpstreamError};
 use crate::media::{self, Accept};
 use crate::range::{self, RangeSpec};
 use crate::reference::{Digest, Reference, Repository, Tag};
+use crate::upstream::Upstream;
 
 const DOCKER_CONTENT_DIGEST: header::HeaderName =
     header::HeaderName::from_static("docker-content-digest");
@@ -339,7 +341,40 @@ fn fill_error(e: FillError) -> Error {
             UpstreamError::Invalid(format!("blob content hashed to {got}")),
         ),
         FillError::Io(why) => Error::Internal(why),
+        FillError::TooLarge(len) => Error::Internal(format!("{len} bytes not cached")),
         FillError::Aborted => Error::Internal("download aborted".into()),
+    }
+}
+
+/// A blob straight from its upstream, for clients of a download the disk could not take.
+struct Straight {
+    upstream: Arc<Upstream>,
+    repository: Repository,
+    digest: Digest,
+}
+
+#[async_trait::async_trait]
+impl Refetch for Straight {
+    async fn from(&self, start: u64) -> std::io::Result<ByteStream> {
+        use futures_util::StreamExt;
+        let (resp, mut skip) = self
+            .upstream
+            .blob_from(&self.repository, &self.digest, start)
+            .await
+            .map_err(std::io::Error::other)?;
+        let bytes = resp.into_body().into_data_stream().filter_map(move |r| {
+            let out = match r {
+                Ok(mut b) if skip > 0 => {
+                    let n = skip.min(b.len() as u64);
+                    skip -= n;
+                    let rest = b.split_off(n as usize);
+                    (!rest.is_empty()).then_some(Ok(rest))
+                }
+                other => Some(other),
+            };
+            std::future::ready(out)
+        });
+        Ok(Box::pin(bytes))
     }
 }
 
@@ -414,6 +449,11 @@ pub async fn blob(
         }
     };
     let mut rx = fill.subscribe();
+    let direct: Arc<dyn Refetch> = Arc::new(Straight {
+        upstream: up.clone(),
+        repository: repo.clone(),
+        digest: digest.clone(),
+    });
     // Headers go out as soon as the upstream has answered (or, for a range on a download of
     // unknown length, once the length is known).
     let total = {
@@ -428,6 +468,12 @@ pub async fn blob(
             .map_err(|_| Error::Internal("download state lost".into()))?
             .clone();
         match state {
+            // The disk cannot take it: serve this client straight from the upstream.
+            FillState::Failed(FillError::TooLarge(len)) => Some(len),
+            FillState::Failed(e) if e.is_local() => up
+                .blob_size(repo, digest)
+                .await
+                .map_err(|e| Error::Upstream(Kind::Blob, e))?,
             FillState::Failed(e) => return Err(fill_error(e)),
             FillState::Streaming { len, .. } => len,
             FillState::Complete { len } => Some(len),
@@ -439,7 +485,11 @@ pub async fn blob(
         let mut r = Response::new(if head {
             body::empty()
         } else {
-            body::stream(Tail::new(fill, app.store.clone(), 0, None).into_stream())
+            body::stream(
+                Tail::new(fill, app.store.clone(), 0, None)
+                    .with_fallback(direct, true)
+                    .into_stream(),
+            )
         });
         blob_headers(&mut r, digest, 0);
         r.headers_mut().remove(header::CONTENT_LENGTH);
@@ -449,7 +499,11 @@ pub async fn blob(
     let body = if head {
         body::empty()
     } else {
-        body::stream(Tail::new(fill, app.store.clone(), start, Some(start + len)).into_stream())
+        body::stream(
+            Tail::new(fill, app.store.clone(), start, Some(start + len))
+                .with_fallback(direct, status == StatusCode::OK)
+                .into_stream(),
+        )
     };
     Ok(blob_response(digest, total, status, start, len, body))
 }

@@ -35,6 +35,15 @@ pub fn spawn(
                 tracing::info!(%digest, upstream = %upstream.name, bytes = len, "blob cached");
                 guard.complete(len);
             }
+            Err(error) if error.is_local() => {
+                tracing::warn!(
+                    %error,
+                    %digest,
+                    upstream = %upstream.name,
+                    "blob not cached; its clients are served straight from the upstream"
+                );
+                guard.fail(error);
+            }
             Err(error) => {
                 tracing::warn!(%error, %digest, upstream = %upstream.name, "blob download failed");
                 guard.fail(error);
@@ -75,6 +84,9 @@ async fn run(
     .await
     .map_err(|_| FillError::Upstream(UpstreamError::Timeout))??;
     let len = content_length(resp.headers());
+    if let Some(len) = len.filter(|l| !store.admits(*l)) {
+        return Err(FillError::TooLarge(len));
+    }
     guard.publish(FillState::Streaming { len, written: 0 });
     let mut body = resp.into_body();
     let mut state = Some((Hasher::new(digest.algorithm()), file));

@@ -24,9 +24,20 @@ pub enum FillError {
     /// The staging file could not be written.
     #[error("local write failed: {0}")]
     Io(String),
+    /// The blob is larger than the cache may hold.
+    #[error("blob of {0} bytes is larger than the cache")]
+    TooLarge(u64),
     /// The download task ended without finishing (panic or shutdown).
     #[error("download aborted")]
     Aborted,
+}
+
+impl FillError {
+    /// A local failure (disk full, write error, no room): the upstream is fine, so clients
+    /// can still be served straight from it, without caching.
+    pub fn is_local(&self) -> bool {
+        matches!(self, FillError::Io(_) | FillError::TooLarge(_))
+    }
 }
 
 /// Progress of one download, as every reader sees it.

@@ -322,6 +322,53 @@ impl Upstream {
         Ok(resp)
     }
 
+    /// Fetches a blob from byte `start` on, for a client the cache cannot store it for: a
+    /// `Range` request when `start > 0`. Returns the response and how many leading bytes of
+    /// its body to skip (all of `start` when the upstream ignored the range).
+    pub async fn blob_from(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        start: u64,
+    ) -> Result<(Response<Body>, u64), UpstreamError> {
+        if start == 0 {
+            return Ok((self.blob(repo, digest).await?, 0));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::RANGE,
+            http::HeaderValue::from_str(&format!("bytes={start}-"))
+                .map_err(|e| UpstreamError::Invalid(e.to_string()))?,
+        );
+        let resp = self
+            .request(
+                &Method::GET,
+                repo,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                headers,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let from = resp
+                    .headers()
+                    .get(http::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if from != Some(start) {
+                    return Err(UpstreamError::Invalid(
+                        "range answer does not start where asked".into(),
+                    ));
+                }
+                Ok((resp, 0))
+            }
+            StatusCode::OK => Ok((resp, start)),
+            s => Err(UpstreamError::Status(s.as_u16())),
+        }
+    }
+
     /// Asks whether a blob exists and how large it is (HEAD).
     pub async fn blob_size(
         &self,
