@@ -44,6 +44,19 @@ pub enum Command {
         #[arg(long)]
         max_age: Option<HumanDuration>,
     },
+    /// List the cached repositories and tags with their size and last use (reads the cache
+    /// folder; no server needed).
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print cache totals: size against `cache.max_size`, entries, downloads in progress.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Cli {

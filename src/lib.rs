@@ -16,6 +16,7 @@
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
 //!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
+//! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
 //!   upstream when the disk cannot take a blob), tag answers.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod flight;
 pub mod handlers;
+pub mod inspect;
 pub mod media;
 pub mod push;
 pub mod range;

@@ -43,6 +43,36 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     init_tracing(config.log_format);
+    match &cli.command {
+        Some(regcache::cli::Command::Ls { json }) => {
+            let rows = regcache::inspect::list(&config.cache_dir)
+                .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!(
+                    "{}",
+                    regcache::inspect::render_list(&rows, std::time::SystemTime::now())
+                );
+            }
+            return Ok(());
+        }
+        Some(regcache::cli::Command::Stats { json }) => {
+            let limit = config.cache.max_size.map(|m| m.0);
+            let s = regcache::inspect::stats(&config.cache_dir, limit)
+                .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!(
+                    "{}",
+                    regcache::inspect::render_stats(&s, std::time::SystemTime::now())
+                );
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     if let Some(regcache::cli::Command::Gc { max_age }) = &cli.command {
         use regcache::cache::store::BlobStore;
         let max_age =

@@ -1,0 +1,413 @@
+//! `regcache ls` and `regcache stats`: what a cache folder holds, read straight from disk
+//! without a running server (directory listings, inode metadata, tag records and manifests;
+//! blobs are never read).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::cache::budget::references;
+use crate::reference::Digest;
+use crate::units::{ByteSize, HumanDuration};
+
+/// One cached tag of one repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TagRow {
+    /// Upstream name.
+    pub upstream: String,
+    /// Repository at the upstream.
+    pub repository: String,
+    /// Tag.
+    pub tag: String,
+    /// Manifest (or index) digest the tag resolved to.
+    pub digest: String,
+    /// Manifest media type.
+    pub media_type: String,
+    /// Bytes on disk for this image: manifests and the blobs they reference that are cached.
+    pub size: u64,
+    /// Blobs and child manifests referenced but not cached (0: the image is complete).
+    pub missing: u64,
+    /// Last use of the manifest or any of its content, seconds since the Unix epoch.
+    pub last_use: u64,
+}
+
+/// Totals of a cache folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Committed blobs.
+    pub blobs: u64,
+    /// Their bytes.
+    pub blob_bytes: u64,
+    /// Committed manifests.
+    pub manifests: u64,
+    /// Their bytes.
+    pub manifest_bytes: u64,
+    /// Tag records (one per tag and set of accepted manifest types).
+    pub tag_records: u64,
+    /// Repositories with at least one tag record.
+    pub repositories: u64,
+    /// Unfinished downloads in `tmp/`.
+    pub in_progress: u64,
+    /// Their bytes so far.
+    pub in_progress_bytes: u64,
+    /// The configured `cache.max_size`, if any.
+    pub limit: Option<u64>,
+    /// Oldest last use of a blob or manifest, seconds since the Unix epoch.
+    pub oldest_use: Option<u64>,
+    /// Newest last use.
+    pub newest_use: Option<u64>,
+}
+
+struct Meta {
+    size: u64,
+    used: u64,
+}
+
+fn epoch(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn check_root(root: &Path) -> io::Result<()> {
+    if root.join("blobs").is_dir() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} is not a regcache cache folder", root.display()),
+        ))
+    }
+}
+
+fn content(root: &Path, kind: &str, d: &Digest) -> PathBuf {
+    root.join(kind)
+        .join(d.algorithm().as_str())
+        .join(&d.hex()[..2])
+        .join(d.hex())
+}
+
+fn meta(path: &Path) -> Option<Meta> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Meta {
+        size: m.len(),
+        used: m.modified().map(epoch).unwrap_or(0),
+    })
+}
+
+fn files(dir: &Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let m = e.metadata()?;
+        if m.is_dir() {
+            files(&e.path(), out)?;
+        } else {
+            out.push((e.path(), m));
+        }
+    }
+    Ok(())
+}
+
+// Adds a manifest's own file and everything it references (one level of index children).
+fn image_size(root: &Path, digest: &Digest, row: &mut TagRow, seen: &mut BTreeSet<Digest>) {
+    if !seen.insert(digest.clone()) {
+        return;
+    }
+    let path = content(root, "manifests", digest);
+    let Some(m) = meta(&path) else {
+        row.missing += 1;
+        return;
+    };
+    row.size += m.size;
+    row.last_use = row.last_use.max(m.used);
+    let body = std::fs::read(&path).unwrap_or_default();
+    let body = match body.iter().position(|b| *b == b'\n') {
+        Some(nl) => &body[nl + 1..],
+        None => &body[..],
+    };
+    for r in references(body) {
+        if let Some(b) = meta(&content(root, "blobs", &r)) {
+            if seen.insert(r.clone()) {
+                row.size += b.size;
+                row.last_use = row.last_use.max(b.used);
+            }
+        } else if content(root, "manifests", &r).exists() {
+            image_size(root, &r, row, seen);
+        } else if seen.insert(r) {
+            row.missing += 1;
+        }
+    }
+}
+
+/// Every cached tag, sorted by upstream, repository and tag.
+pub fn list(root: &Path) -> io::Result<Vec<TagRow>> {
+    check_root(root)?;
+    let mut records = Vec::new();
+    files(&root.join("tags"), &mut records)?;
+    let mut rows: BTreeMap<(String, String, String, String), TagRow> = BTreeMap::new();
+    for (path, _) in records {
+        let Ok(rel) = path.strip_prefix(root.join("tags")) else {
+            continue;
+        };
+        let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+        // <upstream>/<repo...>/_tags/<tag>@<key>
+        let n = parts.len();
+        if n < 4 || parts[n - 2] != "_tags" {
+            continue;
+        }
+        let Some((tag, _key)) = parts[n - 1].rsplit_once('@') else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let mut fields = text.trim_end().splitn(2, ' ');
+        let (Some(Ok(digest)), Some(media_type)) =
+            (fields.next().map(str::parse::<Digest>), fields.next())
+        else {
+            continue;
+        };
+        let mut row = TagRow {
+            upstream: parts[0].to_owned(),
+            repository: parts[1..n - 2].join("/"),
+            tag: tag.to_owned(),
+            digest: digest.to_string(),
+            media_type: media_type.to_owned(),
+            size: 0,
+            missing: 0,
+            last_use: 0,
+        };
+        image_size(root, &digest, &mut row, &mut BTreeSet::new());
+        let key = (
+            row.upstream.clone(),
+            row.repository.clone(),
+            row.tag.clone(),
+            row.digest.clone(),
+        );
+        rows.insert(key, row);
+    }
+    Ok(rows.into_values().collect())
+}
+
+/// Totals of the cache folder.
+pub fn stats(root: &Path, limit: Option<u64>) -> io::Result<Stats> {
+    check_root(root)?;
+    let mut s = Stats {
+        limit,
+        ..Stats::default()
+    };
+    for kind in ["blobs", "manifests"] {
+        let mut found = Vec::new();
+        files(&root.join(kind), &mut found)?;
+        let (count, bytes) = if kind == "blobs" {
+            (&mut s.blobs, &mut s.blob_bytes)
+        } else {
+            (&mut s.manifests, &mut s.manifest_bytes)
+        };
+        *count += found.len() as u64;
+        *bytes += found.iter().map(|(_, m)| m.len()).sum::<u64>();
+        for (_, m) in &found {
+            let used = m.modified().map(epoch).unwrap_or(0);
+            s.oldest_use = Some(s.oldest_use.map_or(used, |o| o.min(used)));
+            s.newest_use = Some(s.newest_use.map_or(used, |o| o.max(used)));
+        }
+    }
+    let mut tags = Vec::new();
+    files(&root.join("tags"), &mut tags)?;
+    let mut repos = BTreeSet::new();
+    for (p, _) in &tags {
+        if let Some(parent) = p.parent().and_then(Path::parent) {
+            repos.insert(parent.to_owned());
+        }
+    }
+    s.tag_records = tags.len() as u64;
+    s.repositories = repos.len() as u64;
+    let mut tmp = Vec::new();
+    files(&root.join("tmp"), &mut tmp)?;
+    s.in_progress = tmp.len() as u64;
+    s.in_progress_bytes = tmp.iter().map(|(_, m)| m.len()).sum();
+    Ok(s)
+}
+
+fn ago(then: u64, now: u64) -> String {
+    if then == 0 {
+        return "-".into();
+    }
+    let secs = now.saturating_sub(then);
+    // Coarse units read best in a table.
+    let d = match secs {
+        s if s < 60 => Duration::from_secs(s),
+        s if s < 3600 => Duration::from_secs(s / 60 * 60),
+        s if s < 86400 => Duration::from_secs(s / 3600 * 3600),
+        s => Duration::from_secs(s / 86400 * 86400),
+    };
+    format!("{} ago", HumanDuration(d))
+}
+
+/// The `ls` table.
+pub fn render_list(rows: &[TagRow], now: SystemTime) -> String {
+    let now = epoch(now);
+    let mut table = vec![[
+        "REPOSITORY".to_owned(),
+        "TAG".to_owned(),
+        "DIGEST".to_owned(),
+        "SIZE".to_owned(),
+        "LAST USE".to_owned(),
+    ]];
+    for r in rows {
+        let short = r.digest.get(..19).unwrap_or(&r.digest);
+        let size = if r.missing > 0 {
+            format!("{} ({} missing)", ByteSize(r.size), r.missing)
+        } else {
+            ByteSize(r.size).to_string()
+        };
+        table.push([
+            format!("{}/{}", r.upstream, r.repository),
+            r.tag.clone(),
+            short.to_owned(),
+            size,
+            ago(r.last_use, now),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| {
+            table
+                .iter()
+                .map(|row| row[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in &table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `stats` text.
+pub fn render_stats(s: &Stats, now: SystemTime) -> String {
+    let now = epoch(now);
+    let total = s.blob_bytes + s.manifest_bytes;
+    let limit = match s.limit {
+        Some(l) if l > 0 => format!(
+            "{} of {} ({:.1}%)",
+            ByteSize(total),
+            ByteSize(l),
+            total as f64 * 100.0 / l as f64
+        ),
+        _ => format!("{} (no limit)", ByteSize(total)),
+    };
+    format!(
+        "cache size:    {limit}\n\
+         blobs:         {} ({})\n\
+         manifests:     {} ({})\n\
+         tags:          {} records in {} repositories\n\
+         in progress:   {} downloads ({})\n\
+         last use:      newest {}, oldest {}\n",
+        s.blobs,
+        ByteSize(s.blob_bytes),
+        s.manifests,
+        ByteSize(s.manifest_bytes),
+        s.tag_records,
+        s.repositories,
+        s.in_progress,
+        ByteSize(s.in_progress_bytes),
+        ago(s.newest_use.unwrap_or(0), now),
+        ago(s.oldest_use.unwrap_or(0), now),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::store::{BlobStore, FsStore, StoredManifest, TagKey, TagRecord};
+    use bytes::Bytes;
+
+    async fn blob(s: &FsStore, data: &[u8]) -> Digest {
+        let d = Digest::sha256(data);
+        let p = s.staging_path("t");
+        std::fs::write(&p, data).unwrap();
+        s.commit_blob(&d, &p).await.unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn lists_tags_with_image_sizes_and_counts_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStore::open(dir.path()).await.unwrap();
+        let config = blob(&s, b"{}").await;
+        let layer = blob(&s, &[7u8; 1000]).await;
+        let absent = Digest::sha256(b"never fetched");
+        let body = format!(
+            r#"{{"config":{{"digest":"{config}"}},"layers":[{{"digest":"{layer}"}},{{"digest":"{absent}"}}]}}"#
+        );
+        let m = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            body: Bytes::from(body.clone()),
+        };
+        let md = Digest::sha256(body.as_bytes());
+        s.put_manifest(&md, &m).await.unwrap();
+        for accept in [0x1f, 0x03] {
+            s.put_tag(
+                &TagKey {
+                    upstream: "docker.io".into(),
+                    repository: "library/alpine".parse().unwrap(),
+                    tag: "3.20".parse().unwrap(),
+                    accept,
+                },
+                &TagRecord {
+                    digest: md.clone(),
+                    media_type: m.media_type.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let rows = list(dir.path()).unwrap();
+        assert_eq!(rows.len(), 1, "one row per tag and digest: {rows:?}");
+        let r = &rows[0];
+        assert_eq!(
+            (r.upstream.as_str(), r.repository.as_str(), r.tag.as_str()),
+            ("docker.io", "library/alpine", "3.20")
+        );
+        let manifest_file = (m.media_type.len() + 1 + body.len()) as u64;
+        assert_eq!(r.size, manifest_file + 2 + 1000);
+        assert_eq!(r.missing, 1);
+        assert!(r.last_use > 0);
+        let text = render_list(&rows, SystemTime::now());
+        assert!(text.starts_with("REPOSITORY"), "{text}");
+        assert!(text.contains("docker.io/library/alpine  3.20"), "{text}");
+        assert!(text.contains("(1 missing)"), "{text}");
+
+        std::fs::write(dir.path().join("tmp/x.part"), b"half").unwrap();
+        let st = stats(dir.path(), Some(1 << 20)).unwrap();
+        assert_eq!((st.blobs, st.blob_bytes), (2, 1002));
+        assert_eq!((st.manifests, st.manifest_bytes), (1, manifest_file));
+        assert_eq!((st.tag_records, st.repositories), (2, 1));
+        assert_eq!((st.in_progress, st.in_progress_bytes), (1, 4));
+        let text = render_stats(&st, SystemTime::now());
+        assert!(text.contains("of 1MiB"), "{text}");
+    }
+
+    #[test]
+    fn a_folder_that_is_not_a_cache_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(list(dir.path()).is_err());
+        assert!(stats(dir.path(), None).is_err());
+    }
+}
