@@ -111,10 +111,17 @@ async fn manifest_by_tag(
     };
     let known = match app.tags.get(&key) {
         Some(e) => Some(e),
-        None => app.store.tag(&key).await?.map(|record| TagEntry {
-            record,
-            checked: None,
-        }),
+        None => {
+            let entry = app.store.tag(&key).await?.map(|record| TagEntry {
+                record,
+                checked: None,
+            });
+            // Kept in memory as unconfirmed: served as is only when offline or immutable.
+            if let Some(e) = &entry {
+                app.tags.insert(key.clone(), e.clone());
+            }
+            entry
+        }
     };
     if let Some(entry) = known {
         let cached = app

@@ -134,7 +134,13 @@ pub struct FsStore {
     recently_used: moka::sync::Cache<Digest, ()>,
     // Use order and sizes; absent for maintenance opens (`regcache gc`).
     budget: Option<Arc<Budget>>,
+    // Verified manifests recently read or stored, so a hot manifest costs no file read and
+    // no re-hash per request. Bounded by bytes.
+    hot_manifests: moka::sync::Cache<Digest, StoredManifest>,
 }
+
+/// Bytes of manifests kept in memory.
+const HOT_MANIFEST_BYTES: u64 = 32 << 20;
 
 impl FsStore {
     fn at(root: &Path) -> Self {
@@ -147,6 +153,12 @@ impl FsStore {
                 .time_to_live(USE_RESOLUTION)
                 .build(),
             budget: None,
+            hot_manifests: moka::sync::Cache::builder()
+                .max_capacity(HOT_MANIFEST_BYTES)
+                .weigher(|_, m: &StoredManifest| {
+                    u32::try_from(m.body.len() + m.media_type.len()).unwrap_or(u32::MAX)
+                })
+                .build(),
         }
     }
 
@@ -247,6 +259,11 @@ impl FsStore {
             ));
         }
         let victims = b.admit(key, size, refs);
+        for ((kind, d), _) in &victims {
+            if *kind == EntryKind::Manifest {
+                self.hot_manifests.invalidate(d);
+            }
+        }
         remove_victims(&self.root, victims).await;
         Ok(())
     }
@@ -487,6 +504,9 @@ impl BlobStore for FsStore {
     }
 
     async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
+        if let Some(m) = self.hot_manifests.get(digest) {
+            return Ok(Some(m));
+        }
         let Some(raw) = absent(tokio::fs::read(self.content_path("manifests", digest)).await)?
         else {
             return Ok(None);
@@ -508,7 +528,9 @@ impl BlobStore for FsStore {
         if let Some(b) = self.budget.as_ref().filter(|b| b.wants_refs(digest)) {
             b.set_refs(digest, budget::references(&body).into());
         }
-        Ok(Some(StoredManifest { media_type, body }))
+        let m = StoredManifest { media_type, body };
+        self.hot_manifests.insert(digest.clone(), m.clone());
+        Ok(Some(m))
     }
 
     async fn put_manifest(&self, digest: &Digest, m: &StoredManifest) -> io::Result<()> {
@@ -527,8 +549,9 @@ impl BlobStore for FsStore {
                 true,
             )
             .await;
-        if result.is_err() {
-            self.forget((EntryKind::Manifest, digest.clone()));
+        match &result {
+            Ok(()) => self.hot_manifests.insert(digest.clone(), m.clone()),
+            Err(_) => self.forget((EntryKind::Manifest, digest.clone())),
         }
         result
     }
@@ -586,13 +609,18 @@ impl BlobStore for FsStore {
     async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport> {
         let roots = [self.root.join("blobs"), self.root.join("manifests")];
         let budget = self.budget.clone();
+        let hot = self.hot_manifests.clone();
         tokio::task::spawn_blocking(move || {
             let cutoff = std::time::SystemTime::now()
                 .checked_sub(max_age)
                 .unwrap_or(std::time::UNIX_EPOCH);
             let mut report = GcReport::default();
             let removed = |p: &Path| {
-                if let (Some(b), Some(k)) = (&budget, key_of(p)) {
+                let Some(k) = key_of(p) else { return };
+                if k.0 == EntryKind::Manifest {
+                    hot.invalidate(&k.1);
+                }
+                if let Some(b) = &budget {
                     b.forget(&k);
                 }
             };
@@ -756,6 +784,9 @@ mod tests {
         s.put_manifest(&d, &m).await.unwrap();
         let p = s.content_path("manifests", &d);
         std::fs::write(&p, b"a/b\n{\"x\":1}").unwrap();
+        // A fresh start reads the file (the running store answers from the copy it verified).
+        assert_eq!(s.manifest(&d).await.unwrap(), Some(m));
+        let s = FsStore::open(dir.path()).await.unwrap();
         assert_eq!(s.manifest(&d).await.unwrap(), None);
     }
 }
