@@ -411,14 +411,15 @@ pub async fn blob(
         // Gone between the two calls (garbage collection): fetched again below.
         if let Some(b) = app.store.open_blob(digest, start).await? {
             let stream = read_stream(b.reader, len);
-            return Ok(blob_response(
-                digest,
-                total,
-                status,
-                start,
-                len,
-                body::stream(stream),
-            ));
+            let mut r = blob_response(digest, total, status, start, len, body::stream(stream));
+            if let Some(file) = b.file {
+                r.extensions_mut().insert(crate::fastpath::FileRange {
+                    file: Arc::new(file),
+                    offset: start,
+                    len,
+                });
+            }
+            return Ok(r);
         }
     }
     let up = &app.upstreams[upstream];

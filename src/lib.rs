@@ -16,6 +16,8 @@
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
 //!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
+//! - [`fastpath`]: plain-HTTP/1.1 loop for bodiless requests; cached blobs go out with
+//!   `sendfile(2)`, everything else is handed to hyper.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
@@ -30,6 +32,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fastpath;
 pub mod flight;
 pub mod handlers;
 pub mod inspect;

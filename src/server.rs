@@ -16,6 +16,48 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
+use crate::fastpath::{self, Outcome};
+
+// Plain connections in the fast loop, so shutdown can wait for them as hyper's are waited for.
+#[derive(Default)]
+struct Active {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+struct ActiveGuard(Arc<Active>);
+
+impl ActiveGuard {
+    fn new(a: &Arc<Active>) -> Self {
+        a.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ActiveGuard(a.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Active {
+    async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
 
 /// Builds a TLS acceptor from PEM certificate chain and key files.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
@@ -50,6 +92,8 @@ pub async fn serve(
 ) -> io::Result<()> {
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let active = Arc::new(Active::default());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -66,6 +110,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let fast_app = app.clone();
         let app = app.clone();
         let service = service_fn(move |req| {
             let app = app.clone();
@@ -73,12 +118,29 @@ pub async fn serve(
         });
         match &tls {
             None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
+                // Plain HTTP starts in the fast loop (sendfile for cached blobs) and moves to
+                // hyper for anything it does not serve itself.
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let (app, stopping, guard) =
+                    (fast_app, stopping.clone(), ActiveGuard::new(&active));
                 // One task per connection; it ends when the client closes or on shutdown.
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    let outcome =
+                        fastpath::serve(stream, peer, app, fastpath::Limits::default(), stopping)
+                            .await;
+                    drop(guard);
+                    match outcome {
+                        Ok(Outcome::Handoff(io)) => {
+                            let conn = builder.serve_connection(TokioIo::new(io), service);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, %peer, "connection ended with an error");
+                            }
+                        }
+                        Ok(Outcome::Closed) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error")
+                        }
                     }
                 });
             }
@@ -110,8 +172,11 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down; letting open requests finish");
+    let _ = stop.send(true);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = async { tokio::join!(graceful.shutdown(), active.drained()) } => {
+            tracing::info!("all connections closed")
+        }
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing open connections"),
     }
     Ok(())

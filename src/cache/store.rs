@@ -29,6 +29,9 @@ pub struct BlobRead {
     pub len: u64,
     /// Reader positioned at the requested offset.
     pub reader: Pin<Box<dyn AsyncRead + Send>>,
+    /// The same content as a local file, when the backend has one: lets a plain-HTTP
+    /// connection send it with `sendfile(2)` instead of copying it through user space.
+    pub file: Option<std::fs::File>,
 }
 
 /// A manifest with its media type.
@@ -476,12 +479,16 @@ impl BlobStore for FsStore {
             return Ok(None);
         };
         let len = f.metadata().await?.len();
+        // A second descriptor of the same open file: it stays readable if the name is
+        // evicted, and is only ever read at explicit offsets.
+        let file = f.try_clone().await?.into_std().await;
         if offset > 0 {
             f.seek(io::SeekFrom::Start(offset)).await?;
         }
         Ok(Some(BlobRead {
             len,
             reader: Box::pin(f),
+            file: Some(file),
         }))
     }
 

@@ -1,0 +1,475 @@
+//! The plain-HTTP/1.1 connection loop: bodiless `GET`/`HEAD` requests are parsed here and
+//! answered by `App::handle`, and a cached blob is sent with `sendfile(2)` (no copy through
+//! user space). Anything else (a request with a body, HTTP/2, HTTP/1.0, `Expect`, `Upgrade`,
+//! a malformed request) hands the connection, with the bytes already read, to hyper for the
+//! rest of its life. TLS connections never come here.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::app::App;
+use crate::body::Body;
+
+/// Part of a local file that is exactly a response's body. Set by the blob handler on cache
+/// hits; used instead of the body stream where the connection allows it.
+#[derive(Clone, Debug)]
+pub struct FileRange {
+    /// The open file (stays readable if its name is evicted).
+    pub file: Arc<std::fs::File>,
+    /// First byte.
+    pub offset: u64,
+    /// Bytes to send.
+    pub len: u64,
+}
+
+/// Limits of the loop.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest request head (request line and headers).
+    pub max_head: usize,
+    /// Time allowed to receive a whole request head once its first byte arrived, and to
+    /// wait for the next request on an idle connection.
+    pub head_timeout: Duration,
+    /// Time an idle keep-alive connection is kept.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: 64 * 1024,
+            head_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// How a connection left the loop.
+pub enum Outcome {
+    /// Closed (by the client, a limit, an error or shutdown).
+    Closed,
+    /// To be served by hyper from here on: the stream with the bytes already read.
+    Handoff(Rewind),
+}
+
+/// A TCP stream with bytes already read put back in front of it.
+pub struct Rewind {
+    pre: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// What the parser made of the bytes at the head of the buffer.
+#[derive(Debug, PartialEq)]
+enum Head {
+    /// More bytes are needed.
+    Partial,
+    /// Not for this loop: hyper serves it (and answers malformed input with a 400).
+    Hyper,
+    /// Ambiguous message framing (both `Content-Length` and `Transfer-Encoding`, or two
+    /// different lengths): the shape of a request-smuggling attempt, answered 400 and closed.
+    Smuggling,
+    /// A bodiless GET/HEAD this loop serves; `len` bytes of the buffer are its head.
+    Simple(Box<Simple>),
+}
+
+/// A request head this loop serves.
+#[derive(Debug, PartialEq)]
+struct Simple {
+    method: Method,
+    target: http::Uri,
+    headers: HeaderMap,
+    close: bool,
+    // Bytes of the buffer the head takes.
+    len: usize,
+}
+
+const MAX_HEADERS: usize = 100;
+
+/// Parses one request head. Pure: the edge of the loop.
+fn parse_head(buf: &[u8]) -> Head {
+    if buf.starts_with(b"PRI ") {
+        return Head::Hyper;
+    }
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut raw);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Hyper,
+    };
+    let lengths: Vec<&[u8]> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value.trim_ascii())
+        .collect();
+    let chunked = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    if (chunked && !lengths.is_empty()) || lengths.windows(2).any(|w| w[0] != w[1]) {
+        return Head::Smuggling;
+    }
+    let method = match req.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Head::Hyper,
+    };
+    if req.version != Some(1) {
+        return Head::Hyper;
+    }
+    let Some(Ok(target)) = req
+        .path
+        .filter(|p| p.starts_with('/'))
+        .map(str::parse::<http::Uri>)
+    else {
+        return Head::Hyper;
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut close = false;
+    for h in req.headers.iter() {
+        let Ok(name) = header::HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Head::Hyper;
+        };
+        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+            return Head::Hyper;
+        };
+        match name {
+            // A body, or a protocol change: hyper's job, with its own framing checks.
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return Head::Hyper,
+            header::CONTENT_LENGTH if h.value != b"0" => return Head::Hyper,
+            header::CONNECTION
+                if h.value
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")) =>
+            {
+                close = true;
+            }
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    Head::Simple(Box::new(Simple {
+        method,
+        target,
+        headers,
+        close,
+        len,
+    }))
+}
+
+// Headers that describe a connection, not a response: never copied from the handler's answer.
+fn hop_by_hop(name: &header::HeaderName) -> bool {
+    matches!(
+        *name,
+        header::CONNECTION | header::TRANSFER_ENCODING | header::UPGRADE
+    ) || name.as_str() == "keep-alive"
+}
+
+/// Serves requests on a plain TCP connection until it closes or needs hyper.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    app: Arc<App>,
+    limits: Limits,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> io::Result<Outcome> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        // Read one request head, bounded in size and time.
+        let head = loop {
+            match parse_head(&buf) {
+                Head::Partial => {}
+                other => break other,
+            }
+            if buf.len() >= limits.max_head {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                    )
+                    .await;
+                return Ok(Outcome::Closed);
+            }
+            let wait = if buf.is_empty() {
+                limits.idle_timeout
+            } else {
+                limits.head_timeout
+            };
+            if buf.is_empty() && *stopping.borrow() {
+                return Ok(Outcome::Closed);
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => r,
+                // Shutdown while idle between requests: close now.
+                _ = stopping.changed(), if buf.is_empty() => return Ok(Outcome::Closed),
+            };
+            match read {
+                Ok(Ok(0)) | Err(_) => return Ok(Outcome::Closed),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+        };
+        if head == Head::Smuggling {
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                )
+                .await;
+            return Ok(Outcome::Closed);
+        }
+        let Head::Simple(simple) = head else {
+            return Ok(Outcome::Handoff(Rewind {
+                pre: buf.freeze(),
+                stream,
+            }));
+        };
+        let Simple {
+            method,
+            target,
+            headers,
+            close,
+            len,
+        } = *simple;
+        buf.advance(len);
+        let mut req = Request::new(Empty::<Bytes>::new());
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = target;
+        *req.headers_mut() = headers;
+        req.extensions_mut().insert(peer);
+        let resp = app.handle(req).await;
+        let keep = write_response(&mut stream, resp, method == Method::HEAD).await?;
+        if close || !keep || *stopping.borrow() {
+            let _ = stream.shutdown().await;
+            return Ok(Outcome::Closed);
+        }
+    }
+}
+
+/// Writes one response; returns whether the connection can carry another.
+async fn write_response(
+    stream: &mut TcpStream,
+    resp: Response<Body>,
+    head: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let file = parts.extensions.get::<FileRange>().cloned();
+    let status = parts.status;
+    let bodiless = head
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED;
+    let exact = http_body::Body::size_hint(&body).exact();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_length = false;
+    for (name, value) in parts.headers.iter() {
+        if hop_by_hop(name) {
+            continue;
+        }
+        has_length |= *name == header::CONTENT_LENGTH;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let chunked = !bodiless && !has_length && exact.is_none();
+    if !bodiless && !has_length {
+        match exact {
+            Some(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+            None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    stream.write_all(&out).await?;
+    if bodiless {
+        return Ok(true);
+    }
+    if let Some(f) = file {
+        drop(body);
+        send_file(stream, &f).await?;
+        return Ok(true);
+    }
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            // The body failed part-way (e.g. a download that failed verification): the
+            // client must see an incomplete response, so the connection ends here.
+            Err(e) => {
+                tracing::debug!(error = %e, "response body failed; closing the connection");
+                return Ok(false);
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            stream
+                .write_all(format!("{:x}\r\n", data.len()).as_bytes())
+                .await?;
+            stream.write_all(&data).await?;
+            stream.write_all(b"\r\n").await?;
+        } else {
+            stream.write_all(&data).await?;
+        }
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(true)
+}
+
+/// Sends a file range to the socket with `sendfile(2)`, waiting for the socket to drain.
+async fn send_file(stream: &TcpStream, f: &FileRange) -> io::Result<()> {
+    let mut offset = f.offset;
+    let end = f.offset + f.len;
+    while offset < end {
+        let want = usize::try_from(end - offset)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            rustix::fs::sendfile(stream, &*f.file, Some(&mut offset), want).map_err(io::Error::from)
+        });
+        match sent {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file shorter than its length",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simple(raw: &[u8]) -> (Method, http::Uri, HeaderMap, bool, usize) {
+        match parse_head(raw) {
+            Head::Simple(s) => (s.method, s.target, s.headers, s.close, s.len),
+            other => panic!("{other:?} for {:?}", String::from_utf8_lossy(raw)),
+        }
+    }
+
+    #[test]
+    fn bodiless_gets_and_heads_are_served_here() {
+        let raw = b"GET /v2/library/alpine/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nAccept: a\r\nAccept: b\r\n\r\nGET /next";
+        let (m, t, h, close, len) = simple(raw);
+        assert_eq!(m, Method::GET);
+        assert_eq!(t.path(), "/v2/library/alpine/blobs/sha256:ab");
+        assert_eq!(h.get_all(header::ACCEPT).iter().count(), 2);
+        assert!(!close);
+        assert_eq!(&raw[len..], b"GET /next");
+        let (m, _, _, close, _) = simple(
+            b"HEAD /v2/ HTTP/1.1\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(m, Method::HEAD);
+        assert!(close);
+    }
+
+    #[test]
+    fn everything_else_goes_to_hyper() {
+        for raw in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"PUT /v2/a/manifests/b HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            b"GET /v2/ HTTP/1.0\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            b"GET http://other/v2/ HTTP/1.1\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse_head(raw),
+                Head::Hyper,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert_eq!(
+            parse_head(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"),
+            Head::Partial
+        );
+        for raw in [
+            &b"GET /v2/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\n"[..],
+            b"GET /v2/ HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"PATCH /v2/a/blobs/uploads/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+        ] {
+            assert_eq!(parse_head(raw), Head::Smuggling);
+        }
+    }
+}
