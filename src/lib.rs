@@ -18,10 +18,13 @@
 //!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
 //! - [`cache`]: storage interface and filesystem backend, blob single flight, download task,
 //!   readers of growing files, tag answers.
+//! - [`airgap`]: air-gapped farms: image names as clients type them, the OCI image layout
+//!   format, verified staging of content.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod airgap;
 pub mod app;
 pub mod body;
 pub mod cache;
