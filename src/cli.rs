@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::airgap::name::ImageName;
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::units::HumanDuration;
 
@@ -43,6 +44,36 @@ pub enum Command {
         /// else 30d.
         #[arg(long)]
         max_age: Option<HumanDuration>,
+    },
+    /// Write cached images as an OCI image layout, read straight from the cache folder (no
+    /// server needed). Nothing is written unless every image is complete in the cache.
+    Export {
+        /// Images, named as for `prefetch`.
+        #[arg(required = true)]
+        images: Vec<ImageName>,
+        /// A directory (created, or an existing layout added to), or a tar file when the
+        /// name ends in `.tar`.
+        #[arg(long, short = 'o', value_name = "DIR|FILE.tar")]
+        output: PathBuf,
+        /// Leave out manifests and blobs that are not cached (each is named) instead of
+        /// failing.
+        #[arg(long)]
+        allow_partial: bool,
+    },
+    /// Load an OCI image layout (a directory or a tar) into the cache, verifying every
+    /// digest, and record its ref names as tags for an offline regcache to serve. A layout
+    /// with any damaged or missing content is refused whole. Safe while an offline regcache
+    /// serves the same cache, not while one fetches into it.
+    Import {
+        /// The layout directory or tar file.
+        path: PathBuf,
+        /// The image that ref names which are only a tag (`3.20`) belong to, e.g.
+        /// `docker.io/library/alpine`.
+        #[arg(long, value_name = "NAME")]
+        repository: Option<ImageName>,
+        /// Import even when content the layout refers to is missing from it and the cache.
+        #[arg(long)]
+        allow_partial: bool,
     },
 }
 
@@ -108,6 +139,31 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["regcache", "gc", "--max-age", "soon"]).is_err());
+    }
+
+    #[test]
+    fn airgap_commands() {
+        let cli = Cli::try_parse_from(["regcache", "export", "a:1", "b", "-o", "out.tar"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Export { images, allow_partial: false, .. }) if images.len() == 2
+        ));
+        let cli =
+            Cli::try_parse_from(["regcache", "import", "x.tar", "--repository", "alpine"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Import {
+                repository: Some(_),
+                ..
+            })
+        ));
+        for bad in [
+            &["regcache", "export", "a:1"][..],
+            &["regcache", "export", "-o", "x"],
+            &["regcache", "export", "Bad:1", "-o", "x"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@
 //!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
 //! - [`cache`]: storage interface and filesystem backend, blob single flight, download task,
 //!   readers of growing files, tag answers.
-//! - [`airgap`]: air-gapped farms: image names as clients type them, the OCI image layout
-//!   format, verified staging of content.
+//! - [`airgap`]: air-gapped farms: `export` (cached images to an OCI layout, directory or
+//!   tar), `import` (a layout into a cache, every digest verified).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

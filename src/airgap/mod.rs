@@ -1,14 +1,22 @@
-//! Air-gapped farms: moving cached images in and out of a cache as OCI image layouts.
+//! Air-gapped farms: `regcache export` writes cached images as an OCI image layout,
+//! `regcache import` loads one into a cache that an offline regcache then serves.
 //!
 //! Shared here: the error type, the `Accept` lists real clients send (tag records are keyed
 //! by them), and recording a tag for all of those clients at once.
 //!
 //! - [`name`]: image names and `--platform` values, and their routing (pure).
 //! - [`oci`]: descriptors, manifest children, `oci-layout` and `index.json` (pure).
+//! - [`export`], [`import`]: the commands.
+//! - [`archive`]: layouts as tar files, written and read.
+//! - [`progress`]: what the commands print.
 //! - [`verify`]: content hashed while it is copied, staged only when it matches.
 
+pub mod archive;
+pub mod export;
+pub mod import;
 pub mod name;
 pub mod oci;
+pub mod progress;
 pub mod verify;
 
 use std::io;
@@ -57,6 +65,14 @@ pub enum AirgapError {
 pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> AirgapError {
     let context = context.into();
     move |source| AirgapError::Io { context, source }
+}
+
+/// Wraps an I/O error on writing `path`.
+pub(crate) fn write_error(path: &std::path::Path) -> impl FnOnce(io::Error) -> AirgapError + '_ {
+    move |source| AirgapError::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    }
 }
 
 /// Docker 20.10: six `Accept` lines.
