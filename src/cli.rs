@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::airgap::name::ImageName;
+use crate::airgap::name::{ImageName, PlatformFilter};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::units::HumanDuration;
 
@@ -44,6 +44,24 @@ pub enum Command {
         /// else 30d.
         #[arg(long)]
         max_age: Option<HumanDuration>,
+    },
+    /// Warm the cache from the upstreams: every manifest, config and layer of each image, all
+    /// platforms of an index unless --platform says otherwise. Run it again after an
+    /// interruption: what is cached is skipped. Not while a regcache serves the same cache.
+    Prefetch {
+        /// Images as clients name them through regcache: `alpine:3.20`,
+        /// `library/alpine@sha256:…`, `<upstream>/<repo>:<tag>`, `docker.io/library/alpine`.
+        images: Vec<ImageName>,
+        /// Also take image names from this file, one per line (`#` starts a comment; `-`
+        /// reads standard input).
+        #[arg(long, short = 'f', value_name = "LIST")]
+        file: Option<PathBuf>,
+        /// Only this platform of an index (`os/arch[/variant]`); repeat for more.
+        #[arg(long = "platform", value_name = "OS/ARCH")]
+        platforms: Vec<PlatformFilter>,
+        /// Blob downloads at a time.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
     },
     /// Write cached images as an OCI image layout, read straight from the cache folder (no
     /// server needed). Nothing is written unless every image is complete in the cache.
@@ -143,6 +161,31 @@ mod tests {
 
     #[test]
     fn airgap_commands() {
+        let cli = Cli::try_parse_from([
+            "regcache",
+            "prefetch",
+            "alpine:3.20",
+            "ghcr/owner/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "--platform",
+            "linux/arm64",
+            "-f",
+            "list.txt",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Prefetch {
+                images,
+                file,
+                platforms,
+                jobs,
+            }) => {
+                assert_eq!(images.len(), 2);
+                assert_eq!(file, Some(PathBuf::from("list.txt")));
+                assert_eq!(platforms.len(), 1);
+                assert_eq!(jobs, 4);
+            }
+            other => panic!("{other:?}"),
+        }
         let cli = Cli::try_parse_from(["regcache", "export", "a:1", "b", "-o", "out.tar"]).unwrap();
         assert!(matches!(
             cli.command,
@@ -160,7 +203,9 @@ mod tests {
         for bad in [
             &["regcache", "export", "a:1"][..],
             &["regcache", "export", "-o", "x"],
-            &["regcache", "export", "Bad:1", "-o", "x"],
+            &["regcache", "prefetch", "Bad:1"],
+            &["regcache", "prefetch", "a", "--platform", "linux"],
+            &["regcache", "prefetch", "a", "--jobs", "0"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }

@@ -18,8 +18,9 @@
 //!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
 //! - [`cache`]: storage interface and filesystem backend, blob single flight, download task,
 //!   readers of growing files, tag answers.
-//! - [`airgap`]: air-gapped farms: `export` (cached images to an OCI layout, directory or
-//!   tar), `import` (a layout into a cache, every digest verified).
+//! - [`airgap`]: air-gapped farms: `prefetch` (warm a cache through the serving code),
+//!   `export` (cached images to an OCI layout, directory or tar), `import` (a layout into a
+//!   cache, every digest verified).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use regcache::airgap::{export, import};
+use regcache::airgap::{export, import, name, prefetch};
 use regcache::cli::{Cli, Command};
 use regcache::config::{Config, LogFormat};
 
@@ -117,6 +117,29 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
                 r.kept
             );
             Ok(true)
+        }
+        Command::Prefetch {
+            mut images,
+            file,
+            platforms,
+            jobs,
+        } => {
+            if let Some(file) = file {
+                let text = if file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+                } else {
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                };
+                images.extend(name::parse_list(&text).with_context(|| file.display().to_string())?);
+            }
+            anyhow::ensure!(!images.is_empty(), "prefetch: no images given");
+            let args = prefetch::PrefetchArgs {
+                images,
+                platforms,
+                jobs: usize::from(jobs),
+            };
+            Ok(prefetch::run(config, args).await?)
         }
         Command::Export {
             images,

@@ -1,12 +1,13 @@
-//! Air-gapped farms: `regcache export` writes cached images as an OCI image layout,
-//! `regcache import` loads one into a cache that an offline regcache then serves.
+//! Air-gapped farms: `regcache prefetch` warms a cache from the upstreams, `regcache export`
+//! writes cached images as an OCI image layout, `regcache import` loads one into a cache that
+//! an offline regcache then serves.
 //!
 //! Shared here: the error type, the `Accept` lists real clients send (tag records are keyed
 //! by them), and recording a tag for all of those clients at once.
 //!
 //! - [`name`]: image names and `--platform` values, and their routing (pure).
 //! - [`oci`]: descriptors, manifest children, `oci-layout` and `index.json` (pure).
-//! - [`export`], [`import`]: the commands.
+//! - [`prefetch`], [`export`], [`import`]: the three commands.
 //! - [`archive`]: layouts as tar files, written and read.
 //! - [`progress`]: what the commands print.
 //! - [`verify`]: content hashed while it is copied, staged only when it matches.
@@ -16,6 +17,7 @@ pub mod export;
 pub mod import;
 pub mod name;
 pub mod oci;
+pub mod prefetch;
 pub mod progress;
 pub mod verify;
 
