@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::airgap::name::{ImageName, PlatformFilter};
 use crate::config::{Config, ConfigError, LogFormat};
 use crate::units::HumanDuration;
 
@@ -56,6 +57,54 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Warm the cache from the upstreams: every manifest, config and layer of each image, all
+    /// platforms of an index unless --platform says otherwise. Run it again after an
+    /// interruption: what is cached is skipped. Not while a regcache serves the same cache.
+    Prefetch {
+        /// Images as clients name them through regcache: `alpine:3.20`,
+        /// `library/alpine@sha256:…`, `<upstream>/<repo>:<tag>`, `docker.io/library/alpine`.
+        images: Vec<ImageName>,
+        /// Also take image names from this file, one per line (`#` starts a comment; `-`
+        /// reads standard input).
+        #[arg(long, short = 'f', value_name = "LIST")]
+        file: Option<PathBuf>,
+        /// Only this platform of an index (`os/arch[/variant]`); repeat for more.
+        #[arg(long = "platform", value_name = "OS/ARCH")]
+        platforms: Vec<PlatformFilter>,
+        /// Blob downloads at a time.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+    },
+    /// Write cached images as an OCI image layout, read straight from the cache folder (no
+    /// server needed). Nothing is written unless every image is complete in the cache.
+    Export {
+        /// Images, named as for `prefetch`.
+        #[arg(required = true)]
+        images: Vec<ImageName>,
+        /// A directory (created, or an existing layout added to), or a tar file when the
+        /// name ends in `.tar`.
+        #[arg(long, short = 'o', value_name = "DIR|FILE.tar")]
+        output: PathBuf,
+        /// Leave out manifests and blobs that are not cached (each is named) instead of
+        /// failing.
+        #[arg(long)]
+        allow_partial: bool,
+    },
+    /// Load an OCI image layout (a directory or a tar) into the cache, verifying every
+    /// digest, and record its ref names as tags for an offline regcache to serve. A layout
+    /// with any damaged or missing content is refused whole. Safe while an offline regcache
+    /// serves the same cache, not while one fetches into it.
+    Import {
+        /// The layout directory or tar file.
+        path: PathBuf,
+        /// The image that ref names which are only a tag (`3.20`) belong to, e.g.
+        /// `docker.io/library/alpine`.
+        #[arg(long, value_name = "NAME")]
+        repository: Option<ImageName>,
+        /// Import even when content the layout refers to is missing from it and the cache.
+        #[arg(long)]
+        allow_partial: bool,
     },
 }
 
@@ -121,6 +170,58 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["regcache", "gc", "--max-age", "soon"]).is_err());
+    }
+
+    #[test]
+    fn airgap_commands() {
+        let cli = Cli::try_parse_from([
+            "regcache",
+            "prefetch",
+            "alpine:3.20",
+            "ghcr/owner/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "--platform",
+            "linux/arm64",
+            "-f",
+            "list.txt",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Prefetch {
+                images,
+                file,
+                platforms,
+                jobs,
+            }) => {
+                assert_eq!(images.len(), 2);
+                assert_eq!(file, Some(PathBuf::from("list.txt")));
+                assert_eq!(platforms.len(), 1);
+                assert_eq!(jobs, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["regcache", "export", "a:1", "b", "-o", "out.tar"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Export { images, allow_partial: false, .. }) if images.len() == 2
+        ));
+        let cli =
+            Cli::try_parse_from(["regcache", "import", "x.tar", "--repository", "alpine"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Import {
+                repository: Some(_),
+                ..
+            })
+        ));
+        for bad in [
+            &["regcache", "export", "a:1"][..],
+            &["regcache", "export", "-o", "x"],
+            &["regcache", "prefetch", "Bad:1"],
+            &["regcache", "prefetch", "a", "--platform", "linux"],
+            &["regcache", "prefetch", "a", "--jobs", "0"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

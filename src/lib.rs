@@ -22,10 +22,14 @@
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
 //!   upstream when the disk cannot take a blob), tag answers.
+//! - [`airgap`]: air-gapped farms: `prefetch` (warm a cache through the serving code),
+//!   `export` (cached images to an OCI layout, directory or tar), `import` (a layout into a
+//!   cache, every digest verified).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod airgap;
 pub mod app;
 pub mod body;
 pub mod cache;

@@ -3,16 +3,26 @@
 
 use anyhow::Context;
 use clap::Parser;
-use regcache::cli::Cli;
-use regcache::config::LogFormat;
+use regcache::airgap::{export, import, name, prefetch};
+use regcache::cli::{Cli, Command};
+use regcache::config::{Config, LogFormat};
 
-fn init_tracing(format: LogFormat) {
+/// Serving logs at `info` on stdout; commands (which print their own results) log warnings
+/// only, on stderr. `RUST_LOG` overrides the level either way.
+fn init_tracing(format: LogFormat, command: bool) {
+    let default = if command { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Pretty => builder.init(),
+    match (format, command) {
+        (LogFormat::Json, false) => builder.json().flatten_event(true).init(),
+        (LogFormat::Pretty, false) => builder.init(),
+        (LogFormat::Json, true) => builder
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .init(),
+        (LogFormat::Pretty, true) => builder.with_writer(std::io::stderr).init(),
     }
 }
 
@@ -42,56 +52,15 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    init_tracing(config.log_format);
-    match &cli.command {
-        Some(regcache::cli::Command::Ls { json }) => {
-            let rows = regcache::inspect::list(&config.cache_dir)
-                .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                print!(
-                    "{}",
-                    regcache::inspect::render_list(&rows, std::time::SystemTime::now())
-                );
-            }
-            return Ok(());
+    if let Some(command) = cli.command {
+        init_tracing(config.log_format, true);
+        let ok = run_command(command, config).await?;
+        if !ok {
+            std::process::exit(1);
         }
-        Some(regcache::cli::Command::Stats { json }) => {
-            let limit = config.cache.max_size.map(|m| m.0);
-            let s = regcache::inspect::stats(&config.cache_dir, limit)
-                .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!(
-                    "{}",
-                    regcache::inspect::render_stats(&s, std::time::SystemTime::now())
-                );
-            }
-            return Ok(());
-        }
-        _ => {}
-    }
-    if let Some(regcache::cli::Command::Gc { max_age }) = &cli.command {
-        use regcache::cache::store::BlobStore;
-        let max_age =
-            max_age
-                .or(config.cache.gc_max_age)
-                .unwrap_or(regcache::units::HumanDuration(
-                    std::time::Duration::from_secs(30 * 86400),
-                ));
-        let store = regcache::cache::store::FsStore::open_shared(&config.cache_dir)
-            .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
-        let r = store.collect_garbage(max_age.0).await?;
-        println!(
-            "gc: removed {} files unused for {max_age}, freed {}, kept {} files",
-            r.files,
-            regcache::units::ByteSize(r.bytes),
-            r.kept
-        );
         return Ok(());
     }
+    init_tracing(config.log_format, false);
     let tls = match &config.tls {
         Some(t) => {
             Some(regcache::server::tls_acceptor(&t.cert, &t.key).map_err(anyhow::Error::msg)?)
@@ -125,4 +94,103 @@ async fn main() -> anyhow::Result<()> {
     app.start_periodic_gc();
     regcache::server::serve(listener, app, tls, grace, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Runs a command other than serving; `Ok(false)` when it failed and said why.
+async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
+    match command {
+        Command::Gc { max_age } => {
+            use regcache::cache::store::BlobStore;
+            let max_age =
+                max_age
+                    .or(config.cache.gc_max_age)
+                    .unwrap_or(regcache::units::HumanDuration(
+                        std::time::Duration::from_secs(30 * 86400),
+                    ));
+            let store = regcache::cache::store::FsStore::open_shared(&config.cache_dir)
+                .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
+            let r = store.collect_garbage(max_age.0).await?;
+            println!(
+                "gc: removed {} files unused for {max_age}, freed {}, kept {} files",
+                r.files,
+                regcache::units::ByteSize(r.bytes),
+                r.kept
+            );
+            Ok(true)
+        }
+        Command::Ls { json } => {
+            let rows = regcache::inspect::list(&config.cache_dir)
+                .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!(
+                    "{}",
+                    regcache::inspect::render_list(&rows, std::time::SystemTime::now())
+                );
+            }
+            Ok(true)
+        }
+        Command::Stats { json } => {
+            let limit = config.cache.max_size.map(|m| m.0);
+            let s = regcache::inspect::stats(&config.cache_dir, limit)
+                .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!(
+                    "{}",
+                    regcache::inspect::render_stats(&s, std::time::SystemTime::now())
+                );
+            }
+            Ok(true)
+        }
+        Command::Prefetch {
+            mut images,
+            file,
+            platforms,
+            jobs,
+        } => {
+            if let Some(file) = file {
+                let text = if file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+                } else {
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                };
+                images.extend(name::parse_list(&text).with_context(|| file.display().to_string())?);
+            }
+            anyhow::ensure!(!images.is_empty(), "prefetch: no images given");
+            let args = prefetch::PrefetchArgs {
+                images,
+                platforms,
+                jobs: usize::from(jobs),
+            };
+            Ok(prefetch::run(config, args).await?)
+        }
+        Command::Export {
+            images,
+            output,
+            allow_partial,
+        } => {
+            let args = export::ExportArgs {
+                images,
+                output,
+                allow_partial,
+            };
+            Ok(export::run(&config, args).await?)
+        }
+        Command::Import {
+            path,
+            repository,
+            allow_partial,
+        } => {
+            let args = import::ImportArgs {
+                path,
+                repository,
+                allow_partial,
+            };
+            Ok(import::run(&config, args).await?)
+        }
+    }
 }

@@ -119,6 +119,11 @@ impl Tag {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `latest`, the tag of a name given without one.
+    pub fn latest() -> Self {
+        Tag("latest".to_owned())
+    }
 }
 
 impl FromStr for Tag {

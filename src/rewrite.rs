@@ -80,6 +80,11 @@ impl RoutingTable {
         &self.entries[i].name
     }
 
+    /// Index of the upstream called `name`.
+    pub fn by_name(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
     /// Chooses the upstream and repository for a request. Rules, first match wins:
     /// `ns=` (containerd), the `Host` header (virtual hosts), a first path component equal to
     /// an upstream name, then the default upstream. Docker Hub upstreams also accept

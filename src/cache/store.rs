@@ -290,7 +290,9 @@ impl FsStore {
             tokio::fs::create_dir_all(parent).await?;
         }
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp.join(format!("write.{n}.part"));
+        let tmp = self
+            .tmp
+            .join(format!("write.{}.{n}.part", std::process::id()));
         let result = async {
             let mut f = tokio::fs::File::create(&tmp).await?;
             for p in parts {
@@ -467,7 +469,9 @@ impl BlobStore for FsStore {
                 }
             })
             .collect();
-        self.tmp.join(format!("{safe}.{n}.part"))
+        // The process id keeps names apart when another process (import) writes here too.
+        self.tmp
+            .join(format!("{safe}.{}.{n}.part", std::process::id()))
     }
 
     async fn blob_len(&self, digest: &Digest) -> io::Result<Option<u64>> {

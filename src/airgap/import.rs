@@ -1,0 +1,866 @@
+//! `regcache import`: loads an OCI image layout (a directory or a tar) into a cache folder so
+//! that an offline regcache serves its images by tag and by digest.
+//!
+//! Everything is checked before anything lands: each blob is staged in the cache's `tmp/`
+//! while it is hashed, each manifest is hashed and parsed, and each ref name routed. Only when
+//! all of it holds is the content committed through the store (blobs, then manifests
+//! children first, then tag records); otherwise the staged files are removed and every
+//! problem is reported.
+//!
+//! Ref names are image names as `prefetch` takes them (`docker.io/library/alpine:3.20`,
+//! `alpine:3.20`). A ref name that is only a tag (`3.20`, as `skopeo copy … oci:DIR:3.20`
+//! writes) needs `--repository NAME` to say which image it is; an entry without a ref name,
+//! or with a digest one, brings content only.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::archive::stage_tar;
+use super::name::ImageName;
+use super::oci::{self, Descriptor, INDEX_FILE, LAYOUT_FILE, Node};
+use super::progress::human_bytes;
+use super::verify::{self, StageError, Staged, read_small, remove_staged};
+use super::{AirgapError, io_error, record_tag};
+use crate::cache::store::{BlobStore, FsStore, StoredManifest};
+use crate::config::Config;
+use crate::reference::{Digest, Reference, Repository, Tag};
+use crate::rewrite::RoutingTable;
+
+/// Indexes nested deeper than this are refused.
+const MAX_DEPTH: usize = 4;
+/// What to import.
+#[derive(Debug, Clone)]
+pub struct ImportArgs {
+    /// A layout directory or a tar of one.
+    pub path: PathBuf,
+    /// The image that ref names which are only a tag belong to.
+    pub repository: Option<ImageName>,
+    /// Import even when content the layout refers to is missing from it.
+    pub allow_partial: bool,
+}
+
+/// Where the layout's content is read from.
+enum Source {
+    /// A layout directory, read in place.
+    Dir(PathBuf),
+    /// A tar, every blob of which was staged (and checked against its name) in one pass.
+    Tar(HashMap<Digest, Staged>),
+}
+
+/// Where an `index.json` entry's tag goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagTarget {
+    /// Upstream name.
+    pub upstream: String,
+    /// Repository at the upstream.
+    pub repository: Repository,
+    /// The tag.
+    pub tag: Tag,
+}
+
+/// Where an `index.json` entry's ref name says it belongs: a tag, or content only (no ref
+/// name, or a digest one, which must be the entry's digest).
+pub fn target_of(
+    entry: &Descriptor,
+    table: &RoutingTable,
+    repository: Option<&ImageName>,
+) -> Result<Option<TagTarget>, AirgapError> {
+    let Some(rn) = entry.ref_name() else {
+        return Ok(None);
+    };
+    let bare = !rn.contains(['/', ':', '@']);
+    let name: ImageName = if bare {
+        let Some(repo) = repository else {
+            return Err(AirgapError::Other(format!(
+                "ref name {rn:?} is only a tag; say which image it is with --repository NAME"
+            )));
+        };
+        repo.with_tag(
+            rn.parse::<Tag>()
+                .map_err(|source| super::name::NameError::Parse {
+                    name: rn.to_owned(),
+                    source,
+                })?,
+        )
+    } else {
+        rn.parse()?
+    };
+    if !name.has_reference() {
+        return Err(AirgapError::Other(format!(
+            "ref name {rn:?} has no tag or digest"
+        )));
+    }
+    let r = name.resolve(table)?;
+    match r.reference {
+        Reference::Tag(tag) => Ok(Some(TagTarget {
+            upstream: table.name(r.upstream).to_owned(),
+            repository: r.repository,
+            tag,
+        })),
+        Reference::Digest(d) if d == entry.digest => Ok(None),
+        Reference::Digest(d) => Err(AirgapError::Corrupt(vec![format!(
+            "ref name {rn:?} names {d} but the entry is {}",
+            entry.digest
+        )])),
+    }
+}
+
+/// Everything found while walking the layout from `index.json`.
+#[derive(Default)]
+struct Walk {
+    /// Manifests in discovery order (parents before children).
+    manifests: Vec<(Digest, StoredManifest)>,
+    seen: HashSet<Digest>,
+    /// Blobs the manifests name, each once, with where they were named.
+    pending: Vec<(Descriptor, String)>,
+    pending_seen: HashSet<Digest>,
+    /// Blobs ready to commit: staged, or `None` when the cache already has them.
+    blobs: BTreeMap<Digest, Option<Staged>>,
+    problems: Vec<String>,
+    missing: Vec<String>,
+}
+
+/// The store and the layout being read.
+struct Importer {
+    store: Arc<FsStore>,
+    source: Source,
+    max_manifest: u64,
+    /// Tar content that did not match its name (already reported).
+    bad: HashSet<Digest>,
+}
+
+/// What an import did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Per `index.json` entry: its ref name (or digest), digest and the tag recorded.
+    pub entries: Vec<(String, Digest, Option<TagTarget>)>,
+    /// Manifests in the layout's images.
+    pub manifests: usize,
+    /// Blobs in the layout's images.
+    pub blobs: usize,
+    /// Blobs the cache did not have before.
+    pub new_blobs: usize,
+    /// Their bytes.
+    pub new_bytes: u64,
+    /// What was missing and left out (`--allow-partial`).
+    pub left_out: Vec<String>,
+}
+
+impl Importer {
+    /// A manifest's bytes from the layout (`None` when it is not there).
+    fn layout_manifest(&self, d: &Descriptor) -> Result<Option<Vec<u8>>, String> {
+        let path = match &self.source {
+            Source::Dir(root) => root.join(oci::blob_path(&d.digest)),
+            Source::Tar(staged) => match staged.get(&d.digest) {
+                Some(s) => s.path.clone(),
+                None => return Ok(None),
+            },
+        };
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        if d.size > self.max_manifest {
+            return Err(format!(
+                "manifest {} is {} bytes, more than cache.max_manifest_size",
+                d.digest, d.size
+            ));
+        }
+        let mut buf = Vec::new();
+        f.take(self.max_manifest + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Some(buf))
+    }
+
+    /// Walks the manifests under one `index.json` entry, checking each.
+    async fn walk(&self, entry: &Descriptor, w: &mut Walk) -> Result<(), AirgapError> {
+        let mut stack = vec![(entry.clone(), "listed in index.json".to_owned(), 0)];
+        while let Some((d, context, depth)) = stack.pop() {
+            if self.bad.contains(&d.digest) || !w.seen.insert(d.digest.clone()) {
+                continue;
+            }
+            let body = match self.layout_manifest(&d) {
+                Ok(Some(b)) => Bytes::from(b),
+                Ok(None) => {
+                    match self
+                        .store
+                        .manifest(&d.digest)
+                        .await
+                        .map_err(io_error("reading the cache"))?
+                    {
+                        // Already cached: what it refers to is checked all the same.
+                        Some(m) => children(&d, &m, depth, &mut stack, w),
+                        None => w.missing.push(format!("manifest {} ({context})", d.digest)),
+                    }
+                    continue;
+                }
+                Err(why) => {
+                    w.problems.push(why);
+                    continue;
+                }
+            };
+            let actual = Digest::of(d.digest.algorithm(), &body);
+            if actual != d.digest {
+                w.problems
+                    .push(format!("{}: content hashes to {actual}", d.digest));
+                continue;
+            }
+            if body.len() as u64 != d.size {
+                w.problems.push(format!(
+                    "{}: {} bytes, listed as {}",
+                    d.digest,
+                    body.len(),
+                    d.size
+                ));
+                continue;
+            }
+            let media_type = match oci::manifest_media_type(&d.media_type, &body) {
+                Ok(mt) => mt,
+                Err(e) => {
+                    w.problems.push(format!("manifest {}: {e}", d.digest));
+                    continue;
+                }
+            };
+            let m = StoredManifest { media_type, body };
+            children(&d, &m, depth, &mut stack, w);
+            w.manifests.push((d.digest.clone(), m));
+        }
+        Ok(())
+    }
+
+    /// Stages every pending blob the cache does not have yet, checking each.
+    async fn stage_blobs(&mut self, w: &mut Walk) -> Result<(), AirgapError> {
+        for (b, context) in std::mem::take(&mut w.pending) {
+            if self.bad.contains(&b.digest) {
+                continue;
+            }
+            let cached = self
+                .store
+                .blob_len(&b.digest)
+                .await
+                .map_err(io_error("reading the cache"))?;
+            if cached == Some(b.size) {
+                w.blobs.insert(b.digest, None);
+                continue;
+            }
+            let staged = match &mut self.source {
+                Source::Tar(staged) => match staged.remove(&b.digest) {
+                    Some(s) if s.len == b.size => Some(s),
+                    Some(s) => {
+                        w.problems.push(format!(
+                            "{}: {} bytes, listed as {}",
+                            b.digest, s.len, b.size
+                        ));
+                        remove_staged([s]);
+                        continue;
+                    }
+                    None => None,
+                },
+                Source::Dir(root) => {
+                    let src = root.join(oci::blob_path(&b.digest));
+                    let dest = self.store.staging_path(&format!("import-{}", b.digest));
+                    let (digest, size) = (b.digest.clone(), b.size);
+                    // Copying and hashing a large file is blocking work; awaited at once.
+                    let r = tokio::task::spawn_blocking(move || {
+                        let f = match File::open(&src) {
+                            Ok(f) => f,
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                            Err(e) => return Err(StageError::Io(e)),
+                        };
+                        verify::stage(f, &dest, &digest, Some(size))
+                            .map(|len| Some(Staged { path: dest, len }))
+                    })
+                    .await
+                    .map_err(|e| AirgapError::Other(e.to_string()))?;
+                    match r {
+                        Ok(s) => s,
+                        Err(StageError::Mismatch(why)) => {
+                            w.problems.push(why);
+                            continue;
+                        }
+                        Err(StageError::Io(e)) => {
+                            return Err(io_error(format!("staging {}", b.digest))(e));
+                        }
+                    }
+                }
+            };
+            match staged {
+                Some(s) => {
+                    w.blobs.insert(b.digest, Some(s));
+                }
+                None => w.missing.push(format!("blob {} {context}", b.digest)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every staged file: what the walk took and what the tar left.
+    fn discard(&mut self, w: &mut Walk) {
+        remove_staged(std::mem::take(&mut w.blobs).into_values().flatten());
+        if let Source::Tar(staged) = &mut self.source {
+            remove_staged(staged.drain().map(|(_, s)| s));
+        }
+    }
+}
+
+/// Queues an index's manifests, or notes an image's blobs.
+fn children(
+    d: &Descriptor,
+    m: &StoredManifest,
+    depth: usize,
+    stack: &mut Vec<(Descriptor, String, usize)>,
+    w: &mut Walk,
+) {
+    match oci::parse_manifest(&m.media_type, &m.body) {
+        Err(e) => w.problems.push(format!("manifest {}: {e}", d.digest)),
+        Ok(Node::Index(_)) if depth >= MAX_DEPTH => w.problems.push(format!(
+            "{}: indexes nested deeper than {MAX_DEPTH}",
+            d.digest
+        )),
+        Ok(Node::Index(list)) => {
+            for c in list {
+                let context = format!("{} manifest of index {}", c.platform_text(), d.digest);
+                stack.push((c, context, depth + 1));
+            }
+        }
+        Ok(node @ Node::Image { .. }) => {
+            for b in node.blobs() {
+                if w.pending_seen.insert(b.digest.clone()) {
+                    w.pending
+                        .push((b.clone(), format!("of manifest {}", d.digest)));
+                }
+            }
+        }
+    }
+}
+
+/// Imports the layout at `args.path` into `store`: checks everything, then commits it all.
+pub async fn import(
+    store: Arc<FsStore>,
+    table: &RoutingTable,
+    args: &ImportArgs,
+    max_manifest: u64,
+) -> Result<Report, AirgapError> {
+    let path = args.path.clone();
+    let (source, marker, index, corrupt, bad) = if path.is_dir() {
+        let read = |name: &str| -> Result<Option<Vec<u8>>, AirgapError> {
+            match File::open(path.join(name)) {
+                Ok(f) => read_small(f, name).map(Some),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_error(path.join(name).display().to_string())(e)),
+            }
+        };
+        let (marker, index) = (read(LAYOUT_FILE)?, read(INDEX_FILE)?);
+        (
+            Source::Dir(path.clone()),
+            marker,
+            index,
+            Vec::new(),
+            HashSet::new(),
+        )
+    } else {
+        let st = store.clone();
+        let p = path.clone();
+        // One sequential pass over the tar (the `tar` crate is synchronous), awaited.
+        let c = tokio::task::spawn_blocking(move || stage_tar(&p, &st))
+            .await
+            .map_err(|e| AirgapError::Other(e.to_string()))??;
+        (Source::Tar(c.staged), c.marker, c.index, c.corrupt, c.bad)
+    };
+    let mut importer = Importer {
+        store,
+        source,
+        max_manifest,
+        bad,
+    };
+    let mut w = Walk {
+        problems: corrupt,
+        ..Walk::default()
+    };
+    let result = check(&mut importer, &mut w, table, args, marker, index).await;
+    let targets = match result {
+        Ok(t) if w.problems.is_empty() && (w.missing.is_empty() || args.allow_partial) => t,
+        Ok(_) => {
+            importer.discard(&mut w);
+            let mut problems = std::mem::take(&mut w.problems);
+            problems.extend(w.missing.iter().map(|m| format!("missing {m}")));
+            return Err(AirgapError::Rejected(problems));
+        }
+        Err(e) => {
+            importer.discard(&mut w);
+            return Err(e);
+        }
+    };
+    let committed = commit(&importer, &mut w, targets).await;
+    importer.discard(&mut w);
+    let mut report = committed?;
+    report.left_out = w.missing;
+    Ok(report)
+}
+
+/// Reads the layout files, routes the ref names, walks and stages everything.
+async fn check(
+    importer: &mut Importer,
+    w: &mut Walk,
+    table: &RoutingTable,
+    args: &ImportArgs,
+    marker: Option<Vec<u8>>,
+    index: Option<Vec<u8>>,
+) -> Result<Vec<(Descriptor, Option<TagTarget>)>, AirgapError> {
+    let shown = args.path.display();
+    let marker =
+        marker.ok_or_else(|| AirgapError::Other(format!("{shown}: no {LAYOUT_FILE} file")))?;
+    oci::check_marker(&marker)?;
+    let index = index.ok_or_else(|| AirgapError::Other(format!("{shown}: no {INDEX_FILE}")))?;
+    let entries = oci::parse_index(&index)?;
+    if entries.is_empty() {
+        return Err(AirgapError::Other(format!(
+            "{shown}: {INDEX_FILE} lists nothing"
+        )));
+    }
+    let mut targets = Vec::new();
+    for e in &entries {
+        match target_of(e, table, args.repository.as_ref()) {
+            Ok(t) => targets.push((e.clone(), t)),
+            Err(err) => w.problems.push(err.to_string()),
+        }
+    }
+    for e in &entries {
+        importer.walk(e, w).await?;
+    }
+    importer.stage_blobs(w).await?;
+    Ok(targets)
+}
+
+/// Commits blobs, then manifests children first, then tag records, so that a tag never
+/// points at content that is not in the cache yet.
+async fn commit(
+    importer: &Importer,
+    w: &mut Walk,
+    targets: Vec<(Descriptor, Option<TagTarget>)>,
+) -> Result<Report, AirgapError> {
+    let store = &importer.store;
+    let cache_err = || io_error("writing the cache");
+    let mut report = Report {
+        manifests: w.manifests.len(),
+        blobs: w.blobs.len(),
+        ..Report::default()
+    };
+    // Taken one at a time, so that on an error the rest stay in `w` to be discarded.
+    while let Some((d, staged)) = w.blobs.pop_first() {
+        let Some(s) = staged else {
+            store.note_use(&d).await;
+            continue;
+        };
+        let committed = match store.blob_len(&d).await {
+            Ok(None) => store.commit_blob(&d, &s.path).await.map(|()| true),
+            Ok(Some(_)) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok(true) => {
+                report.new_blobs += 1;
+                report.new_bytes += s.len;
+            }
+            Ok(false) => remove_staged([s]),
+            Err(e) => {
+                remove_staged([s]);
+                return Err(cache_err()(e));
+            }
+        }
+    }
+    for (d, m) in w.manifests.iter().rev() {
+        store.put_manifest(d, m).await.map_err(cache_err())?;
+    }
+    for (entry, target) in targets {
+        let label = entry
+            .ref_name()
+            .map_or_else(|| entry.digest.to_string(), str::to_owned);
+        if let Some(t) = &target {
+            let media_type = w
+                .manifests
+                .iter()
+                .find(|(d, _)| *d == entry.digest)
+                .map(|(_, m)| m.media_type.clone());
+            let media_type = match media_type {
+                Some(mt) => mt,
+                None => store
+                    .manifest(&entry.digest)
+                    .await
+                    .map_err(cache_err())?
+                    .map(|m| m.media_type)
+                    .unwrap_or_else(|| entry.media_type.clone()),
+            };
+            record_tag(
+                store.as_ref(),
+                &t.upstream,
+                &t.repository,
+                &t.tag,
+                &entry.digest,
+                &media_type,
+            )
+            .await
+            .map_err(cache_err())?;
+        }
+        report.entries.push((label, entry.digest, target));
+    }
+    Ok(report)
+}
+
+/// Runs the command: one line per `index.json` entry, then totals. `Ok(false)` when the
+/// layout was refused.
+pub async fn run(config: &Config, args: ImportArgs) -> Result<bool, AirgapError> {
+    let context = format!("cache_dir {}", config.cache_dir.display());
+    // An existing cache is opened as `regcache gc` opens it, leaving `tmp/` alone, so an
+    // offline regcache serving the folder keeps running; a new one is created.
+    let store = if config.cache_dir.join("blobs").is_dir() {
+        FsStore::open_shared(&config.cache_dir).map_err(io_error(context))?
+    } else {
+        FsStore::open(&config.cache_dir)
+            .await
+            .map_err(io_error(context))?
+    };
+    let table = RoutingTable::new(config);
+    let max_manifest = config.cache.max_manifest_size.0;
+    match import(Arc::new(store), &table, &args, max_manifest).await {
+        Ok(r) => {
+            for m in &r.left_out {
+                eprintln!("import: left out (not in the layout): {m}");
+            }
+            for (label, digest, target) in &r.entries {
+                match target {
+                    Some(t) => println!(
+                        "{label}: {digest}, tag {} of {}/{}",
+                        t.tag, t.upstream, t.repository
+                    ),
+                    None => println!("{label}: {digest}, content only (no tag)"),
+                }
+            }
+            println!(
+                "import: {} manifests, {} blobs ({} new, {}) into {}",
+                r.manifests,
+                r.blobs,
+                r.new_blobs,
+                human_bytes(r.new_bytes),
+                config.cache_dir.display()
+            );
+            Ok(true)
+        }
+        Err(AirgapError::Rejected(problems)) => {
+            for p in &problems {
+                eprintln!("import: {p}");
+            }
+            eprintln!(
+                "import: {} refused, nothing imported (problems: {})",
+                args.path.display(),
+                problems.len()
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use super::*;
+    use crate::airgap::archive::write_tar;
+    use crate::airgap::export::{Plan, write_dir};
+    use crate::cache::store::TagKey;
+    use crate::config::Config;
+    use crate::media;
+
+    /// A two-platform image: index → two manifests → a config and a layer each (one layer
+    /// shared), as a plan whose blobs are files in `src`.
+    struct Fixture {
+        _src: tempfile::TempDir,
+        plan: Plan,
+        index: Digest,
+        layers: Vec<Digest>,
+    }
+
+    fn fixture(ref_name: &str) -> Fixture {
+        let src = tempfile::tempdir().unwrap();
+        let mut plan = Plan::default();
+        let mut blob = |data: &[u8]| {
+            let d = Digest::sha256(data);
+            let p = src.path().join(d.hex());
+            fs::write(&p, data).unwrap();
+            plan.blobs.insert(d.clone(), (p, data.len() as u64));
+            serde_json::json!({"mediaType": "application/octet-stream", "digest": d.to_string(), "size": data.len()})
+        };
+        let shared = blob(b"shared layer");
+        let mut children = Vec::new();
+        let mut manifests = Vec::new();
+        for arch in ["amd64", "arm64"] {
+            let config = blob(format!("config {arch}").as_bytes());
+            let own = blob(format!("layer {arch}").as_bytes());
+            let m = serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
+                "config": config, "layers": [shared.clone(), own],
+            }))
+            .unwrap();
+            let d = Digest::sha256(&m);
+            children.push(serde_json::json!({
+                "mediaType": media::OCI_MANIFEST, "digest": d.to_string(), "size": m.len(),
+                "platform": {"os": "linux", "architecture": arch},
+            }));
+            manifests.push((d, Bytes::from(m)));
+        }
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": media::OCI_INDEX, "manifests": children,
+        }))
+        .unwrap();
+        let index_digest = Digest::sha256(&index);
+        plan.entries.push(Descriptor::named(
+            media::OCI_INDEX,
+            index_digest.clone(),
+            index.len() as u64,
+            ref_name,
+        ));
+        plan.manifests
+            .insert(index_digest.clone(), Bytes::from(index));
+        plan.manifests.extend(manifests);
+        let layers = ["shared layer", "layer amd64", "layer arm64"]
+            .iter()
+            .map(|l| Digest::sha256(l.as_bytes()))
+            .collect();
+        Fixture {
+            _src: src,
+            plan,
+            index: index_digest,
+            layers,
+        }
+    }
+
+    fn table() -> RoutingTable {
+        RoutingTable::new(&Config::default().validate().unwrap())
+    }
+
+    fn args(path: &Path) -> ImportArgs {
+        ImportArgs {
+            path: path.to_owned(),
+            repository: None,
+            allow_partial: false,
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, Arc<FsStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStore::open(dir.path()).await.unwrap();
+        (dir, Arc::new(s))
+    }
+
+    /// Every file under `dir` (relative paths), for "nothing landed" checks.
+    fn files(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+                    out.push(rel);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    async fn assert_imported(store: &FsStore, f: &Fixture) {
+        assert!(store.manifest(&f.index).await.unwrap().is_some());
+        for d in f.plan.manifests.keys() {
+            assert!(store.manifest(d).await.unwrap().is_some(), "{d}");
+        }
+        for (d, (_, len)) in &f.plan.blobs {
+            assert_eq!(store.blob_len(d).await.unwrap(), Some(*len), "{d}");
+        }
+        for key in [0b01_1111, 0b11_1111] {
+            let k = TagKey {
+                upstream: "docker.io".into(),
+                repository: "library/app".parse().unwrap(),
+                tag: "1".parse().unwrap(),
+                accept: key,
+            };
+            let rec = store.tag(&k).await.unwrap().expect("tag recorded");
+            assert_eq!(rec.digest, f.index);
+            assert_eq!(rec.media_type, media::OCI_INDEX);
+        }
+    }
+
+    #[tokio::test]
+    async fn written_layouts_read_back_from_a_directory_and_a_tar() {
+        let f = fixture("docker.io/library/app:1");
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("layout");
+        let tar = out.path().join("images.tar");
+        write_dir(&f.plan, &dir).unwrap();
+        write_tar(&f.plan, &tar).unwrap();
+        assert!(!out.path().join("images.tar.part").exists());
+        assert_eq!(fs::read(dir.join(LAYOUT_FILE)).unwrap(), oci::LAYOUT_MARKER);
+        let entries = oci::parse_index(&fs::read(dir.join(INDEX_FILE)).unwrap()).unwrap();
+        assert_eq!(entries, f.plan.entries);
+        for source in [&dir, &tar] {
+            let (cache, s) = store().await;
+            let r = import(s.clone(), &table(), &args(source), 1 << 20)
+                .await
+                .unwrap();
+            assert_eq!((r.manifests, r.blobs, r.new_blobs), (3, 5, 5));
+            assert_imported(&s, &f).await;
+            assert!(
+                files(&cache.path().join("tmp")).is_empty(),
+                "staging cleared"
+            );
+            // Again: nothing new, nothing left behind.
+            let r = import(s.clone(), &table(), &args(source), 1 << 20)
+                .await
+                .unwrap();
+            assert_eq!(r.new_blobs, 0);
+            assert!(files(&cache.path().join("tmp")).is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_existing_layout_directory_is_added_to() {
+        let a = fixture("docker.io/library/app:1");
+        let b = fixture("docker.io/library/app:2");
+        let out = tempfile::tempdir().unwrap();
+        write_dir(&a.plan, out.path()).unwrap();
+        write_dir(&b.plan, out.path()).unwrap();
+        let entries = oci::parse_index(&fs::read(out.path().join(INDEX_FILE)).unwrap()).unwrap();
+        let names: Vec<_> = entries.iter().filter_map(|e| e.ref_name()).collect();
+        assert_eq!(
+            names,
+            ["docker.io/library/app:1", "docker.io/library/app:2"]
+        );
+        // A folder holding something else is not written into.
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("notes.txt"), b"x").unwrap();
+        assert!(write_dir(&a.plan, other.path()).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_blob_refuses_the_whole_layout_and_nothing_lands() {
+        let f = fixture("docker.io/library/app:1");
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("layout");
+        write_dir(&f.plan, &dir).unwrap();
+        let victim = &f.layers[2];
+        let path = dir.join(oci::blob_path(victim));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        // The same damage inside a tar.
+        let tar_path = out.path().join("damaged.tar");
+        {
+            let mut b = tar::Builder::new(File::create(&tar_path).unwrap());
+            b.append_dir_all(".", &dir).unwrap();
+            b.finish().unwrap();
+        }
+        for source in [&dir, &tar_path] {
+            let (cache, s) = store().await;
+            let e = import(s.clone(), &table(), &args(source), 1 << 20)
+                .await
+                .unwrap_err();
+            let AirgapError::Rejected(problems) = &e else {
+                panic!("{e}")
+            };
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains(&victim.to_string()) && p.contains("hashes to")),
+                "{problems:?}"
+            );
+            let landed: Vec<String> = files(cache.path());
+            assert!(landed.is_empty(), "nothing partial lands: {landed:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_content_is_named_unless_allowed() {
+        let f = fixture("docker.io/library/app:1");
+        let out = tempfile::tempdir().unwrap();
+        write_dir(&f.plan, out.path()).unwrap();
+        let gone = &f.layers[2];
+        fs::remove_file(out.path().join(oci::blob_path(gone))).unwrap();
+        let (cache, s) = store().await;
+        let e = import(s.clone(), &table(), &args(out.path()), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("missing blob {gone}")),
+            "{e}"
+        );
+        assert!(files(cache.path()).is_empty());
+        let mut a = args(out.path());
+        a.allow_partial = true;
+        let r = import(s.clone(), &table(), &a, 1 << 20).await.unwrap();
+        assert_eq!(r.left_out.len(), 1);
+        assert_eq!(s.blob_len(gone).await.unwrap(), None);
+        assert!(s.manifest(&f.index).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn ref_names_that_are_only_a_tag_need_a_repository() {
+        let f = fixture("1");
+        let out = tempfile::tempdir().unwrap();
+        write_dir(&f.plan, out.path()).unwrap();
+        let (cache, s) = store().await;
+        let e = import(s.clone(), &table(), &args(out.path()), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("--repository"), "{e}");
+        assert!(files(cache.path()).is_empty());
+        let mut a = args(out.path());
+        a.repository = Some("app".parse().unwrap());
+        let r = import(s.clone(), &table(), &a, 1 << 20).await.unwrap();
+        assert_eq!(
+            r.entries[0].2,
+            Some(TagTarget {
+                upstream: "docker.io".into(),
+                repository: "library/app".parse().unwrap(),
+                tag: "1".parse().unwrap(),
+            })
+        );
+        assert_imported(&s, &f).await;
+    }
+
+    #[test]
+    fn targets_of_ref_names() {
+        let t = table();
+        let d = Digest::sha256(b"m");
+        let entry = |name: Option<&str>| {
+            let mut e = Descriptor::named(media::OCI_MANIFEST, d.clone(), 1, "x");
+            e.annotations.clear();
+            if let Some(n) = name {
+                e.annotations.insert(oci::REF_NAME.into(), n.into());
+            }
+            e
+        };
+        assert_eq!(target_of(&entry(None), &t, None).unwrap(), None);
+        assert_eq!(
+            target_of(&entry(Some(&format!("alpine@{d}"))), &t, None).unwrap(),
+            None
+        );
+        let other = Digest::sha256(b"other");
+        assert!(target_of(&entry(Some(&format!("alpine@{other}"))), &t, None).is_err());
+        let got = target_of(&entry(Some("alpine:3.20")), &t, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.repository.as_str(), "library/alpine");
+        assert!(target_of(&entry(Some("library/alpine")), &t, None).is_err());
+        assert!(target_of(&entry(Some("quay.io/a/b:1")), &t, None).is_err());
+    }
+}

@@ -1,0 +1,356 @@
+//! `regcache prefetch`: warms the cache by sending regcache's own [`App`] the requests a
+//! client pulling every platform sends (the tag with Docker's `Accept` lines, each child
+//! manifest by digest, each blob read to the end), so routing, upstream auth, single flight,
+//! verification and the on-disk layout are the serving code's own.
+//!
+//! Resumable: blobs already in the cache are counted and skipped, so a run after an
+//! interrupted one fetches only what is still missing. A failed image is reported and the
+//! others still run.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty};
+
+use super::name::{ImageName, PlatformFilter};
+use super::oci::{self, Descriptor, Node};
+use super::progress::{Progress, human_bytes};
+use super::{AirgapError, DOCKER_ACCEPT, io_error};
+use crate::app::App;
+use crate::config::{AuthConfig, Config};
+use crate::reference::{Algorithm, Digest, Reference, Repository};
+
+/// Indexes nested deeper than this are refused.
+const MAX_DEPTH: usize = 4;
+
+/// What to prefetch.
+#[derive(Debug, Clone)]
+pub struct PrefetchArgs {
+    /// Images as clients name them through regcache.
+    pub images: Vec<ImageName>,
+    /// Only these platforms of an index (all when empty).
+    pub platforms: Vec<PlatformFilter>,
+    /// Blob downloads at a time per image.
+    pub jobs: usize,
+}
+
+/// What one image took.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Digest of the tag's (or digest's) manifest.
+    pub digest: Option<Digest>,
+    /// Manifests read (the top one and the children chosen).
+    pub manifests: usize,
+    /// Distinct blobs of those manifests.
+    pub blobs: usize,
+    /// Blobs downloaded by this run.
+    pub fetched: usize,
+    /// Bytes downloaded by this run.
+    pub fetched_bytes: u64,
+    /// Blobs that were already cached.
+    pub cached: usize,
+}
+
+/// Runs the command: one result line per image on stdout, failures on stderr. `Ok(false)`
+/// when an image failed; `Err` when regcache could not start.
+pub async fn run(mut config: Config, args: PrefetchArgs) -> Result<bool, AirgapError> {
+    if config.offline {
+        return Err(AirgapError::Other(
+            "prefetch fetches from the upstreams; it cannot run in offline mode".into(),
+        ));
+    }
+    // Client authentication guards the listening server; these requests never leave the
+    // process, so they are not subject to it.
+    config.auth = AuthConfig::default();
+    let app = App::new(config)
+        .await
+        .map_err(|e| AirgapError::Other(e.to_string()))?;
+    let jobs = args.jobs.max(1);
+    let mut failed = 0;
+    for name in &args.images {
+        match image(&app, name, &args.platforms, jobs).await {
+            Ok(s) => println!(
+                "{name}: {} ({} manifests, {} blobs: {} fetched, {} cached; {} downloaded)",
+                s.digest.map(|d| d.to_string()).unwrap_or_default(),
+                s.manifests,
+                s.blobs,
+                s.fetched,
+                s.cached,
+                human_bytes(s.fetched_bytes)
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{name}: failed: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!(
+            "prefetch: {failed} of {} images failed; run again to retry (what is cached is kept)",
+            args.images.len()
+        );
+    }
+    Ok(failed == 0)
+}
+
+/// A manifest as regcache answered it.
+struct Fetched {
+    digest: Digest,
+    media_type: String,
+    body: Bytes,
+}
+
+/// Requests for one image, sent to the app as a client would send them.
+struct Client<'a> {
+    app: &'a Arc<App>,
+    name: Repository,
+    query: String,
+}
+
+/// The OCI error body's first message, or the status alone.
+fn answer_error(what: &str, status: StatusCode, body: &[u8]) -> AirgapError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let e = &v["errors"][0];
+    let text = match (e["code"].as_str(), e["message"].as_str()) {
+        (Some(code), Some(message)) => format!("{status} {code}: {message}"),
+        _ => status.to_string(),
+    };
+    AirgapError::Fetch(format!("{what}: {text}"))
+}
+
+impl Client<'_> {
+    fn get(
+        &self,
+        kind: &str,
+        reference: &str,
+        accept: bool,
+    ) -> Result<Request<Empty<Bytes>>, AirgapError> {
+        let mut req = Request::builder().method(Method::GET).uri(format!(
+            "/v2/{}/{kind}/{reference}{}",
+            self.name, self.query
+        ));
+        if accept {
+            for a in DOCKER_ACCEPT {
+                req = req.header(header::ACCEPT, a);
+            }
+        }
+        req.body(Empty::new())
+            .map_err(|e| AirgapError::Other(format!("request for {reference}: {e}")))
+    }
+
+    async fn manifest(&self, reference: &Reference) -> Result<Fetched, AirgapError> {
+        let what = format!("manifest {reference}");
+        let resp = self
+            .app
+            .handle(self.get("manifests", &reference.to_string(), true)?)
+            .await;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(io_error(what.clone()))?
+            .to_bytes();
+        if !parts.status.is_success() {
+            return Err(answer_error(&what, parts.status, &body));
+        }
+        let text = |name| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let algorithm = match reference {
+            Reference::Digest(d) => d.algorithm(),
+            Reference::Tag(_) => text("docker-content-digest")
+                .parse::<Digest>()
+                .map_or(Algorithm::Sha256, |d| d.algorithm()),
+        };
+        let digest = Digest::of(algorithm, &body);
+        if let Reference::Digest(want) = reference {
+            if *want != digest {
+                return Err(AirgapError::Corrupt(vec![format!(
+                    "{what}: content hashes to {digest}"
+                )]));
+            }
+        }
+        Ok(Fetched {
+            digest,
+            media_type: text(header::CONTENT_TYPE.as_str()),
+            body,
+        })
+    }
+
+    async fn blob(&self, digest: &Digest, progress: &Progress) -> Result<u64, AirgapError> {
+        let what = format!("blob {digest}");
+        let resp = self
+            .app
+            .handle(self.get("blobs", &digest.to_string(), false)?)
+            .await;
+        let (parts, mut body) = resp.into_parts();
+        if !parts.status.is_success() {
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Err(answer_error(&what, parts.status, &body));
+        }
+        // Reading to the end is what completes the download: regcache holds the last byte
+        // back until the blob is verified and committed.
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(io_error(what.clone()))?;
+            if let Some(data) = frame.data_ref() {
+                n += data.len() as u64;
+                progress.bytes(data.len() as u64);
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Fetches one blob unless the cache has it. `Ok(true)` when it was downloaded.
+async fn blob(client: &Client<'_>, d: &Descriptor, progress: &Progress) -> Result<bool, String> {
+    let store = &client.app.store;
+    let cached = store
+        .blob_len(&d.digest)
+        .await
+        .map_err(|e| format!("blob {}: {e}", d.digest))?;
+    let fetched = match cached {
+        Some(len) => {
+            store.note_use(&d.digest).await;
+            progress.bytes(len);
+            false
+        }
+        None => {
+            let n = client
+                .blob(&d.digest, progress)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n != d.size {
+                return Err(format!(
+                    "blob {}: {n} bytes, its manifest says {}",
+                    d.digest, d.size
+                ));
+            }
+            true
+        }
+    };
+    progress.blob_done();
+    Ok(fetched)
+}
+
+fn wanted(platforms: &[PlatformFilter], d: &Descriptor) -> bool {
+    platforms.is_empty()
+        || d.platform
+            .as_ref()
+            .is_none_or(|p| platforms.iter().any(|f| f.matches(p)))
+}
+
+/// Prefetches one image: its manifests first, then its blobs, `jobs` at a time.
+pub async fn image(
+    app: &Arc<App>,
+    name: &ImageName,
+    platforms: &[PlatformFilter],
+    jobs: usize,
+) -> Result<Summary, AirgapError> {
+    let r = name.resolve(&app.routing)?;
+    let query = match &r.ns {
+        Some(ns) => format!(
+            "?{}",
+            url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("ns", ns)
+                .finish()
+        ),
+        None => String::new(),
+    };
+    let client = Client {
+        app,
+        name: r.request_name.clone(),
+        query,
+    };
+    let top = client.manifest(&r.reference).await?;
+    let mut summary = Summary {
+        digest: Some(top.digest.clone()),
+        manifests: 1,
+        ..Summary::default()
+    };
+    let mut blobs: Vec<Descriptor> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![(top, 0)];
+    while let Some((m, depth)) = stack.pop() {
+        match oci::parse_manifest(&m.media_type, &m.body)? {
+            Node::Index(children) => {
+                if depth >= MAX_DEPTH {
+                    return Err(AirgapError::Other(format!(
+                        "{}: indexes nested deeper than {MAX_DEPTH}",
+                        m.digest
+                    )));
+                }
+                let chosen: Vec<&Descriptor> =
+                    children.iter().filter(|c| wanted(platforms, c)).collect();
+                if chosen.is_empty() {
+                    return Err(AirgapError::Other(format!(
+                        "index {} has no manifest for {}",
+                        m.digest,
+                        platforms
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                for c in chosen {
+                    let child = client
+                        .manifest(&Reference::Digest(c.digest.clone()))
+                        .await?;
+                    summary.manifests += 1;
+                    stack.push((child, depth + 1));
+                }
+            }
+            node @ Node::Image { .. } => {
+                for b in node.blobs() {
+                    if seen.insert(b.digest.clone()) {
+                        blobs.push(b.clone());
+                    }
+                }
+            }
+        }
+    }
+    summary.blobs = blobs.len();
+    let total = blobs.iter().map(|b| b.size).sum();
+    let progress = Progress::new(&name.to_string(), blobs.len(), total);
+    // Polled together on this task (no spawn): the downloads themselves run detached inside
+    // the app, and dropping this future only stops reading them.
+    let results: Vec<(u64, Result<bool, String>)> = futures_util::stream::iter(&blobs)
+        .map(|b| async { (b.size, blob(&client, b, &progress).await) })
+        .buffer_unordered(jobs)
+        .collect()
+        .await;
+    progress.clear();
+    let mut errors = Vec::new();
+    for (size, r) in results {
+        match r {
+            Ok(true) => {
+                summary.fetched += 1;
+                summary.fetched_bytes += size;
+            }
+            Ok(false) => summary.cached += 1,
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(AirgapError::Other(format!(
+            "{} of {} blobs failed: {}",
+            errors.len(),
+            blobs.len(),
+            errors.join("; ")
+        )));
+    }
+    Ok(summary)
+}

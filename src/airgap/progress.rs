@@ -1,0 +1,127 @@
+//! What the air-gap commands print: a live line on stderr while an image downloads (only
+//! when stderr is a terminal), and one plain result line per image.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Sizes for people: `512 B`, `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// How often the live line is redrawn at most.
+const REDRAW: Duration = Duration::from_millis(100);
+
+/// Progress of one image's blobs. Updated from the blob downloads running concurrently, so
+/// the counters are atomics.
+pub struct Progress {
+    live: bool,
+    label: String,
+    blobs_total: usize,
+    bytes_total: u64,
+    blobs_done: AtomicUsize,
+    bytes_done: AtomicU64,
+    // When the line was last drawn. Held only to compare and store an instant, never across
+    // an `.await`.
+    drawn: Mutex<Option<Instant>>,
+}
+
+impl Progress {
+    /// Progress of `label` over `blobs_total` blobs of `bytes_total` bytes; live when stderr is
+    /// a terminal.
+    pub fn new(label: &str, blobs_total: usize, bytes_total: u64) -> Self {
+        Progress {
+            live: std::io::stderr().is_terminal(),
+            label: label.to_owned(),
+            blobs_total,
+            bytes_total,
+            blobs_done: AtomicUsize::new(0),
+            bytes_done: AtomicU64::new(0),
+            drawn: Mutex::new(None),
+        }
+    }
+
+    /// `n` more bytes arrived (or were found cached).
+    pub fn bytes(&self, n: u64) {
+        self.bytes_done.fetch_add(n, Ordering::Relaxed);
+        self.draw(false);
+    }
+
+    /// One more blob is done.
+    pub fn blob_done(&self) {
+        self.blobs_done.fetch_add(1, Ordering::Relaxed);
+        self.draw(true);
+    }
+
+    /// The current state as text.
+    pub fn line(&self) -> String {
+        format!(
+            "{}: blobs {}/{}, {} of {}",
+            self.label,
+            self.blobs_done.load(Ordering::Relaxed),
+            self.blobs_total,
+            human_bytes(self.bytes_done.load(Ordering::Relaxed)),
+            human_bytes(self.bytes_total)
+        )
+    }
+
+    fn draw(&self, force: bool) {
+        if !self.live {
+            return;
+        }
+        {
+            let mut drawn = self.drawn.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if !force && drawn.is_some_and(|t| now.duration_since(t) < REDRAW) {
+                return;
+            }
+            *drawn = Some(now);
+        }
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[2K{}", self.line());
+        let _ = err.flush();
+    }
+
+    /// Clears the live line so a result line can take its place.
+    pub fn clear(&self) {
+        if self.live {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536 * 1024), "1.5 MiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+
+    #[test]
+    fn counts() {
+        let p = Progress::new("app:1", 3, 2048);
+        p.bytes(1024);
+        p.blob_done();
+        assert_eq!(p.line(), "app:1: blobs 1/3, 1.0 KiB of 2.0 KiB");
+    }
+}
