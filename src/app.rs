@@ -8,7 +8,7 @@ use std::time::Instant;
 use http::{HeaderValue, Request, Response, header};
 use moka::sync::Cache;
 
-use crate::access::{Access, Denied, Need, SERVICE, TOKEN_PATH};
+use crate::access::{Access, ClientAddr, Denied, Need, SERVICE, TOKEN_PATH};
 use crate::body::{self, Body};
 use crate::cache::inflight::InFlight;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
@@ -36,7 +36,7 @@ pub struct App {
     /// Coalesces concurrent fetches of one manifest (small, held in memory briefly).
     pub(crate) manifest_flight: Flight<ManifestKey, handlers::Fetched, UpstreamError>,
     next_request_id: AtomicU64,
-    /// Client authentication and push permission.
+    /// Client authentication and permissions.
     pub(crate) access: Arc<Access>,
     /// Uploads under way through the proxy.
     pub(crate) uploads: Uploads,
@@ -56,7 +56,7 @@ pub enum StartError {
     /// An upstream cannot be built.
     #[error(transparent)]
     Upstream(#[from] crate::upstream::BuildError),
-    /// The htpasswd file cannot be used.
+    /// The htpasswd file or a static token cannot be used.
     #[error("{0}")]
     Access(String),
 }
@@ -80,7 +80,7 @@ impl App {
             .iter()
             .map(|u| Upstream::new(u, &config).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let access = Arc::new(Access::new(&config.auth).map_err(StartError::Access)?);
+        let access = Arc::new(Access::new(&config).map_err(StartError::Access)?);
         Ok(Arc::new(App {
             access,
             uploads: Uploads::default(),
@@ -205,25 +205,23 @@ impl App {
         format!("{scheme}://{host}{TOKEN_PATH}")
     }
 
-    /// `GET /auth/token`: tokens for Docker-style clients. Credentials (`Basic`) give a
-    /// token for that user; none give an anonymous token where anonymous pull is allowed.
-    async fn token(self: &Arc<Self>, headers: &http::HeaderMap) -> Result<Response<Body>, Error> {
-        let user = if headers.contains_key(header::AUTHORIZATION) {
-            Some(self.access.authenticate(headers).await?)
-        } else if self.access.anonymous_pull() {
-            None
-        } else {
-            return Err(Error::Access(Denied::Unauthenticated));
-        };
-        let token = self.access.issue_token(user.as_deref());
+    /// `GET /auth/token`: tokens for Docker-style clients, limited to the scope granted (see
+    /// [`Access::issue`]).
+    async fn token(
+        self: &Arc<Self>,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+        client: Option<ClientAddr>,
+    ) -> Result<Response<Body>, Error> {
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        let token = self.access.issue(headers, client, query, host).await?;
         let payload = serde_json::json!({
             "token": token,
             "access_token": token,
             "expires_in": crate::access::TOKEN_LIFETIME.as_secs(),
         })
         .to_string();
-        let r = body::json(payload, false);
-        Ok(r)
+        Ok(body::json(payload, false))
     }
 
     async fn route<B>(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, Error>
@@ -231,18 +229,11 @@ impl App {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let client = req.extensions().get::<ClientAddr>().copied();
         if req.uri().path() == TOKEN_PATH && req.method() == http::Method::GET {
-            return self.token(req.headers()).await;
+            return self.token(req.headers(), req.uri().query(), client).await;
         }
         let parsed = router::parse(req.method(), req.uri().path(), req.uri().query())?;
-        let writes = matches!(
-            parsed.route,
-            Route::UploadStart { .. } | Route::Upload { .. } | Route::ManifestPut { .. }
-        );
-        let user = self
-            .access
-            .check(req.headers(), if writes { Need::Push } else { Need::Pull })
-            .await?;
         let (parts, body) = req.into_parts();
         let body: Body =
             http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, |e| {
@@ -254,31 +245,35 @@ impl App {
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()));
-        // The client's `Authorization` is never read here and never forwarded: upstream
-        // requests are built from scratch with regcache's own credentials.
+        // The client's `Authorization` is read only by the access checks and never
+        // forwarded: upstream requests are built from scratch with regcache's own credentials.
+        // Each route is checked against the upstream and repository it is routed to.
+        let caller = self.access.caller(req.headers(), client);
         let head = parsed.head;
         match parsed.route {
             Route::Base => {
-                if self.access.challenges() && user.is_none() {
+                if self.access.challenges() {
                     // So that `docker login` checks the password and `docker push` sends a
                     // token; clients without credentials get an anonymous token from the
                     // realm and pull with it where that is allowed.
-                    self.access.identify(req.headers()).await?;
+                    caller.identify().await?;
                 }
                 Ok(body::json("{}", head))
             }
             Route::Manifest { name, reference } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                caller.require(Need::Pull, &name, &t).await?;
                 let accept = Accept::from_headers(req.headers());
                 handlers::manifest(self, t.upstream, &t.repository, &reference, &accept, head).await
             }
             Route::Blob { name, digest } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                if head && self.access.may_push(req.headers()).await {
+                if head && caller.permits(Need::Push, &name, &t).await {
                     // A pushing client asks whether the upstream repository has the blob;
                     // the cache cannot answer that.
                     return push::blob_exists(self, t.upstream, &t.repository, &digest).await;
                 }
+                caller.require(Need::Pull, &name, &t).await?;
                 let range = req
                     .headers()
                     .get(header::RANGE)
@@ -301,14 +296,22 @@ impl App {
                 digest,
             } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                // A mount source is only passed on when it lives on the same upstream.
-                let mount = match (mount, from) {
+                caller.require(Need::Push, &name, &t).await?;
+                // A mount source is only passed on when it lives on the same upstream and the
+                // client may pull it; otherwise the client uploads the blob.
+                let source = match (mount, from) {
                     (Some(d), Some(from)) => self
                         .routing
                         .resolve(&from, host, parsed.ns.as_deref())
                         .ok()
                         .filter(|f| f.upstream == t.upstream)
-                        .map(|f| (d, f.repository)),
+                        .map(|f| (d, from, f)),
+                    _ => None,
+                };
+                let mount = match source {
+                    Some((d, from, f)) if caller.permits(Need::Pull, &from, &f).await => {
+                        Some((d, f.repository))
+                    }
                     _ => None,
                 };
                 push::start(
@@ -324,11 +327,14 @@ impl App {
                 .await
             }
             Route::Upload { name, id, digest } => {
+                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                caller.require(Need::Push, &name, &t).await?;
                 push::continue_upload(self, req.method(), &name, &id, digest, req.headers(), body)
                     .await
             }
             Route::ManifestPut { name, reference } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                caller.require(Need::Push, &name, &t).await?;
                 push::put_manifest(
                     self,
                     t.upstream,
@@ -342,6 +348,7 @@ impl App {
             }
             Route::TagsList { name, n, last } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                caller.require(Need::Pull, &name, &t).await?;
                 handlers::tags(
                     self,
                     t.upstream,

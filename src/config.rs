@@ -12,6 +12,9 @@ use url::Url;
 
 use crate::units::{ByteSize, HumanDuration};
 
+mod auth;
+pub use auth::{AuthConfig, Permission, RuleConfig, TokenConfig};
+
 /// Docker Hub's registry endpoint.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 /// Registry host names that all mean Docker Hub (for `ns=` and name prefixes).
@@ -86,7 +89,7 @@ pub struct Config {
     pub timeouts: TimeoutConfig,
     /// Upstream retries on connection errors.
     pub retry: RetryConfig,
-    /// Client authentication and push permission.
+    /// Client authentication and permissions.
     pub auth: AuthConfig,
     /// The upstream registries.
     #[serde(rename = "upstream")]
@@ -289,33 +292,6 @@ impl EcrConfig {
             return None;
         }
         Some((account.to_owned(), region.to_owned()))
-    }
-}
-
-/// Client authentication to regcache itself.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// htpasswd file with bcrypt entries (`htpasswd -nbB user password`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub htpasswd: Option<PathBuf>,
-    /// Allow pushes through the proxy. Requires `htpasswd`: every write is authenticated.
-    pub push: bool,
-    /// Users allowed to push; empty means every user in the htpasswd file.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub push_users: Vec<String>,
-    /// Allow pulls without credentials. When false, pulls need a user from `htpasswd`.
-    pub anonymous_pull: bool,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            htpasswd: None,
-            push: false,
-            push_users: Vec::new(),
-            anonymous_pull: true,
-        }
     }
 }
 
@@ -750,26 +726,7 @@ impl Config {
                 }
             }
         }
-        if self.auth.push && self.auth.htpasswd.is_none() {
-            return Err(invalid(
-                "auth.push",
-                "pushing through regcache requires client authentication: set auth.htpasswd",
-            ));
-        }
-        if !self.auth.anonymous_pull && self.auth.htpasswd.is_none() {
-            return Err(invalid(
-                "auth.anonymous_pull",
-                "turning anonymous pull off requires auth.htpasswd",
-            ));
-        }
-        if let Some(p) = &self.auth.htpasswd {
-            if !p.is_file() {
-                return Err(invalid(
-                    "auth.htpasswd",
-                    format!("{} is not a readable file", p.display()),
-                ));
-            }
-        }
+        self.auth.validate(&self.upstreams)?;
         if !names.contains(self.default_upstream.as_str()) {
             return Err(invalid(
                 "default_upstream",

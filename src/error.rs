@@ -261,6 +261,12 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
                 "requested access to the resource is denied".into(),
                 None,
             ),
+            crate::access::Denied::TooManyFailures(_) => (
+                S::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                "too many failed logins from this address; try again later".into(),
+                None,
+            ),
         },
         Error::Offline(kind) => (
             S::NOT_FOUND,
@@ -340,6 +346,11 @@ impl Error {
                 h.insert(header::CONTENT_RANGE, v);
             }
         }
+        if let Error::Access(crate::access::Denied::TooManyFailures(wait)) = self {
+            // Whole seconds, rounded up, so a client that waits that long is let in.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         resp
     }
 }
@@ -377,5 +388,11 @@ mod tests {
         let r = Error::RangeNotSatisfiable(10).into_response(false);
         assert_eq!(r.status(), 416);
         assert_eq!(r.headers()["content-range"], "bytes */10");
+        let r = Error::Access(crate::access::Denied::TooManyFailures(
+            std::time::Duration::from_millis(1500),
+        ))
+        .into_response(false);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "2");
     }
 }

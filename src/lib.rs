@@ -2,11 +2,14 @@
 //! from upstream once and streams it to every client that asks while it downloads.
 //!
 //! # Layout
-//! - [`access`]: client authentication (htpasswd/bcrypt, regcache-issued tokens) and push
-//!   permission.
+//! - [`access`]: client authentication (htpasswd/bcrypt, static bearer tokens, regcache-issued
+//!   scoped tokens), pull/push permissions per upstream and repository pattern
+//!   (`access::policy`), scope parsing and token signing (`access::token`) and the
+//!   failed-login limit per client address (`access::limit`).
 //! - [`app`]: application state and `App::handle`, the request pipeline.
 //! - [`server`]: accept loop, optional rustls, graceful shutdown.
-//! - [`cli`], [`config`], [`units`]: command line, configuration file, human units.
+//! - [`cli`], [`config`], [`units`]: command line, configuration file (its `[auth]` part in
+//!   `config::auth`), human units.
 //! - [`router`], [`reference`], [`rewrite`], [`media`], [`range`]: pure parsing of paths,
 //!   names, upstream routing, `Accept` and `Range` headers.
 //! - [`handlers`]: one function per registry route.

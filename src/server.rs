@@ -112,7 +112,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let fast_app = app.clone();
         let app = app.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            // The access checks count failed logins per client address.
+            req.extensions_mut().insert(crate::access::ClientAddr(peer));
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
         });

@@ -693,6 +693,7 @@ fn push_auth(dir: &std::path::Path) -> regcache::config::AuthConfig {
         push: true,
         push_users: Vec::new(),
         anonymous_pull: true,
+        ..regcache::config::AuthConfig::default()
     }
 }
 

@@ -48,6 +48,7 @@ async fn setup() -> Setup {
             push: true,
             push_users: vec!["ci".into()],
             anonymous_pull: true,
+            ..AuthConfig::default()
         },
         ..Config::default()
     };
