@@ -291,7 +291,7 @@ pub async fn serve(
         *req.method_mut() = method.clone();
         *req.uri_mut() = target;
         *req.headers_mut() = headers;
-        req.extensions_mut().insert(peer);
+        req.extensions_mut().insert(crate::access::ClientAddr(peer));
         let resp = app.handle(req).await;
         let keep = write_response(&mut stream, resp, method == Method::HEAD).await?;
         if close || !keep || *stopping.borrow() {
