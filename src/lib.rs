@@ -5,7 +5,10 @@
 //! - [`access`]: client authentication (htpasswd/bcrypt, regcache-issued tokens) and push
 //!   permission.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
-//! - [`server`]: accept loop, optional rustls, graceful shutdown.
+//! - [`server`]: accept loop, optional rustls (certificate reload), connection limits and
+//!   timeouts, graceful shutdown.
+//! - [`framing`]: HTTP/1 request smuggling checks hyper does not make.
+//! - [`limits`]: per-client limits (uncached blob downloads per client address).
 //! - [`cli`], [`config`], [`units`]: command line, configuration file, human units.
 //! - [`router`], [`reference`], [`rewrite`], [`media`], [`range`]: pure parsing of paths,
 //!   names, upstream routing, `Accept` and `Range` headers.
@@ -30,7 +33,9 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod flight;
+pub mod framing;
 pub mod handlers;
+pub mod limits;
 pub mod media;
 pub mod push;
 pub mod range;
