@@ -635,7 +635,10 @@ impl Config {
             ("timeouts.connect", self.timeouts.connect),
             ("timeouts.response", self.timeouts.response),
             ("timeouts.read_idle", self.timeouts.read_idle),
-            ("limits.header_read_timeout", self.limits.header_read_timeout),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
             ("limits.idle_timeout", self.limits.idle_timeout),
         ];
         for (key, d) in positive {
@@ -898,12 +901,24 @@ mod tests {
             ("[cache]\ngc_interval = \"0s\"", "cache.gc_interval"),
             ("[timeouts]\nread_idle = \"0ms\"", "timeouts.read_idle"),
             ("[limits]\nmax_connections = 0", "limits.max_connections"),
-            ("[limits]\nmax_header_bytes = \"4KiB\"", "limits.max_header_bytes"),
-            ("[limits]\nmax_header_bytes = \"1GiB\"", "limits.max_header_bytes"),
+            (
+                "[limits]\nmax_header_bytes = \"4KiB\"",
+                "limits.max_header_bytes",
+            ),
+            (
+                "[limits]\nmax_header_bytes = \"1GiB\"",
+                "limits.max_header_bytes",
+            ),
             ("[limits]\nmax_headers = 2", "limits.max_headers"),
-            ("[limits]\nheader_read_timeout = \"0s\"", "limits.header_read_timeout"),
+            (
+                "[limits]\nheader_read_timeout = \"0s\"",
+                "limits.header_read_timeout",
+            ),
             ("[limits]\nidle_timeout = \"0s\"", "limits.idle_timeout"),
-            ("[limits]\ndownloads_per_client = 0", "limits.downloads_per_client"),
+            (
+                "[limits]\ndownloads_per_client = 0",
+                "limits.downloads_per_client",
+            ),
             (
                 "[[upstream]]\nname = \"a\"\nurl = \"http://x\"",
                 "upstream[1].name",

@@ -245,9 +245,8 @@ impl Head {
             // The HTTP/2 connection preface: no HTTP/1 heads follow.
             return line.starts_with(b"PRI * HTTP/2.0").then_some(State::Off);
         }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
-            return None;
-        };
+        // A line without a colon: hyper refuses the head; nothing to note.
+        let colon = line.iter().position(|b| *b == b':')?;
         let name = &line[..colon];
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.note.transfer_encoding = true;
@@ -373,7 +372,10 @@ mod tests {
         assert_eq!(check(&req(h11, &[("host", "a")]), ok), Ok(false));
         assert_eq!(check(&req(Version::HTTP_10, &[]), ok), Ok(false));
         assert_eq!(check(&req(Version::HTTP_2, &[]), None), Ok(false));
-        let last = Some(HeadNote { last: true, ..PLAIN });
+        let last = Some(HeadNote {
+            last: true,
+            ..PLAIN
+        });
         assert_eq!(
             check(
                 &req(h11, &[("host", "a"), ("transfer-encoding", "Chunked")]),
@@ -386,7 +388,10 @@ mod tests {
             (req(h11, &[]), ok),
             (req(h11, &[("host", "a"), ("host", "b")]), ok),
             (
-                req(h11, &[("host", "a"), ("transfer-encoding", "gzip, chunked")]),
+                req(
+                    h11,
+                    &[("host", "a"), ("transfer-encoding", "gzip, chunked")],
+                ),
                 ok,
             ),
             (

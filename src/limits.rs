@@ -55,10 +55,7 @@ impl PerClient {
 
     /// Downloads `client` has under way.
     pub fn held(&self, client: IpAddr) -> usize {
-        self.map()
-            .get(&client.to_canonical())
-            .copied()
-            .unwrap_or(0)
+        self.map().get(&client.to_canonical()).copied().unwrap_or(0)
     }
 }
 
@@ -94,13 +91,20 @@ mod tests {
         let third = limits.try_take(a).unwrap();
         drop((second, third, other));
         assert_eq!(limits.held(a), 0);
-        assert!(limits.map().is_empty(), "idle clients leave no entry behind");
+        assert!(
+            limits.map().is_empty(),
+            "idle clients leave no entry behind"
+        );
     }
 
     #[test]
     fn an_ipv4_mapped_address_is_the_same_client() {
         let limits = PerClient::new(1);
         let _slot = limits.try_take("192.0.2.7".parse().unwrap()).unwrap();
-        assert!(limits.try_take("::ffff:192.0.2.7".parse().unwrap()).is_none());
+        assert!(
+            limits
+                .try_take("::ffff:192.0.2.7".parse().unwrap())
+                .is_none()
+        );
     }
 }

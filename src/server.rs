@@ -83,6 +83,7 @@ fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, String
     if certs.is_empty() {
         return Err(format!("tls.cert {}: no certificate found", cert.display()));
     }
+    let key_path = key;
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls.key {}: {e}", key.display()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -92,7 +93,13 @@ fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, String
     .map_err(|e| format!("tls: {e}"))?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| format!("tls: {e}"))?;
+    .map_err(|e| {
+        format!(
+            "tls.cert {} with tls.key {}: {e}",
+            cert.display(),
+            key_path.display()
+        )
+    })?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -231,10 +238,8 @@ impl Connection {
             return self.serve(stream).await;
         };
         let peer = self.peer;
-        let handshake = tokio::time::timeout(
-            self.header_read_timeout,
-            tls.acceptor().accept(stream),
-        );
+        let handshake =
+            tokio::time::timeout(self.header_read_timeout, tls.acceptor().accept(stream));
         let stream = tokio::select! {
             r = handshake => match r {
                 Ok(Ok(s)) => s,
