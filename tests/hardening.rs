@@ -23,6 +23,9 @@ const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// hanging it. Never reached when things work.
 const SAFETY: Duration = Duration::from_secs(20);
 
+/// The same bound in tests on tokio's paused clock, where it costs no real time.
+const PAUSED_BOUND: Duration = Duration::from_secs(600);
+
 /// Writes `request` and reads until the server closes; the whole answer as text.
 async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -106,7 +109,9 @@ async fn a_slow_loris_is_cut_off_while_other_clients_are_served() {
         let cut = cut.clone();
         tokio::spawn(async move {
             let mut out = Vec::new();
-            let _ = rd.read_to_end(&mut out).await;
+            // Virtual time: the bound costs nothing and turns a hang into a failure.
+            let closed = tokio::time::timeout(PAUSED_BOUND, rd.read_to_end(&mut out)).await;
+            assert!(closed.is_ok(), "the slow client was never cut off");
             cut.store(true, Ordering::SeqCst);
             (started.elapsed(), out)
         })
@@ -150,14 +155,18 @@ async fn idle_and_silent_connections_are_closed_http1_and_http2() {
     async fn closed_after(s: &mut TcpStream) -> Duration {
         let started = Instant::now();
         let mut sink = Vec::new();
-        let _ = s.read_to_end(&mut sink).await;
+        let closed = tokio::time::timeout(PAUSED_BOUND, s.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "never closed");
         started.elapsed()
     }
 
     // Connected and silent: the protocol is not even known yet.
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
     let t = closed_after(&mut silent).await;
-    assert!(t >= Duration::from_secs(10) && t < Duration::from_secs(12), "{t:?}");
+    assert!(
+        t >= Duration::from_secs(10) && t < Duration::from_secs(12),
+        "{t:?}"
+    );
 
     // HTTP/2 (prior knowledge): the preface and SETTINGS, then no stream at all.
     let mut h2 = TcpStream::connect(proxy.addr).await.unwrap();
@@ -166,7 +175,10 @@ async fn idle_and_silent_connections_are_closed_http1_and_http2() {
         .unwrap();
     // A GOAWAY at header_read_timeout; dropped after as long again if ignored.
     let t = closed_after(&mut h2).await;
-    assert!(t >= Duration::from_secs(10) && t < Duration::from_secs(22), "{t:?}");
+    assert!(
+        t >= Duration::from_secs(10) && t < Duration::from_secs(22),
+        "{t:?}"
+    );
 
     // HTTP/1.1 after one request: hyper's header_read_timeout applies to the next head too.
     let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
@@ -175,7 +187,10 @@ async fn idle_and_silent_connections_are_closed_http1_and_http2() {
         .unwrap();
     assert!(read_response(&mut h1).await.starts_with("HTTP/1.1 200"));
     let t = closed_after(&mut h1).await;
-    assert!(t >= Duration::from_secs(10) && t < Duration::from_secs(12), "{t:?}");
+    assert!(
+        t >= Duration::from_secs(10) && t < Duration::from_secs(12),
+        "{t:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -201,7 +216,8 @@ async fn an_http2_connection_idle_after_a_request_is_closed_after_idle_timeout()
     raw.write_all(&frame).await.unwrap();
     let started = Instant::now();
     let mut got = Vec::new();
-    let _ = raw.read_to_end(&mut got).await;
+    let closed = tokio::time::timeout(PAUSED_BOUND, raw.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "never closed");
     let t = started.elapsed();
     // At idle_timeout a GOAWAY; this client never acknowledges it (nor the PING that comes
     // with it), so the connection is dropped after another idle_timeout.
@@ -376,7 +392,10 @@ async fn oversized_request_heads_get_431() {
         "a".repeat(6_000),
         "X-A: a\r\n".repeat(15)
     );
-    assert_eq!(statuses(&exchange(proxy.addr, request.as_bytes()).await), vec![200]);
+    assert_eq!(
+        statuses(&exchange(proxy.addr, request.as_bytes()).await),
+        vec![200]
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -486,7 +505,11 @@ async fn connections_over_the_limit_are_refused_at_once() {
         .write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    assert!(read_response(&mut open[0]).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        read_response(&mut open[0])
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     // Once one closes, a new connection gets its slot (as soon as the server has seen the
     // close).
     drop(open.pop());
@@ -587,8 +610,19 @@ fn certificates(dir: &Path, names: &[&str]) -> PathBuf {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=regcache test CA", "-keyout", "ca.key", "-out", "ca.pem",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=regcache test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
         ],
     );
     std::fs::write(
@@ -605,15 +639,36 @@ fn certificates(dir: &Path, names: &[&str]) -> PathBuf {
         openssl(
             dir,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout",
-                &key, "-out", &csr,
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
             ],
         );
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", &pem,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &pem,
             ],
         );
     }
@@ -705,6 +760,12 @@ impl Lines {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        println!(
+            "SKIPPED sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old: no openssl CLI (Debian package openssl) to make certificates"
+        );
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let ca = certificates(dir.path(), &["one", "two"]);
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
@@ -746,15 +807,17 @@ async fn sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 return;
             }
         }
     });
     let lines = Lines(rx);
-    let ready: serde_json::Value =
-        serde_json::from_str(&lines.wait_for("regcache ready")).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&lines.wait_for("regcache ready")).unwrap();
     let addr: SocketAddr = ready["listen"].as_str().unwrap().parse().unwrap();
     let hup = || {
         assert!(
@@ -765,7 +828,10 @@ async fn sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old() {
                 .success()
         )
     };
-    let (one, two) = (der(&dir.path().join("one.pem")), der(&dir.path().join("two.pem")));
+    let (one, two) = (
+        der(&dir.path().join("one.pem")),
+        der(&dir.path().join("two.pem")),
+    );
 
     // Modern defaults: TLS 1.3 and 1.2, ALPN h2.
     let h = handshake(addr, &ca, &[&rustls::version::TLS13]).await;
@@ -780,7 +846,11 @@ async fn sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old() {
     assert!(ok, "{text}");
     let (ok, text) = s_client(
         addr,
-        &["-tls1_2", "-cipher", "AES128-SHA:ECDHE-RSA-AES128-SHA:@SECLEVEL=0"],
+        &[
+            "-tls1_2",
+            "-cipher",
+            "AES128-SHA:ECDHE-RSA-AES128-SHA:@SECLEVEL=0",
+        ],
     );
     assert!(!ok, "a CBC suite was accepted: {text}");
     let (ok, text) = s_client(addr, &["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"]);
@@ -798,8 +868,11 @@ async fn sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old() {
     assert!(handshake(addr, &ca, &[&rustls::version::TLS13]).await.cert == two);
 
     // A broken certificate file: the error is logged and the current certificate stays.
-    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
-        .unwrap();
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     hup();
     let line = lines.wait_for("reload failed");
     assert!(line.contains("tls.cert"), "{line}");
