@@ -40,6 +40,8 @@ pub struct App {
     pub(crate) access: Arc<Access>,
     /// Uploads under way through the proxy.
     pub(crate) uploads: Uploads,
+    /// Uncached blob downloads under way per client address (`limits.downloads_per_client`).
+    pub(crate) downloads: Arc<crate::limits::PerClient>,
 }
 
 /// Start-up failure.
@@ -91,6 +93,7 @@ impl App {
             inflight: Arc::new(InFlight::default()),
             manifest_flight: Flight::default(),
             next_request_id: AtomicU64::new(1),
+            downloads: crate::limits::PerClient::new(config.limits.downloads_per_client),
             config,
         }))
     }
@@ -129,6 +132,11 @@ impl App {
     /// Blob downloads under way.
     pub fn downloads_in_flight(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// Uncached blob downloads `client` has under way.
+    pub fn client_downloads(&self, client: std::net::IpAddr) -> usize {
+        self.downloads.held(client)
     }
 
     /// Cache size and eviction figures, when the store keeps them.
@@ -279,6 +287,9 @@ impl App {
                     .get(header::RANGE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
+                // Set by the server for every connection; absent when `handle` is called
+                // directly, and then no per-client limit applies.
+                let client = req.extensions().get::<ClientAddr>().map(|p| p.0.ip());
                 handlers::blob(
                     self,
                     t.upstream,
@@ -286,6 +297,7 @@ impl App {
                     &digest,
                     range.as_deref(),
                     head,
+                    client,
                 )
                 .await
             }

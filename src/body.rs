@@ -31,6 +31,45 @@ where
     StreamBody::new(stream.map(|r| r.map(Frame::data))).boxed_unsync()
 }
 
+/// `body`, keeping `guard` alive until the body is finished or dropped (a download slot, a
+/// request counted as in flight).
+pub fn hold<G: Send + Unpin + 'static>(body: Body, guard: G) -> Body {
+    Held {
+        inner: body,
+        _guard: guard,
+    }
+    .boxed_unsync()
+}
+
+struct Held<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G> http_body::Body for Held<G>
+where
+    G: Send + Unpin + 'static,
+{
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        // `Body` is a boxed body and the guard is `Unpin`, so `Held` is too.
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A JSON answer with `Content-Type` and `Content-Length` set; HEAD answers carry no body.
 pub fn json(payload: impl Into<Bytes>, head: bool) -> Response<Body> {
     let payload: Bytes = payload.into();

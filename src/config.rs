@@ -91,6 +91,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Client authentication and permissions.
     pub auth: AuthConfig,
+    /// Limits on what clients may hold: connections, request heads, downloads.
+    pub limits: LimitsConfig,
     /// The upstream registries.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -153,6 +155,26 @@ pub struct TimeoutConfig {
     pub read_idle: HumanDuration,
     /// How long open requests may run on after a shutdown signal.
     pub shutdown_grace: HumanDuration,
+}
+
+/// Limits on what clients of regcache may hold.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open client connections at most; more are answered 503 and closed at once.
+    pub max_connections: u32,
+    /// Largest request head (request line and header fields); larger ones get 431.
+    pub max_header_bytes: ByteSize,
+    /// Most header fields in one HTTP/1 request; more get 431.
+    pub max_headers: usize,
+    /// Time a client has to send a complete request head: after connecting (the TLS handshake
+    /// has as long again) and, on HTTP/1, after its previous request.
+    pub header_read_timeout: HumanDuration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Concurrent blob downloads not served from the cache, per client IP address; more get
+    /// 429 `TOOMANYREQUESTS`.
+    pub downloads_per_client: usize,
 }
 
 /// Upstream retries on connection errors (idempotent requests only).
@@ -404,6 +426,7 @@ impl Default for Config {
             timeouts: TimeoutConfig::default(),
             retry: RetryConfig::default(),
             auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
             upstreams: vec![UpstreamConfig::new(
                 "docker.io",
                 // The literal is a valid URL; covered by the defaults test.
@@ -436,6 +459,20 @@ impl Default for TimeoutConfig {
             response: HumanDuration(Duration::from_secs(60)),
             read_idle: HumanDuration(Duration::from_secs(60)),
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        use std::time::Duration;
+        LimitsConfig {
+            max_connections: 4096,
+            max_header_bytes: ByteSize(64 << 10),
+            max_headers: 100,
+            header_read_timeout: HumanDuration(Duration::from_secs(30)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            downloads_per_client: 32,
         }
     }
 }
@@ -574,11 +611,30 @@ impl Config {
             ("timeouts.connect", self.timeouts.connect),
             ("timeouts.response", self.timeouts.response),
             ("timeouts.read_idle", self.timeouts.read_idle),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
+            ("limits.idle_timeout", self.limits.idle_timeout),
         ];
         for (key, d) in positive {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be longer than zero"));
             }
+        }
+        let l = &self.limits;
+        if !(1..=1_000_000).contains(&l.max_connections) {
+            return Err(invalid("limits.max_connections", "must be 1 to 1000000"));
+        }
+        // hyper's HTTP/1 buffer cannot be smaller than 8 KiB.
+        if !(8 << 10..=16 << 20).contains(&l.max_header_bytes.0) {
+            return Err(invalid("limits.max_header_bytes", "must be 8KiB to 16MiB"));
+        }
+        if !(8..=10_000).contains(&l.max_headers) {
+            return Err(invalid("limits.max_headers", "must be 8 to 10000"));
+        }
+        if l.downloads_per_client == 0 {
+            return Err(invalid("limits.downloads_per_client", "must be at least 1"));
         }
         if self.cache.max_manifest_size.0 == 0 {
             return Err(invalid(
@@ -801,6 +857,25 @@ mod tests {
             ("[cache]\nlow_watermark = 0.99", "cache.low_watermark"),
             ("[cache]\ngc_interval = \"0s\"", "cache.gc_interval"),
             ("[timeouts]\nread_idle = \"0ms\"", "timeouts.read_idle"),
+            ("[limits]\nmax_connections = 0", "limits.max_connections"),
+            (
+                "[limits]\nmax_header_bytes = \"4KiB\"",
+                "limits.max_header_bytes",
+            ),
+            (
+                "[limits]\nmax_header_bytes = \"1GiB\"",
+                "limits.max_header_bytes",
+            ),
+            ("[limits]\nmax_headers = 2", "limits.max_headers"),
+            (
+                "[limits]\nheader_read_timeout = \"0s\"",
+                "limits.header_read_timeout",
+            ),
+            ("[limits]\nidle_timeout = \"0s\"", "limits.idle_timeout"),
+            (
+                "[limits]\ndownloads_per_client = 0",
+                "limits.downloads_per_client",
+            ),
             (
                 "[[upstream]]\nname = \"a\"\nurl = \"http://x\"",
                 "upstream[1].name",

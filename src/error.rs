@@ -82,6 +82,13 @@ pub enum Error {
     /// An upstream's error answer to a push, passed back as it came (status, type, body).
     #[error("upstream answered {0}")]
     Passthrough(u16, Option<String>, bytes::Bytes),
+    /// The client already has as many uncached blob downloads under way as it may.
+    #[error("too many concurrent downloads from this client")]
+    TooManyDownloads,
+    /// A request whose framing or routing headers are ambiguous (RFC 9112 section 6.3:
+    /// `Content-Length` with `Transfer-Encoding`, a second `Host`, ...).
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
     /// A fault inside regcache; the text is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -296,6 +303,18 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
             "the upstream registry refused the request".into(),
             None,
         ),
+        Error::TooManyDownloads => (
+            S::TOO_MANY_REQUESTS,
+            "TOOMANYREQUESTS",
+            "too many concurrent blob downloads from this client".into(),
+            None,
+        ),
+        Error::Malformed(why) => (
+            S::BAD_REQUEST,
+            "UNSUPPORTED",
+            "malformed request".into(),
+            Some((*why).into()),
+        ),
         Error::Internal(_) => (
             S::INTERNAL_SERVER_ERROR,
             "UNKNOWN",
@@ -385,6 +404,12 @@ mod tests {
         .await;
         assert_eq!(s, 502);
         assert!(!v.to_string().contains("10.1.2.3"));
+        let (s, v) = body_json(Error::TooManyDownloads).await;
+        assert_eq!(s, 429);
+        assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
+        let (s, v) = body_json(Error::Malformed("two Host headers")).await;
+        assert_eq!(s, 400);
+        assert_eq!(v["errors"][0]["detail"], "two Host headers");
         let r = Error::RangeNotSatisfiable(10).into_response(false);
         assert_eq!(r.status(), 416);
         assert_eq!(r.headers()["content-range"], "bytes */10");

@@ -37,10 +37,13 @@ pub struct FileRange {
 pub struct Limits {
     /// Largest request head (request line and headers).
     pub max_head: usize,
-    /// Time allowed to receive a whole request head once its first byte arrived, and to
-    /// wait for the next request on an idle connection.
+    /// Most header fields in a request head (more: hyper answers 431).
+    pub max_headers: usize,
+    /// Time allowed to receive a whole request head, counted from when the connection
+    /// starts waiting for it (as hyper's `header_read_timeout`).
     pub head_timeout: Duration,
-    /// Time an idle keep-alive connection is kept.
+    /// Time an idle keep-alive connection is kept (the shorter of the two applies while
+    /// waiting for the next head).
     pub idle_timeout: Duration,
 }
 
@@ -48,6 +51,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_head: 64 * 1024,
+            max_headers: 100,
             head_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
         }
@@ -123,7 +127,7 @@ enum Head {
     Hyper,
     /// Ambiguous message framing (both `Content-Length` and `Transfer-Encoding`, or two
     /// different lengths): the shape of a request-smuggling attempt, answered 400 and closed.
-    Smuggling,
+    Smuggling(&'static str),
     /// A bodiless GET/HEAD this loop serves; `len` bytes of the buffer are its head.
     Simple(Box<Simple>),
 }
@@ -142,7 +146,7 @@ struct Simple {
 const MAX_HEADERS: usize = 100;
 
 /// Parses one request head. Pure: the edge of the loop.
-fn parse_head(buf: &[u8]) -> Head {
+fn parse_head(buf: &[u8], max_headers: usize) -> Head {
     if buf.starts_with(b"PRI ") {
         return Head::Hyper;
     }
@@ -153,6 +157,9 @@ fn parse_head(buf: &[u8]) -> Head {
         Ok(httparse::Status::Partial) => return Head::Partial,
         Err(_) => return Head::Hyper,
     };
+    if req.headers.len() > max_headers {
+        return Head::Hyper;
+    }
     let lengths: Vec<&[u8]> = req
         .headers
         .iter()
@@ -163,8 +170,11 @@ fn parse_head(buf: &[u8]) -> Head {
         .headers
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-    if (chunked && !lengths.is_empty()) || lengths.windows(2).any(|w| w[0] != w[1]) {
-        return Head::Smuggling;
+    if chunked && !lengths.is_empty() {
+        return Head::Smuggling("Content-Length and Transfer-Encoding together");
+    }
+    if lengths.windows(2).any(|w| w[0] != w[1]) {
+        return Head::Smuggling("different Content-Length values");
     }
     let method = match req.method {
         Some("GET") => Method::GET,
@@ -233,29 +243,25 @@ pub async fn serve(
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         // Read one request head, bounded in size and time.
+        let deadline = tokio::time::Instant::now() + limits.head_timeout.min(limits.idle_timeout);
         let head = loop {
-            match parse_head(&buf) {
+            match parse_head(&buf, limits.max_headers) {
                 Head::Partial => {}
                 other => break other,
             }
             if buf.len() >= limits.max_head {
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
-                    )
-                    .await;
+                let resp = Response::builder()
+                    .status(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+                    .body(crate::body::empty())
+                    .map_err(io::Error::other)?;
+                refuse(stream, resp).await;
                 return Ok(Outcome::Closed);
             }
-            let wait = if buf.is_empty() {
-                limits.idle_timeout
-            } else {
-                limits.head_timeout
-            };
             if buf.is_empty() && *stopping.borrow() {
                 return Ok(Outcome::Closed);
             }
             let read = tokio::select! {
-                r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => r,
+                r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
                 // Shutdown while idle between requests: close now.
                 _ = stopping.changed(), if buf.is_empty() => return Ok(Outcome::Closed),
             };
@@ -265,12 +271,13 @@ pub async fn serve(
                 Ok(Err(e)) => return Err(e),
             }
         };
-        if head == Head::Smuggling {
-            let _ = stream
-                .write_all(
-                    b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
-                )
-                .await;
+        if let Head::Smuggling(why) = head {
+            tracing::info!(%peer, why, "malformed request refused");
+            refuse(
+                stream,
+                crate::error::Error::Malformed(why).into_response(false),
+            )
+            .await;
             return Ok(Outcome::Closed);
         }
         let Head::Simple(simple) = head else {
@@ -286,14 +293,22 @@ pub async fn serve(
             close,
             len,
         } = *simple;
+        let note = crate::framing::HeadNote::of_head(&buf[..len]);
         buf.advance(len);
         let mut req = Request::new(Empty::<Bytes>::new());
         *req.method_mut() = method.clone();
         *req.uri_mut() = target;
         *req.headers_mut() = headers;
+        // The same framing rules as on hyper's path (bare LF, Host once).
+        if let Err(why) = crate::framing::check(&req, Some(note)) {
+            tracing::info!(%peer, %method, why, "malformed request refused");
+            let resp = crate::error::Error::Malformed(why).into_response(method == Method::HEAD);
+            refuse(stream, resp).await;
+            return Ok(Outcome::Closed);
+        }
         req.extensions_mut().insert(crate::access::ClientAddr(peer));
         let resp = app.handle(req).await;
-        let keep = write_response(&mut stream, resp, method == Method::HEAD).await?;
+        let keep = write_response(&mut stream, resp, method == Method::HEAD, close).await?;
         if close || !keep || *stopping.borrow() {
             let _ = stream.shutdown().await;
             return Ok(Outcome::Closed);
@@ -301,11 +316,35 @@ pub async fn serve(
     }
 }
 
+/// Answers a request that ends the connection, then closes without resetting it: the
+/// client's unread bytes are drained for a moment so the answer is not lost to a reset.
+async fn refuse(mut stream: TcpStream, resp: Response<Body>) {
+    if write_response(&mut stream, resp, false, true)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = vec![0u8; 16 * 1024];
+    let drain = async {
+        let mut left = 1usize << 20;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 /// Writes one response; returns whether the connection can carry another.
 async fn write_response(
     stream: &mut TcpStream,
     resp: Response<Body>,
     head: bool,
+    closing: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let file = parts.extensions.get::<FileRange>().cloned();
@@ -331,6 +370,9 @@ async fn write_response(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if closing {
+        out.extend_from_slice(b"connection: close\r\n");
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
@@ -418,7 +460,7 @@ mod tests {
     use super::*;
 
     fn simple(raw: &[u8]) -> (Method, http::Uri, HeaderMap, bool, usize) {
-        match parse_head(raw) {
+        match parse_head(raw, MAX_HEADERS) {
             Head::Simple(s) => (s.method, s.target, s.headers, s.close, s.len),
             other => panic!("{other:?} for {:?}", String::from_utf8_lossy(raw)),
         }
@@ -454,14 +496,14 @@ mod tests {
             b"GARBAGE\r\n\r\n",
         ] {
             assert_eq!(
-                parse_head(raw),
+                parse_head(raw, MAX_HEADERS),
                 Head::Hyper,
                 "{:?}",
                 String::from_utf8_lossy(raw)
             );
         }
         assert_eq!(
-            parse_head(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"),
+            parse_head(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", MAX_HEADERS),
             Head::Partial
         );
         for raw in [
@@ -469,7 +511,7 @@ mod tests {
             b"GET /v2/ HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"PATCH /v2/a/blobs/uploads/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
         ] {
-            assert_eq!(parse_head(raw), Head::Smuggling);
+            assert!(matches!(parse_head(raw, MAX_HEADERS), Head::Smuggling(_)));
         }
     }
 }

@@ -386,7 +386,8 @@ impl Refetch for Straight {
 }
 
 /// `GET|HEAD /v2/<name>/blobs/<digest>`, with single `Range` support on cached blobs and on
-/// blobs still downloading.
+/// blobs still downloading. A `client` may have `limits.downloads_per_client` GETs not served
+/// from the cache under way; cache hits and HEADs are not counted.
 pub async fn blob(
     app: &Arc<App>,
     upstream: usize,
@@ -394,6 +395,7 @@ pub async fn blob(
     digest: &Digest,
     range: Option<&str>,
     head: bool,
+    client: Option<std::net::IpAddr>,
 ) -> Result<Response<Body>, Error> {
     if let Some(total) = app.store.blob_len(digest).await? {
         let (status, start, len) = plan(range, total)?;
@@ -426,10 +428,10 @@ pub async fn blob(
     if up.offline {
         return Err(Error::Offline(Kind::Blob));
     }
-    let fill = if head {
+    let (fill, slot) = if head {
         // A HEAD alone never starts a download: it follows one under way, or asks upstream.
         match app.inflight.get(digest) {
-            Some(f) => f,
+            Some(f) => (f, None),
             None => {
                 let size = up
                     .blob_size(repo, digest)
@@ -444,7 +446,12 @@ pub async fn blob(
             }
         }
     } else {
-        match app
+        // Held by the response body until it is sent or dropped.
+        let slot = match client {
+            Some(ip) => Some(app.downloads.try_take(ip).ok_or(Error::TooManyDownloads)?),
+            None => None,
+        };
+        let fill = match app
             .inflight
             .join(digest, || app.store.staging_path(&digest.to_string()))
         {
@@ -454,7 +461,8 @@ pub async fn blob(
                 fill::spawn(guard, app.store.clone(), up.clone(), repo.clone());
                 f
             }
-        }
+        };
+        (fill, slot)
     };
     let mut rx = fill.subscribe();
     let direct: Arc<dyn Refetch> = Arc::new(Straight {
@@ -493,10 +501,13 @@ pub async fn blob(
         let mut r = Response::new(if head {
             body::empty()
         } else {
-            body::stream(
-                Tail::new(fill, app.store.clone(), 0, None)
-                    .with_fallback(direct, true)
-                    .into_stream(),
+            body::hold(
+                body::stream(
+                    Tail::new(fill, app.store.clone(), 0, None)
+                        .with_fallback(direct, true)
+                        .into_stream(),
+                ),
+                slot,
             )
         });
         blob_headers(&mut r, digest, 0);
@@ -507,10 +518,13 @@ pub async fn blob(
     let body = if head {
         body::empty()
     } else {
-        body::stream(
-            Tail::new(fill, app.store.clone(), start, Some(start + len))
-                .with_fallback(direct, status == StatusCode::OK)
-                .into_stream(),
+        body::hold(
+            body::stream(
+                Tail::new(fill, app.store.clone(), start, Some(start + len))
+                    .with_fallback(direct, status == StatusCode::OK)
+                    .into_stream(),
+            ),
+            slot,
         )
     };
     Ok(blob_response(digest, total, status, start, len, body))

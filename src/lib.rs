@@ -7,7 +7,10 @@
 //!   (`access::policy`), scope parsing and token signing (`access::token`) and the
 //!   failed-login limit per client address (`access::limit`).
 //! - [`app`]: application state and `App::handle`, the request pipeline.
-//! - [`server`]: accept loop, optional rustls, graceful shutdown.
+//! - [`server`]: accept loop, optional rustls (certificate reload), connection limits and
+//!   timeouts, graceful shutdown.
+//! - [`framing`]: HTTP/1 request smuggling checks hyper does not make.
+//! - [`limits`]: per-client limits (uncached blob downloads per client address).
 //! - [`cli`], [`config`], [`units`]: command line, configuration file (its `[auth]` part in
 //!   `config::auth`), human units.
 //! - [`router`], [`reference`], [`rewrite`], [`media`], [`range`]: pure parsing of paths,
@@ -41,8 +44,10 @@ pub mod config;
 pub mod error;
 pub mod fastpath;
 pub mod flight;
+pub mod framing;
 pub mod handlers;
 pub mod inspect;
+pub mod limits;
 pub mod media;
 pub mod push;
 pub mod range;

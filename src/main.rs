@@ -1,5 +1,5 @@
 //! The `regcache` binary: parse the CLI, set up logging, load and validate the configuration,
-//! and serve until SIGINT or SIGTERM.
+//! and serve until SIGINT or SIGTERM (SIGHUP reloads the TLS certificate).
 
 use anyhow::Context;
 use clap::Parser;
@@ -42,6 +42,29 @@ async fn shutdown_signal() {
     }
 }
 
+/// Re-reads the TLS certificate and key on every SIGHUP; a bad pair keeps the current one.
+fn reload_on_hangup(tls: Option<std::sync::Arc<regcache::server::Tls>>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered before "ready" is logged, so a SIGHUP never hits the default action (exit).
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    // Detached on purpose: it lives as long as the process.
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match &tls {
+                None => tracing::info!("SIGHUP received; no TLS certificate to reload"),
+                Some(tls) => match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP received; TLS certificate reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP received; TLS certificate reload failed, keeping the current one"
+                    ),
+                },
+            }
+        }
+    });
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -62,11 +85,10 @@ async fn main() -> anyhow::Result<()> {
     }
     init_tracing(config.log_format, false);
     let tls = match &config.tls {
-        Some(t) => {
-            Some(regcache::server::tls_acceptor(&t.cert, &t.key).map_err(anyhow::Error::msg)?)
-        }
+        Some(t) => Some(regcache::server::Tls::load(&t.cert, &t.key).map_err(anyhow::Error::msg)?),
         None => None,
     };
+    reload_on_hangup(tls.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -84,14 +84,14 @@ async fn tls_proxy(upstream_url: &str, cert: &Path, key: &Path, dir: &Path) -> u
         key: key.to_owned(),
     });
     let cfg = cfg.validate().unwrap();
-    let acceptor = regcache::server::tls_acceptor(cert, key).unwrap();
+    let tls = regcache::server::Tls::load(cert, key).unwrap();
     let app = regcache::app::App::new(cfg).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(regcache::server::serve(
         listener,
         app,
-        Some(acceptor),
+        Some(tls),
         Duration::from_secs(1),
         std::future::pending(),
     ));
