@@ -1,6 +1,6 @@
-//! Crash safety: the real binary is killed with SIGKILL mid-download and around a commit;
-//! after a restart the cache holds only complete, verified blobs and every body served is
-//! correct.
+//! Crash safety: the real binary is killed with SIGKILL mid-download, around a commit and
+//! while it evicts; after a restart the cache holds only complete, verified blobs and every
+//! body served is correct.
 
 mod fake;
 
@@ -14,11 +14,16 @@ use sha2::Digest as _;
 
 /// The regcache binary on `cache`, in front of `upstream`; returns it and its address.
 fn start(cache: &Path, upstream: &str) -> (Child, String) {
+    start_with(cache, upstream, "")
+}
+
+/// As [`start`], with `extra` TOML (a `[cache]` table) appended to the config.
+fn start_with(cache: &Path, upstream: &str, extra: &str) -> (Child, String) {
     let cfg = cache.with_extension("toml");
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\ncache_dir = \"{}\"\ndefault_upstream = \"up\"\n[[upstream]]\nname = \"up\"\nurl = \"{upstream}\"\n",
+            "listen = \"127.0.0.1:0\"\ncache_dir = \"{}\"\ndefault_upstream = \"up\"\n[[upstream]]\nname = \"up\"\nurl = \"{upstream}\"\n{extra}",
             cache.display()
         ),
     )
@@ -160,6 +165,62 @@ async fn sigkill_mid_download_and_around_commits_leaves_only_verified_blobs() {
             same(&body, data);
         }
     }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_cache_verified(&cache);
+
+    // 3. Killed while evicting: restarted with a limit far below what the cache holds, the
+    // start-up count evicts at once, and pulls evict more; killed at a different moment each
+    // round. Whole files only ever disappear, so every restart serves correct bodies, and
+    // in the end the cache is within its limit.
+    let bounded = "[cache]\nmax_size = \"1MiB\"\n";
+    let everything: Vec<(String, bytes::Bytes)> = std::iter::once((d.clone(), big.clone()))
+        .chain(blobs.iter().cloned())
+        .collect();
+    for round in 0..4usize {
+        let (mut child, addr) = start_with(&cache, &up.url(), bounded);
+        let mut pulls = Vec::new();
+        for (digest, data) in everything.iter().rev().take(round * 2) {
+            let url = format!("http://{addr}/v2/lib/app/blobs/{digest}");
+            let data = data.clone();
+            pulls.push(tokio::spawn(async move {
+                if let Ok(r) = client().get(&url).send().await
+                    && let Ok(body) = r.bytes().await
+                    && body.len() == data.len()
+                {
+                    same(&body, &data);
+                }
+            }));
+        }
+        if round % 2 == 1 {
+            for p in pulls.drain(..) {
+                p.await.unwrap();
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for p in pulls {
+            p.await.unwrap();
+        }
+        assert_cache_verified(&cache);
+    }
+    let (mut child, addr) = start_with(&cache, &up.url(), bounded);
+    for (digest, data) in &everything {
+        let body = client()
+            .get(format!("http://{addr}/v2/lib/app/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        same(&body, data);
+    }
+    let held: u64 = files(&cache.join("blobs"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(held <= 1 << 20, "{held} bytes kept under a 1 MiB limit");
     child.kill().unwrap();
     child.wait().unwrap();
     assert_cache_verified(&cache);
