@@ -6,6 +6,8 @@
 //! - [`registry`]: a real `docker-registry serve` (distribution 2.8) with no auth, htpasswd or
 //!   token auth, plus access-log counters.
 //! - [`token`]: an in-process Docker-Hub-style token server issuing RS256 JWTs.
+//! - [`debian`]: a debootstrapped Debian root file system of the host's release, cached as
+//!   a tar, to `docker import` as the base of image builds.
 //! - [`image`]: OCI image layouts generated on disk (a runnable busybox image, extra layers,
 //!   multi-arch indexes) and `skopeo` push / pull / inspect helpers.
 //! - [`proxy`]: regcache itself in-process, a token-auth "Docker Hub" upstream and a
@@ -18,6 +20,7 @@
 //! Not every test binary uses every helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod debian;
 pub mod image;
 pub mod moto;
 pub mod peers;

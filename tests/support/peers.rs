@@ -320,6 +320,32 @@ fn kill_pidfile(pidfile: &Path) {
     }
 }
 
+/// Lazily unmounts every mount point under `dir`, deepest first, and returns the mount
+/// points still there afterwards (never remove a directory while this is not empty: a
+/// recursive delete would walk into what is mounted).
+pub fn unmount_under(dir: &Path) -> Vec<String> {
+    let mounts = || -> Vec<String> {
+        let prefix = format!("{}/", dir.display());
+        let mut found: Vec<String> = fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .map(str::to_string)
+            .collect();
+        found.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        found
+    };
+    for mount in mounts() {
+        let _ = Command::new("umount")
+            .args(["--lazy", &mount])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    mounts()
+}
+
 /// Sends `GET /_ping` over a unix socket; true when the answer is `200 OK`.
 async fn unix_ping(socket: &Path) -> bool {
     let Ok(mut stream) = tokio::net::UnixStream::connect(socket).await else {
@@ -472,6 +498,16 @@ impl Dockerd {
         self.dir.path()
     }
 
+    /// A blocking `docker` CLI command bound to this daemon (for `Drop` clean-ups, where
+    /// nothing can be awaited).
+    pub fn docker_blocking_cmd(&self) -> Command {
+        let mut cmd = Command::new(docker_cli());
+        cmd.env("DOCKER_HOST", self.host())
+            .env("DOCKER_CONFIG", &self.config_dir)
+            .envs(no_egress_env());
+        cmd
+    }
+
     /// A `docker` CLI command bound to this daemon (`DOCKER_HOST`, private `DOCKER_CONFIG`).
     pub fn docker_cmd(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(docker_cli());
@@ -492,12 +528,19 @@ impl Dockerd {
     }
 
     /// Stops the daemon: SIGTERM, up to 15 s grace, then SIGKILL (also of its containerd).
+    /// Then unmounts what it left under its temp dir (dockerd 20.10 leaves the
+    /// `exec/netns/default` namespace mounted), so the temp dir and its image store can be
+    /// removed.
     pub fn stop(&mut self) {
         if self.process.pid().is_none() {
             return;
         }
         self.process.terminate(Duration::from_secs(15));
         kill_pidfile(&self.exec_root.join("containerd").join("containerd.pid"));
+        let left = unmount_under(self.dir.path());
+        if !left.is_empty() {
+            eprintln!("dockerd: still mounted after stop: {left:?}");
+        }
     }
 }
 

@@ -1,0 +1,523 @@
+//! Owns the checks of `deploy/`: the systemd unit verifies, is sandboxed and runs regcache; the compose file and Kubernetes manifests agree with the Dockerfile and with a configuration regcache loads.
+//!
+//! kubectl is not available here, so the manifests are parsed (PyYAML, Debian python3-yaml)
+//! and cross-checked: ports, probe paths, mount paths, user ids and sizes must match what
+//! the image and regcache's configuration say.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use regcache::config::Config;
+use serde_json::Value;
+
+use support::peers::{ProcessGuard, Skip, require_binaries, tail_file};
+
+/// Where the unit, the compose file and the manifests put the configuration file.
+const CONFIG_PATH: &str = "/etc/regcache/regcache.toml";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Hard-links (or copies) the regcache binary to `to`.
+fn place_binary(to: &Path) {
+    let from = Path::new(env!("CARGO_BIN_EXE_regcache"));
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).unwrap();
+    }
+}
+
+#[test]
+fn systemd_unit_verifies_and_is_sandboxed() {
+    let unit = repo().join("deploy/regcache.service");
+    let text = fs::read_to_string(&unit).unwrap();
+    if let Err(skip) = require_binaries(&["systemd-analyze"]) {
+        skip.report();
+        return;
+    }
+    // A root holding the unit, the binary its ExecStart names and systemd's own units, so
+    // `verify` checks everything the unit refers to.
+    let exec_start: Vec<&str> = directive(&text, "ExecStart")
+        .expect("ExecStart=")
+        .split_whitespace()
+        .collect();
+    let root = tempfile::tempdir().unwrap();
+    let bin = root.path().join(exec_start[0].trim_start_matches('/'));
+    fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    place_binary(&bin);
+    let units = root.path().join("usr/lib/systemd");
+    fs::create_dir_all(&units).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg("/usr/lib/systemd/system")
+        .arg(&units)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "copy systemd's units");
+    let etc = root.path().join("etc/systemd/system");
+    fs::create_dir_all(&etc).unwrap();
+    fs::copy(&unit, etc.join("regcache.service")).unwrap();
+    let root_arg = format!("--root={}", root.path().display());
+
+    // verify exits 0 on unknown keys and bad values, printing a warning: demand silence.
+    let out = Command::new("systemd-analyze")
+        .args(["verify", &root_arg, "regcache.service"])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+
+    // Exposure 2.0 or less ("OK"); the unit rates 1.2 today.
+    let out = Command::new("systemd-analyze")
+        .args([
+            "security",
+            "--offline=true",
+            "--threshold=20",
+            &root_arg,
+            "regcache.service",
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let overall = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or("<no overall line>");
+    assert!(
+        out.status.success(),
+        "exposure above 2.0: {overall}\n{report}"
+    );
+    eprintln!("{}", overall.trim());
+
+    for (key, want) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("DynamicUser", "yes"),
+        ("CacheDirectory", "regcache"),
+    ] {
+        assert_eq!(directive(&text, key), Some(want), "{key}=");
+    }
+
+    // The command line is one regcache accepts: run it with the repository's example
+    // config, the cache directory systemd would pass, and a loopback port.
+    let cache = tempfile::tempdir().unwrap();
+    let args: Vec<String> = exec_start[1..]
+        .iter()
+        .map(|a| match *a {
+            "${CACHE_DIRECTORY}" => cache.path().display().to_string(),
+            CONFIG_PATH => repo().join("config/regcache.toml").display().to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    assert!(
+        exec_start.contains(&"${CACHE_DIRECTORY}") && exec_start.contains(&CONFIG_PATH),
+        "{exec_start:?}"
+    );
+    let log = root.path().join("regcache.log");
+    let log_file = fs::File::create(&log).unwrap();
+    let mut process = ProcessGuard::spawn(
+        "regcache",
+        Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args(&args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("regcache ready")
+    {
+        assert!(
+            process.exited().is_none() && Instant::now() < deadline,
+            "regcache {args:?} did not start:\n{}",
+            tail_file(&log, 20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    process.terminate(Duration::from_secs(10));
+    assert!(
+        cache.path().join("tmp").is_dir(),
+        "cache made in ${{CACHE_DIRECTORY}}"
+    );
+}
+
+/// The value of the last `Key=` line of a unit file.
+fn directive<'t>(unit: &'t str, key: &str) -> Option<&'t str> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+        .map(str::trim)
+}
+
+/// What the deploy files must agree with, read from the Dockerfile's runtime base stage.
+#[derive(Debug)]
+struct ImageFacts {
+    port: u16,
+    volume: String,
+    uid: u64,
+    gid: u64,
+}
+
+fn image_facts() -> ImageFacts {
+    let text = fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let joined = text.replace("\\\n", " ");
+    let instructions: Vec<(String, String)> = joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .map(|(i, rest)| (i.to_ascii_uppercase(), rest.trim().to_string()))
+        .collect();
+    let stages: Vec<&str> = instructions
+        .iter()
+        .filter(|(i, _)| i == "FROM")
+        .map(|(_, rest)| rest.as_str())
+        .collect();
+    // The classic builder builds every stage up to --target: the host-binary target must
+    // come before the compiling stage.
+    let position = |from: &str| stages.iter().position(|s| s.starts_with(from));
+    let runtime = position("base AS runtime").expect("a `runtime` stage FROM base");
+    let build = position("${BUILDER_IMAGE}").expect("a stage FROM ${BUILDER_IMAGE}");
+    assert!(runtime < build, "{stages:?}");
+    assert!(
+        stages.last().unwrap().starts_with("base "),
+        "the default target is the runtime image: {stages:?}"
+    );
+    let first = |name: &str| {
+        instructions
+            .iter()
+            .find(|(i, _)| i == name)
+            .map(|(_, rest)| rest.clone())
+            .unwrap_or_else(|| panic!("no {name} in the Dockerfile"))
+    };
+    let volume: Vec<String> = serde_json::from_str(&first("VOLUME")).unwrap();
+    let user = first("USER");
+    let (uid, gid) = user.split_once(':').expect("USER uid:gid");
+    let env = first("ENV");
+    assert_eq!(
+        env,
+        format!("REGCACHE_CACHE_DIR={}", volume[0]),
+        "the cache is the volume"
+    );
+    assert!(first("HEALTHCHECK").contains("/healthz"));
+    ImageFacts {
+        port: first("EXPOSE").parse().unwrap(),
+        volume: volume[0].clone(),
+        uid: uid.parse().unwrap(),
+        gid: gid.parse().unwrap(),
+    }
+}
+
+/// A Python with PyYAML (Debian python3-yaml), or `Err(Skip)`.
+fn yaml_python() -> Result<&'static str, Skip> {
+    ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .find(|python| {
+            Command::new(python)
+                .args(["-c", "import yaml"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .ok_or_else(|| Skip::new("no python3 with the yaml module (Debian package python3-yaml)"))
+}
+
+/// Every document of a YAML file (or of YAML text on stdin when `path` is `-`), as JSON.
+fn yaml_documents(python: &str, path: &Path, stdin: Option<&[u8]>) -> Vec<Value> {
+    use std::io::Write;
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import sys, json, yaml\n\
+             src = sys.stdin if sys.argv[1] == '-' else open(sys.argv[1])\n\
+             json.dump([d for d in yaml.safe_load_all(src) if d is not None], sys.stdout)",
+        ])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} is not valid YAML: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Loads and validates a regcache configuration the way `regcache --config` does.
+fn load_regcache_config(toml_text: &str) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("regcache.toml");
+    fs::write(&file, toml_text).unwrap();
+    Config::from_file(&file)
+        .and_then(Config::validate)
+        .unwrap_or_else(|e| panic!("config does not load: {e}\n{toml_text}"))
+}
+
+/// `--config PATH` from an argument list.
+fn config_arg(args: &Value) -> String {
+    let args: Vec<&str> = args
+        .as_array()
+        .expect("args list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--config")
+        .expect("--config");
+    args[at + 1].to_string()
+}
+
+/// A Kubernetes quantity like `50Gi` in bytes (binary and decimal suffixes).
+fn quantity_bytes(q: &str) -> u64 {
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(split);
+    let n: u64 = n.parse().unwrap();
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        other => panic!("unknown quantity suffix {other}"),
+    };
+    n * factor
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_image_and_config() {
+    let python = match yaml_python() {
+        Ok(p) => p,
+        Err(skip) => return skip.report(),
+    };
+    let image = image_facts();
+    let dir = repo().join("deploy/kubernetes");
+    let kustomization = &yaml_documents(python, &dir.join("kustomization.yaml"), None)[0];
+    let mut listed: Vec<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    let mut present: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    listed.sort();
+    present.sort();
+    assert_eq!(listed, present, "kustomization lists every manifest");
+    let image_name = kustomization["images"][0]["name"].as_str().unwrap();
+
+    let mut by_kind: BTreeMap<String, Value> = BTreeMap::new();
+    for file in &present {
+        for doc in yaml_documents(python, &dir.join(file), None) {
+            let kind = doc["kind"].as_str().expect("kind").to_string();
+            assert!(by_kind.insert(kind.clone(), doc).is_none(), "one {kind}");
+        }
+    }
+    let get = |kind: &str| by_kind.get(kind).unwrap_or_else(|| panic!("no {kind}"));
+    let (deployment, service, config_map, claim) = (
+        get("Deployment"),
+        get("Service"),
+        get("ConfigMap"),
+        get("PersistentVolumeClaim"),
+    );
+
+    let pod = &deployment["spec"]["template"];
+    let labels = &pod["metadata"]["labels"];
+    for (k, v) in deployment["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&labels[k], v, "selector matches the pod's labels");
+    }
+    for (k, v) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[k], v, "Service selects the pod");
+    }
+    let spec = &pod["spec"];
+    let containers = spec["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(c["image"], image_name, "kustomize sets the image");
+
+    // Security: non-root as the image's user, read-only root, nothing to escalate.
+    let pod_security = &spec["securityContext"];
+    assert_eq!(pod_security["runAsNonRoot"], true);
+    assert_eq!(pod_security["runAsUser"], image.uid);
+    assert_eq!(pod_security["runAsGroup"], image.gid);
+    assert_eq!(pod_security["fsGroup"], image.gid, "the claim is writable");
+    let security = &c["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+
+    // The configuration: the ConfigMap holds the file --config names, and regcache loads it.
+    let config_path = PathBuf::from(config_arg(&c["args"]));
+    let volumes = spec["volumes"].as_array().unwrap();
+    let mount = |volume: &Value| -> PathBuf {
+        let name = &volume["name"];
+        let m = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| &m["name"] == name)
+            .unwrap_or_else(|| panic!("volume {name} is mounted"));
+        PathBuf::from(m["mountPath"].as_str().unwrap())
+    };
+    let config_volume = volumes
+        .iter()
+        .find(|v| v["configMap"]["name"] == config_map["metadata"]["name"])
+        .expect("the ConfigMap is a volume");
+    assert_eq!(
+        mount(config_volume).join(config_path.file_name().unwrap()),
+        config_path,
+        "--config names the file in the ConfigMap's mount"
+    );
+    let key = config_path.file_name().unwrap().to_str().unwrap();
+    let toml_text = config_map["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("ConfigMap key {key}"));
+    let config = load_regcache_config(toml_text);
+
+    // Cache: the claim is mounted on the image's volume, which is also cache_dir.
+    let cache_volume = volumes
+        .iter()
+        .find(|v| v["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"])
+        .expect("the claim is a volume");
+    assert_eq!(mount(cache_volume), Path::new(&image.volume));
+    assert_eq!(config.cache_dir, Path::new(&image.volume));
+    let requested = quantity_bytes(
+        claim["spec"]["resources"]["requests"]["storage"]
+            .as_str()
+            .unwrap(),
+    );
+    let max_size = config
+        .cache
+        .max_size
+        .expect("cache.max_size bounds the cache")
+        .0;
+    assert!(
+        max_size < requested,
+        "max_size {max_size} fits the claim {requested}"
+    );
+    if claim["spec"]["accessModes"] == serde_json::json!(["ReadWriteOnce"]) {
+        assert_eq!(deployment["spec"]["replicas"], 1);
+        assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    }
+
+    // Port: the one regcache listens on, the image exposes, the probes and the Service use.
+    assert_eq!(config.listen.port(), image.port);
+    let port = &c["ports"][0];
+    assert_eq!(port["containerPort"], image.port);
+    let port_name = &port["name"];
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert!(
+            get["port"] == *port_name || get["port"] == image.port,
+            "{probe} port {}",
+            get["port"]
+        );
+    }
+    let service_port = &service["spec"]["ports"][0];
+    assert!(
+        service_port["targetPort"] == *port_name || service_port["targetPort"] == image.port,
+        "{service_port}"
+    );
+    assert_eq!(service_port["port"], image.port);
+    assert!(
+        spec["terminationGracePeriodSeconds"].as_u64().unwrap()
+            > config.timeouts.shutdown_grace.0.as_secs(),
+        "the pod outlives regcache's drain"
+    );
+}
+
+#[test]
+fn compose_file_agrees_with_image_and_config() {
+    let python = match yaml_python() {
+        Ok(p) => p,
+        Err(skip) => return skip.report(),
+    };
+    let image = image_facts();
+    let deploy = repo().join("deploy");
+    let file = deploy.join("docker-compose.yml");
+    let compose = &yaml_documents(python, &file, None)[0];
+
+    // The compose tool's own validation, where it is installed (Debian docker-compose).
+    match support::peers::which("docker-compose") {
+        Some(tool) => {
+            let out = Command::new(tool)
+                .arg("--file")
+                .arg(&file)
+                .arg("config")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "docker-compose config: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let resolved = &yaml_documents(python, Path::new("-"), Some(&out.stdout))[0];
+            assert!(resolved["services"]["regcache"].is_object(), "{resolved}");
+        }
+        None => eprintln!("note: docker-compose is not installed; its validation is not run"),
+    }
+
+    let service = &compose["services"]["regcache"];
+    let context = deploy.join(service["build"]["context"].as_str().unwrap());
+    assert!(
+        context.join("Dockerfile").is_file(),
+        "build context is the repository"
+    );
+    assert_eq!(service["read_only"], true);
+    assert_eq!(service["cap_drop"], serde_json::json!(["ALL"]));
+    let default_port = Config::default().listen.port();
+    assert_eq!(default_port, image.port);
+    let ports: Vec<&str> = service["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(ports, [format!("{default_port}:{}", image.port)]);
+
+    let config_path = config_arg(&service["command"]);
+    let mut mounts: BTreeMap<String, String> = BTreeMap::new();
+    for spec in service["volumes"].as_array().unwrap() {
+        let parts: Vec<&str> = spec.as_str().unwrap().split(':').collect();
+        mounts.insert(parts[1].to_string(), parts[0].to_string());
+    }
+    let volume = &mounts[&image.volume];
+    assert!(
+        compose["volumes"].get(volume).is_some(),
+        "the cache is the named volume {volume}"
+    );
+    let source = deploy.join(&mounts[&config_path]);
+    load_regcache_config(&fs::read_to_string(&source).unwrap());
+}
