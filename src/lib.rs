@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`access`]: client authentication (htpasswd/bcrypt, regcache-issued tokens) and push
 //!   permission.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz` and the status page, on the registry
+//!   listener or on `admin_listen`.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
 //! - [`server`]: accept loop, optional rustls, graceful shutdown.
 //! - [`cli`], [`config`], [`units`]: command line, configuration file, human units.
@@ -12,6 +14,9 @@
 //! - [`handlers`]: one function per registry route.
 //! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
+//! - [`metrics`]: Prometheus metrics with bounded labels, upstream health, and the per-request
+//!   accounting that writes the access log (`regcache::access`).
+//! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
@@ -23,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cache;
@@ -32,11 +38,13 @@ pub mod error;
 pub mod flight;
 pub mod handlers;
 pub mod media;
+pub mod metrics;
 pub mod push;
 pub mod range;
 pub mod reference;
 pub mod rewrite;
 pub mod router;
 pub mod server;
+pub mod status;
 pub mod units;
 pub mod upstream;
