@@ -15,7 +15,7 @@
 //! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
 //! - [`metrics`]: Prometheus metrics with bounded labels, upstream health, and the per-request
-//!   accounting that writes the access log (`regcache::access`).
+//!   accounting that writes the access log (`regcache::access_log`).
 //! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).

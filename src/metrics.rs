@@ -491,9 +491,10 @@ impl AccessLog {
             return;
         }
         let r = &self.record;
+        // Not `regcache::access`: that is the client authentication module's target.
         // Only these fields: never a header value, query string or credential.
         tracing::info!(
-            target: "regcache::access",
+            target: "regcache::access_log",
             request_id = %r.id,
             method = %r.method,
             path = %r.path,
