@@ -200,7 +200,7 @@ fn percent(part: u64, whole: u64) -> f64 {
 const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2rem;color:#1d232a;background:#f6f7f9}\
 h1{font-size:1.4rem;margin:0 0 .2rem}h2{font-size:1.1rem;margin:1.6rem 0 .5rem}\
 .sub{color:#5b6571;margin:0 0 1rem}\
-.cards{display:flex;flex-wrap:wrap;gap:1rem}\
+.cards{display:flex;flex-wrap:wrap;gap:1rem;margin-bottom:1rem}\
 .card{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:.8rem 1rem;min-width:12rem}\
 .card b{display:block;font-size:1.5rem}\
 table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;min-width:40rem}\
