@@ -294,6 +294,21 @@ impl Metrics {
             "Blob downloads that ended, by upstream and outcome (complete, upstream_error, digest_mismatch, not_cached, aborted)",
             f.downloads.clone(),
         );
+        // Every kind and result from the start, so that ratios have a series to divide.
+        for kind in CacheKind::ALL {
+            for result in CacheResult::ALL {
+                drop(f.cache.get_or_create(&CacheLabels {
+                    kind: kind.label(),
+                    result: result.label(),
+                }));
+            }
+            for source in ["cache", "upstream"] {
+                drop(f.served.get_or_create(&ServedLabels {
+                    kind: kind.label(),
+                    source,
+                }));
+            }
+        }
         Metrics {
             registry: r,
             families: f,
