@@ -247,3 +247,47 @@ async fn chromium_shows_a_held_download_the_hit_ratio_and_the_cache_size() {
         .unwrap();
     assert!(html.contains("id=\"no-downloads\""), "{html}");
 }
+
+#[tokio::test]
+async fn on_the_registry_listener_the_page_needs_pull_access() {
+    use std::io::Write as _;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let mut f = std::fs::File::create(&htpasswd).unwrap();
+    writeln!(f, "ops:{}", bcrypt::hash("ops-secret", 4).unwrap()).unwrap();
+    let mut cfg = config_for(&up.url());
+    cfg.auth.htpasswd = Some(htpasswd);
+    cfg.auth.anonymous_pull = false;
+    let proxy = Proxy::start(cfg).await;
+    let r = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Basic realm=\"regcache\"");
+    let r = client()
+        .get(proxy.url("/"))
+        .basic_auth("ops", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(proxy.url("/"))
+        .basic_auth("ops", Some("ops-secret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(
+        r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'none'")
+    );
+    assert!(r.text().await.unwrap().contains("<h1>regcache</h1>"));
+    // Health and metrics stay open for probes and scrapers.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = client().get(proxy.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+}
