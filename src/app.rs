@@ -8,6 +8,7 @@ use http::{HeaderValue, Request, Response, header};
 use moka::sync::Cache;
 
 use crate::access::{Access, Denied, Need, SERVICE, TOKEN_PATH};
+use crate::access_log::RequestRecord;
 use crate::admin;
 use crate::body::{self, Body};
 use crate::cache::inflight::InFlight;
@@ -18,7 +19,7 @@ use crate::error::{Error, UpstreamError};
 use crate::flight::Flight;
 use crate::handlers::{self, ManifestKey};
 use crate::media::Accept;
-use crate::metrics::{CacheKind, Metrics, RequestRecord};
+use crate::metrics::{CacheKind, Metrics};
 use crate::push::{self, Uploads};
 use crate::reference::Reference;
 use crate::rewrite::RoutingTable;

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`access`]: client authentication (htpasswd/bcrypt, regcache-issued tokens) and push
 //!   permission.
+//! - [`access_log`]: one `regcache::access_log` event per request, written when its body ends.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` and the status page, on the registry
 //!   listener or on `admin_listen`.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
@@ -14,13 +15,13 @@
 //! - [`handlers`]: one function per registry route.
 //! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
-//! - [`metrics`]: Prometheus metrics with bounded labels, upstream health, and the per-request
-//!   accounting that writes the access log (`regcache::access_log`).
+//! - [`metrics`]: Prometheus metrics with bounded labels and their exposition.
 //! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
-//!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
+//!   credentials (`upstream::ecr`), push requests (`upstream::push`) and each upstream's
+//!   figures and health (`upstream::stats`).
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
 //!   upstream when the disk cannot take a blob), tag answers.
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod body;

@@ -1,18 +1,12 @@
 //! Prometheus metrics: one fixed set of families with bounded labels (route, status class,
-//! kind, result, configured upstream name; never a repository, tag or digest), each
-//! upstream's health record, the OpenMetrics exposition, and the accounting of each request
-//! that feeds the counters and writes its access-log line.
+//! kind, result, configured upstream name; never a repository, tag or digest), the
+//! OpenMetrics exposition, and the counting of each answered request.
 
 use std::fmt;
-use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http::Response;
 use http_body_util::BodyExt;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -22,13 +16,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::access_log::{Metered, RequestRecord};
 use crate::body::Body;
-use crate::cache::inflight::{FillError, FillState, InFlight};
+use crate::cache::inflight::{FillState, InFlight};
 use crate::cache::store::BlobStore;
 use crate::error::{Error, UpstreamError};
-use crate::flight::lock;
 use crate::status::TopPulls;
 use crate::upstream::Upstream;
+use crate::upstream::stats::{DOWNLOAD_OUTCOMES, REQUEST_OUTCOMES, UpstreamStats};
 
 /// `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -319,7 +314,30 @@ impl Metrics {
 
     /// The counters and health record of upstream `name`, registered here.
     pub fn upstream(&self, name: &str) -> Arc<UpstreamStats> {
-        Arc::new(UpstreamStats::with(name, self.families.clone()))
+        let f = &self.families;
+        let upstream = || name.to_owned();
+        let outcome = |family: &Family<UpstreamOutcomeLabels, Counter>, outcome| {
+            family.get_or_create_owned(&UpstreamOutcomeLabels {
+                upstream: upstream(),
+                outcome,
+            })
+        };
+        let fetched = |kind| {
+            f.upstream_bytes.get_or_create_owned(&UpstreamKindLabels {
+                upstream: upstream(),
+                kind,
+            })
+        };
+        Arc::new(UpstreamStats::new(
+            name,
+            f.upstream_duration.get_or_create_owned(&UpstreamLabels {
+                upstream: upstream(),
+            }),
+            REQUEST_OUTCOMES.map(|o| outcome(&f.upstream_requests, o)),
+            DOWNLOAD_OUTCOMES.map(|o| outcome(&f.downloads, o)),
+            fetched("blob"),
+            fetched("manifest"),
+        ))
     }
 
     /// Adds the figures read at each scrape: cache size, downloads under way, token fetches
@@ -440,290 +458,8 @@ impl Metrics {
         let aborted = f.errors.get_or_create_owned(&ReasonLabels {
             reason: "body_aborted",
         });
-        resp.map(|inner| {
-            Metered {
-                inner,
-                log: AccessLog {
-                    record,
-                    status,
-                    cache: cached.map_or("none", |(_, r)| r.label()),
-                    bytes: 0,
-                    logged: false,
-                },
-                served,
-                aborted,
-            }
-            .boxed_unsync()
-        })
-    }
-}
-
-/// What `App::handle` learnt about one request, for its metrics and access-log line.
-#[derive(Debug)]
-pub struct RequestRecord {
-    /// The request id (also sent back as `X-Request-Id`).
-    pub id: String,
-    /// Method.
-    pub method: http::Method,
-    /// Path, without the query.
-    pub path: String,
-    /// Arrival.
-    pub started: Instant,
-    /// Route label (`manifest`, `blob`, …).
-    pub route: &'static str,
-    /// What the route looks up in the cache, if anything.
-    pub kind: Option<CacheKind>,
-    /// Name of the upstream the request was routed to.
-    pub upstream: Option<String>,
-}
-
-impl RequestRecord {
-    /// A request that arrived now; the route is learnt while it is handled.
-    pub fn new(id: String, method: http::Method, path: String) -> Self {
-        RequestRecord {
-            id,
-            method,
-            path,
-            started: Instant::now(),
-            route: "unknown",
-            kind: None,
-            upstream: None,
-        }
-    }
-}
-
-struct AccessLog {
-    record: RequestRecord,
-    status: StatusCode,
-    cache: &'static str,
-    bytes: u64,
-    logged: bool,
-}
-
-impl AccessLog {
-    fn write(&mut self, complete: bool) {
-        if std::mem::replace(&mut self.logged, true) {
-            return;
-        }
-        let r = &self.record;
-        // Not `regcache::access`: that is the client authentication module's target.
-        // Only these fields: never a header value, query string or credential.
-        tracing::info!(
-            target: "regcache::access_log",
-            request_id = %r.id,
-            method = %r.method,
-            path = %r.path,
-            status = self.status.as_u16(),
-            bytes = self.bytes,
-            duration_ms = r.started.elapsed().as_secs_f64() * 1000.0,
-            cache = self.cache,
-            upstream = r.upstream.as_deref().unwrap_or(""),
-            complete,
-            "access"
-        );
-    }
-}
-
-/// A response body that counts what passes and writes the access log at its end.
-struct Metered {
-    inner: Body,
-    log: AccessLog,
-    served: Option<Counter>,
-    aborted: Counter,
-}
-
-impl HttpBody for Metered {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let n = data.len() as u64;
-                    this.log.bytes += n;
-                    if let Some(c) = &this.served {
-                        c.inc_by(n);
-                    }
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                this.aborted.inc();
-                this.log.write(false);
-            }
-            Poll::Ready(None) => this.log.write(true),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Metered {
-    fn drop(&mut self) {
-        // A body never polled to its end: empty (HEAD, 204), or the client went away.
-        let complete = self.inner.is_end_stream();
-        self.log.write(complete);
-    }
-}
-
-/// One upstream's health as seen from the requests regcache sent it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Health {
-    /// When it last answered (any status but 5xx and 429).
-    pub last_success: Option<SystemTime>,
-    /// When it last failed (no connection, timeout, 5xx or 429) and how.
-    pub last_error: Option<(SystemTime, String)>,
-    /// Whether the last exchange reached it; `None` before the first.
-    pub reachable: Option<bool>,
-    /// Status of the last answer.
-    pub last_status: Option<u16>,
-}
-
-impl Health {
-    /// `up`, `failing` (answers 5xx/429), `down` (unreachable) or `unknown` (never asked).
-    pub fn state(&self) -> &'static str {
-        match (self.reachable, self.last_status) {
-            (None, _) => "unknown",
-            (Some(false), _) => "down",
-            (Some(true), Some(s)) if s >= 500 || s == 429 => "failing",
-            (Some(true), _) => "up",
-        }
-    }
-}
-
-/// Counters and health of one upstream. Cheap to update: every metric is pre-labelled.
-pub struct UpstreamStats {
-    name: String,
-    families: Families,
-    latency: Histogram,
-    blob_bytes: Counter,
-    manifest_bytes: Counter,
-    // Written after each upstream exchange; read by /readyz and the status page. Held only
-    // to copy or replace the record, never across an `.await`.
-    health: Mutex<Health>,
-}
-
-impl fmt::Debug for UpstreamStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamStats")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl UpstreamStats {
-    fn with(name: &str, families: Families) -> Self {
-        let labels = |kind| UpstreamKindLabels {
-            upstream: name.to_owned(),
-            kind,
-        };
-        let latency = families
-            .upstream_duration
-            .get_or_create_owned(&UpstreamLabels {
-                upstream: name.to_owned(),
-            });
-        let blob_bytes = families.upstream_bytes.get_or_create_owned(&labels("blob"));
-        let manifest_bytes = families
-            .upstream_bytes
-            .get_or_create_owned(&labels("manifest"));
-        UpstreamStats {
-            name: name.to_owned(),
-            latency,
-            blob_bytes,
-            manifest_bytes,
-            families,
-            health: Mutex::new(Health::default()),
-        }
-    }
-
-    /// Stats registered nowhere, for an upstream built outside an `App`.
-    pub fn detached(name: &str) -> Arc<Self> {
-        Arc::new(Self::with(name, Families::default()))
-    }
-
-    /// Records one exchange: how long it took and what came back (a status, or the error
-    /// that stopped it).
-    pub fn exchange(&self, took: Duration, outcome: Result<u16, &UpstreamError>) {
-        self.latency.observe(took.as_secs_f64());
-        let label = match outcome {
-            Ok(s) => status_class(s),
-            Err(UpstreamError::Timeout) => "timeout",
-            Err(UpstreamError::Unreachable(_)) => "unreachable",
-            Err(_) => "invalid",
-        };
-        self.families
-            .upstream_requests
-            .get_or_create(&UpstreamOutcomeLabels {
-                upstream: self.name.clone(),
-                outcome: label,
-            })
-            .inc();
-        let now = SystemTime::now();
-        let mut h = lock(&self.health);
-        match outcome {
-            Ok(s) => {
-                h.reachable = Some(true);
-                h.last_status = Some(s);
-                if s >= 500 || s == 429 {
-                    h.last_error = Some((now, format!("answered {s}")));
-                } else {
-                    h.last_success = Some(now);
-                }
-            }
-            Err(e) => {
-                // An invalid answer (bad redirect) still came from a reachable upstream.
-                let reachable =
-                    !matches!(e, UpstreamError::Timeout | UpstreamError::Unreachable(_));
-                h.reachable = Some(reachable);
-                h.last_error = Some((now, e.to_string()));
-            }
-        }
-    }
-
-    /// Counts body bytes of a blob received from this upstream.
-    pub fn fetched_blob(&self, n: u64) {
-        self.blob_bytes.inc_by(n);
-    }
-
-    /// Counts body bytes of a manifest received from this upstream.
-    pub fn fetched_manifest(&self, n: u64) {
-        self.manifest_bytes.inc_by(n);
-    }
-
-    /// Counts a blob download that ended: `None` committed, or why it did not.
-    pub fn download_ended(&self, failure: Option<&FillError>) {
-        let outcome = match failure {
-            None => "complete",
-            Some(FillError::Upstream(_)) => "upstream_error",
-            Some(FillError::DigestMismatch(_)) => "digest_mismatch",
-            Some(FillError::Io(_) | FillError::TooLarge(_)) => "not_cached",
-            Some(FillError::Aborted) => "aborted",
-        };
-        self.families
-            .downloads
-            .get_or_create(&UpstreamOutcomeLabels {
-                upstream: self.name.clone(),
-                outcome,
-            })
-            .inc();
-    }
-
-    /// A copy of the health record.
-    pub fn health(&self) -> Health {
-        lock(&self.health).clone()
+        let cache = cached.map_or("none", |(_, r)| r.label());
+        resp.map(|inner| Metered::new(inner, record, status, cache, served, aborted).boxed_unsync())
     }
 }
 
@@ -889,13 +625,13 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
-        let h = up.health();
-        assert_eq!(h.state(), "down");
-        assert!(h.last_success.is_some());
-        up.exchange(Duration::from_millis(5), Ok(503));
-        assert_eq!(up.health().state(), "failing");
-        up.exchange(Duration::from_millis(5), Ok(404));
-        assert_eq!(up.health().state(), "up");
+        // Every outcome has a series from the start.
+        assert!(
+            text.contains(
+                "regcache_upstream_requests_total{upstream=\"hub\",outcome=\"unreachable\"} 0"
+            ),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod ecr;
 pub mod push;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +56,7 @@ pub struct Upstream {
     pub offline: bool,
     immutable_tags: Vec<String>,
     /// Latency, traffic and health figures.
-    stats: Arc<crate::metrics::UpstreamStats>,
+    stats: Arc<stats::UpstreamStats>,
 }
 
 /// Failure building an upstream at start-up.
@@ -126,18 +127,18 @@ impl Upstream {
             ecr,
             offline: global.offline || cfg.offline,
             immutable_tags: cfg.immutable_tags.clone(),
-            stats: crate::metrics::UpstreamStats::detached(&cfg.name),
+            stats: Arc::new(stats::UpstreamStats::detached(&cfg.name)),
         })
     }
 
     /// This upstream, reporting to `stats` (registered with the app's metrics).
-    pub fn with_stats(mut self, stats: Arc<crate::metrics::UpstreamStats>) -> Self {
+    pub fn with_stats(mut self, stats: Arc<stats::UpstreamStats>) -> Self {
         self.stats = stats;
         self
     }
 
     /// Latency, traffic and health figures.
-    pub fn stats(&self) -> &Arc<crate::metrics::UpstreamStats> {
+    pub fn stats(&self) -> &Arc<stats::UpstreamStats> {
         &self.stats
     }
 
