@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, header};
 use moka::sync::Cache;
 
 use crate::access::{Access, ClientAddr, Denied, Need, SERVICE, TOKEN_PATH};
+use crate::access_log::RequestRecord;
+use crate::admin;
 use crate::body::{self, Body};
 use crate::cache::inflight::InFlight;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
@@ -18,10 +19,15 @@ use crate::error::{Error, UpstreamError};
 use crate::flight::Flight;
 use crate::handlers::{self, ManifestKey};
 use crate::media::Accept;
+use crate::metrics::{CacheKind, Metrics};
 use crate::push::{self, Uploads};
+use crate::reference::Reference;
 use crate::rewrite::RoutingTable;
 use crate::router::{self, Route};
 use crate::upstream::Upstream;
+
+/// The request id header, taken from the client when sane and always sent back.
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
 /// Everything a request needs; immutable after start-up except for the caches inside.
 pub struct App {
@@ -36,6 +42,10 @@ pub struct App {
     /// Coalesces concurrent fetches of one manifest (small, held in memory briefly).
     pub(crate) manifest_flight: Flight<ManifestKey, handlers::Fetched, UpstreamError>,
     next_request_id: AtomicU64,
+    // Tells this process's request ids from those of earlier runs.
+    request_id_prefix: String,
+    /// Prometheus metrics, upstream health and the most pulled repositories.
+    pub(crate) metrics: Metrics,
     /// Client authentication and permissions.
     pub(crate) access: Arc<Access>,
     /// Uploads under way through the proxy.
@@ -77,12 +87,18 @@ impl App {
 
     /// Builds the app on a given store backend.
     pub fn with_store(config: Config, store: Arc<dyn BlobStore>) -> Result<Arc<Self>, StartError> {
+        let mut metrics = Metrics::new();
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| Upstream::new(u, &config).map(Arc::new))
+            .map(|u| {
+                Upstream::new(u, &config)
+                    .map(|up| Arc::new(up.with_stats(metrics.upstream(&u.name))))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let access = Arc::new(Access::new(&config).map_err(StartError::Access)?);
+        let inflight = Arc::new(InFlight::default());
+        metrics.observe(store.clone(), inflight.clone(), upstreams.clone());
         Ok(Arc::new(App {
             access,
             uploads: Uploads::default(),
@@ -90,9 +106,11 @@ impl App {
             tags: Cache::new(config.cache.tag_cache_entries),
             upstreams,
             store,
-            inflight: Arc::new(InFlight::default()),
+            inflight,
             manifest_flight: Flight::default(),
             next_request_id: AtomicU64::new(1),
+            request_id_prefix: format!("{:08x}", rand::random::<u32>()),
+            metrics,
             downloads: crate::limits::PerClient::new(config.limits.downloads_per_client),
             config,
         }))
@@ -144,27 +162,67 @@ impl App {
         self.store.usage()
     }
 
+    /// Prometheus metrics, upstream health and the most pulled repositories.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The client's `X-Request-Id` when it is a sane token (a load balancer's), else a new
+    /// one.
+    fn request_id(&self, headers: &http::HeaderMap) -> String {
+        let given = headers
+            .get(X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                (1..=64).contains(&v.len())
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            });
+        match given {
+            Some(v) => v.to_owned(),
+            None => format!(
+                "{}-{}",
+                self.request_id_prefix,
+                self.next_request_id.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
+    }
+
     /// Answers one request. Never fails: every error becomes an OCI JSON response.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let started = Instant::now();
-        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.request_id(req.headers());
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let head = method == http::Method::HEAD;
         // Only the Host is kept: the challenge realm is built for the rare 401 alone.
         let host = req.headers().get(header::HOST).cloned();
-        let span = tracing::info_span!("request", id, %method, path = %path);
+        let span = tracing::info_span!("request", request_id = %id, %method, path = %path);
+        let mut record = RequestRecord::new(id.clone(), method, path);
+        let mut pulled = None;
         let result = {
             use tracing::Instrument;
-            self.route(req).instrument(span.clone()).await
+            self.route(req, &mut record, &mut pulled)
+                .instrument(span.clone())
+                .await
         };
+        let cache_result = match &result {
+            Ok(r) => r.extensions().get::<crate::metrics::CacheResult>().copied(),
+            Err(e) => crate::metrics::result_of_error(e),
+        };
+        if let (Ok(r), Some(name)) = (&result, pulled) {
+            if r.status().is_success() {
+                crate::flight::lock(&self.metrics.pulls).record(&name);
+            }
+        }
+        let mut error_reason = None;
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
+                error_reason = Some(crate::metrics::error_reason(&e));
                 if e.status().is_server_error() {
                     tracing::warn!(parent: &span, error = %e, "request failed");
                 }
@@ -185,13 +243,12 @@ impl App {
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),
         );
-        tracing::info!(
-            parent: &span,
-            status = resp.status().as_u16(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "access"
-        );
-        resp
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert(X_REQUEST_ID, v);
+        }
+        // Counts the request and writes its access-log line once the body has been sent.
+        self.metrics
+            .finish(record, cache_result, error_reason, resp)
     }
 
     /// The absolute URL of regcache's token endpoint as this client reaches regcache.
@@ -232,16 +289,50 @@ impl App {
         Ok(body::json(payload, false))
     }
 
-    async fn route<B>(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, Error>
+    /// Routes one request, noting in `record` what it was for (route, cache kind, upstream)
+    /// and in `pulled` the repository of a manifest asked for by tag.
+    async fn route<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        record: &mut RequestRecord,
+        pulled: &mut Option<String>,
+    ) -> Result<Response<Body>, Error>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let client = req.extensions().get::<ClientAddr>().copied();
+        if self.config.admin_listen.is_none()
+            && let Some(e) = admin::Endpoint::parse(req.method(), req.uri().path())
+        {
+            record.route = e.label();
+            if e == admin::Endpoint::Status && self.access.challenges() {
+                // The page names repositories: it needs an identified client.
+                match self.access.caller(req.headers(), client).identify().await {
+                    Err(Denied::Unauthenticated) => return Ok(admin::basic_challenge()),
+                    Err(d) => return Err(d.into()),
+                    Ok(_) => {}
+                }
+            }
+            return Ok(admin::answer(self, e, req.method() == http::Method::HEAD).await);
+        }
         if req.uri().path() == TOKEN_PATH && req.method() == http::Method::GET {
+            record.route = "token";
             return self.token(req.headers(), req.uri().query(), client).await;
         }
         let parsed = router::parse(req.method(), req.uri().path(), req.uri().query())?;
+        (record.route, record.kind) = match &parsed.route {
+            Route::Base => ("base", None),
+            Route::Manifest {
+                reference: Reference::Tag(_),
+                ..
+            } => ("manifest", Some(CacheKind::Tag)),
+            Route::Manifest { .. } => ("manifest", Some(CacheKind::Manifest)),
+            Route::Blob { .. } => ("blob", Some(CacheKind::Blob)),
+            Route::UploadStart { .. } | Route::Upload { .. } => ("upload", None),
+            Route::ManifestPut { .. } => ("manifest_put", None),
+            Route::TagsList { .. } => ("tags_list", None),
+        };
         let (parts, body) = req.into_parts();
         let body: Body =
             http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, |e| {
@@ -270,12 +361,20 @@ impl App {
             }
             Route::Manifest { name, reference } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                record.upstream = Some(self.upstreams[t.upstream].name.clone());
                 caller.require(Need::Pull, &name, &t).await?;
+                if matches!(reference, Reference::Tag(_)) {
+                    *pulled = Some(format!(
+                        "{}/{}",
+                        self.upstreams[t.upstream].name, t.repository
+                    ));
+                }
                 let accept = Accept::from_headers(req.headers());
                 handlers::manifest(self, t.upstream, &t.repository, &reference, &accept, head).await
             }
             Route::Blob { name, digest } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                record.upstream = Some(self.upstreams[t.upstream].name.clone());
                 if head && caller.permits(Need::Push, &name, &t).await {
                     // A pushing client asks whether the upstream repository has the blob;
                     // the cache cannot answer that.
@@ -308,6 +407,7 @@ impl App {
                 digest,
             } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                record.upstream = Some(self.upstreams[t.upstream].name.clone());
                 caller.require(Need::Push, &name, &t).await?;
                 // A mount source is only passed on when it lives on the same upstream and the
                 // client may pull it; otherwise the client uploads the blob.
@@ -340,12 +440,14 @@ impl App {
             }
             Route::Upload { name, id, digest } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                record.upstream = Some(self.upstreams[t.upstream].name.clone());
                 caller.require(Need::Push, &name, &t).await?;
                 push::continue_upload(self, req.method(), &name, &id, digest, req.headers(), body)
                     .await
             }
             Route::ManifestPut { name, reference } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                record.upstream = Some(self.upstreams[t.upstream].name.clone());
                 caller.require(Need::Push, &name, &t).await?;
                 push::put_manifest(
                     self,
@@ -360,6 +462,7 @@ impl App {
             }
             Route::TagsList { name, n, last } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
+                record.upstream = Some(self.upstreams[t.upstream].name.clone());
                 caller.require(Need::Pull, &name, &t).await?;
                 handlers::tags(
                     self,

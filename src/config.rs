@@ -73,6 +73,10 @@ pub enum LogFormat {
 pub struct Config {
     /// Address the registry API listens on.
     pub listen: SocketAddr,
+    /// Address of a separate listener for `/metrics`, `/healthz`, `/readyz` and the status
+    /// page. Unset: they are served on `listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
     /// Folder holding the cache.
     pub cache_dir: PathBuf,
     /// Name of the upstream that serves requests no other rule routes.
@@ -417,6 +421,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            admin_listen: None,
             cache_dir: PathBuf::from("regcache-data"),
             default_upstream: "docker.io".to_owned(),
             log_format: LogFormat::Pretty,
@@ -677,6 +682,16 @@ impl Config {
         if self.retry.backoff.0 > std::time::Duration::from_secs(60) {
             return Err(invalid("retry.backoff", "must be at most 1m"));
         }
+        if let Some(a) = self.admin_listen {
+            let l = self.listen;
+            let overlap = a.ip() == l.ip() || a.ip().is_unspecified() || l.ip().is_unspecified();
+            if a.port() == l.port() && a.port() != 0 && overlap {
+                return Err(invalid(
+                    "admin_listen",
+                    "must not be the address or port of listen",
+                ));
+            }
+        }
         if self.cache_dir.as_os_str().is_empty() {
             return Err(invalid("cache_dir", "must not be empty"));
         }
@@ -842,6 +857,30 @@ mod tests {
         assert!(e.contains("max_size"), "{e}");
         let e = Config::from_toml("listen = \"nowhere\"").unwrap_err();
         assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn admin_listen_must_not_take_the_registry_port() {
+        for text in [
+            "admin_listen = \"127.0.0.1:5000\"",
+            "admin_listen = \"0.0.0.0:5000\"",
+            "listen = \"127.0.0.1:7000\"\nadmin_listen = \"0.0.0.0:7000\"",
+        ] {
+            let e = Config::from_toml(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`admin_listen`"), "{text}: {e}");
+        }
+        let c = Config::from_toml("admin_listen = \"127.0.0.1:9090\"")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        // Both OS-chosen (tests): allowed.
+        let c = Config::from_toml("listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"");
+        assert!(c.unwrap().validate().is_ok());
     }
 
     #[test]

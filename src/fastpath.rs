@@ -21,7 +21,8 @@ use crate::app::App;
 use crate::body::Body;
 
 /// Part of a local file that is exactly a response's body. Set by the blob handler on cache
-/// hits; used instead of the body stream where the connection allows it.
+/// hits; used instead of the body stream where the connection allows it, and then `sent`
+/// tells the body's accounting (access log, metrics) what went out beside it.
 #[derive(Clone, Debug)]
 pub struct FileRange {
     /// The open file (stays readable if its name is evicted).
@@ -30,6 +31,20 @@ pub struct FileRange {
     pub offset: u64,
     /// Bytes to send.
     pub len: u64,
+    /// Bytes sent with `sendfile(2)` so far.
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FileRange {
+    /// `len` bytes of `file` from `offset`, none sent yet.
+    pub fn new(file: std::fs::File, offset: u64, len: u64) -> Self {
+        FileRange {
+            file: Arc::new(file),
+            offset,
+            len,
+            sent: Arc::default(),
+        }
+    }
 }
 
 /// Limits of the loop.
@@ -392,8 +407,11 @@ async fn write_response(
         return Ok(true);
     }
     if let Some(f) = file {
+        // The body (unread) is dropped only after the file went out, so its accounting
+        // sees the bytes `send_file` counted.
+        let sent = send_file(stream, &f).await;
         drop(body);
-        send_file(stream, &f).await?;
+        sent?;
         return Ok(true);
     }
     while let Some(frame) = body.frame().await {
@@ -447,7 +465,10 @@ async fn send_file(stream: &TcpStream, f: &FileRange) -> io::Result<()> {
                     "blob file shorter than its length",
                 ));
             }
-            Ok(_) => {}
+            Ok(n) => {
+                f.sent
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }

@@ -15,6 +15,7 @@ use crate::cache::tags::TagEntry;
 use crate::cache::tail::{ByteStream, Refetch, Tail, read_stream};
 use crate::error::{Error, Kind, UpstreamError};
 use crate::media::{self, Accept};
+use crate::metrics::{CacheResult, mark};
 use crate::range::{self, RangeSpec};
 use crate::reference::{Digest, Reference, Repository, Tag};
 use crate::upstream::Upstream;
@@ -71,24 +72,25 @@ pub async fn manifest(
 ) -> Result<Response<Body>, Error> {
     match reference {
         Reference::Digest(d) => {
-            let m = match app.store.manifest(d).await? {
+            let (m, result) = match app.store.manifest(d).await? {
                 Some(m) => {
                     app.store.note_use(d).await;
-                    m
+                    (m, CacheResult::Hit)
                 }
                 None if app.upstreams[upstream].offline => {
                     return Err(Error::Offline(Kind::Manifest));
                 }
-                None => {
+                None => (
                     fetch_manifest(app, upstream, repo, reference, accept, Some(d))
                         .await?
-                        .manifest
-                }
+                        .manifest,
+                    CacheResult::Miss,
+                ),
             };
             if !accept.accepts(&m.media_type) {
                 return Err(Error::ManifestNotAccepted(m.media_type));
             }
-            Ok(manifest_response(&m, d, head, false))
+            Ok(mark(manifest_response(&m, d, head, false), result))
         }
         Reference::Tag(tag) => manifest_by_tag(app, upstream, repo, tag, accept, head).await,
     }
@@ -136,7 +138,10 @@ async fn manifest_by_tag(
             // Fresh, a tag configured as immutable, or no upstream to ask: served as it is.
             app.store.note_use(&digest).await;
             if entry.is_fresh(up.tag_ttl) || up.is_immutable_tag(tag.as_str()) || up.offline {
-                return Ok(manifest_response(&m, &digest, head, false));
+                return Ok(mark(
+                    manifest_response(&m, &digest, head, false),
+                    CacheResult::Hit,
+                ));
             }
             // Revalidate with a HEAD: it does not count against Docker Hub's pull limit, and
             // when it fails the cached answer is served rather than spending a GET.
@@ -147,13 +152,19 @@ async fn manifest_by_tag(
             {
                 Ok(f) if f.digest.as_ref() == Some(&digest) => {
                     app.tags.insert(key, TagEntry::confirmed(entry.record));
-                    return Ok(manifest_response(&m, &digest, head, false));
+                    return Ok(mark(
+                        manifest_response(&m, &digest, head, false),
+                        CacheResult::Hit,
+                    ));
                 }
                 Ok(f) if f.digest.is_none() => {
                     // Without a digest the HEAD cannot confirm anything; a GET would spend
                     // pull quota while a cached answer exists.
                     tracing::warn!(tag = %tag, repository = %repo, stale = true, "revalidation HEAD carried no digest; serving the cached answer");
-                    return Ok(manifest_response(&m, &digest, head, true));
+                    return Ok(mark(
+                        manifest_response(&m, &digest, head, true),
+                        CacheResult::Stale,
+                    ));
                 }
                 Ok(f) => {
                     tracing::info!(tag = %tag, repository = %repo, old = %digest, new = ?f.digest.as_ref().map(ToString::to_string), "tag moved upstream");
@@ -161,7 +172,10 @@ async fn manifest_by_tag(
                         if let Some(m) = app.store.manifest(&new).await? {
                             if accept.accepts(&m.media_type) {
                                 remember_tag(app, key, &new, &m.media_type).await;
-                                return Ok(manifest_response(&m, &new, head, false));
+                                return Ok(mark(
+                                    manifest_response(&m, &new, head, false),
+                                    CacheResult::Hit,
+                                ));
                             }
                         }
                     }
@@ -175,7 +189,10 @@ async fn manifest_by_tag(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "tag revalidation failed; serving the cached answer");
-                    return Ok(manifest_response(&m, &digest, head, true));
+                    return Ok(mark(
+                        manifest_response(&m, &digest, head, true),
+                        CacheResult::Stale,
+                    ));
                 }
             }
         }
@@ -183,6 +200,7 @@ async fn manifest_by_tag(
     if up.offline {
         return cached_tag(app, &up.name, repo, tag, accept, head, false)
             .await?
+            .map(|r| mark(r, CacheResult::Hit))
             .ok_or(Error::Offline(Kind::Manifest));
     }
     let fetched = match fetch_manifest(
@@ -207,7 +225,7 @@ async fn manifest_by_tag(
             return match cached_tag(app, &up.name, repo, tag, accept, head, true).await? {
                 Some(r) => {
                     tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "upstream unhealthy; serving a cached answer for the tag");
-                    Ok(r)
+                    Ok(mark(r, CacheResult::Stale))
                 }
                 None => Err(Error::Upstream(Kind::Manifest, e)),
             };
@@ -218,11 +236,9 @@ async fn manifest_by_tag(
         return Err(Error::ManifestNotAccepted(fetched.manifest.media_type));
     }
     remember_tag(app, key, &fetched.digest, &fetched.manifest.media_type).await;
-    Ok(manifest_response(
-        &fetched.manifest,
-        &fetched.digest,
-        head,
-        false,
+    Ok(mark(
+        manifest_response(&fetched.manifest, &fetched.digest, head, false),
+        CacheResult::Miss,
     ))
 }
 
@@ -369,7 +385,11 @@ impl Refetch for Straight {
             .blob_from(&self.repository, &self.digest, start)
             .await
             .map_err(std::io::Error::other)?;
+        let stats = self.upstream.stats().clone();
         let bytes = resp.into_body().into_data_stream().filter_map(move |r| {
+            if let Ok(b) = &r {
+                stats.fetched_blob(b.len() as u64);
+            }
             let out = match r {
                 Ok(mut b) if skip > 0 => {
                     let n = skip.min(b.len() as u64);
@@ -401,13 +421,9 @@ pub async fn blob(
         let (status, start, len) = plan(range, total)?;
         app.store.note_use(digest).await;
         if head {
-            return Ok(blob_response(
-                digest,
-                total,
-                status,
-                start,
-                len,
-                body::empty(),
+            return Ok(mark(
+                blob_response(digest, total, status, start, len, body::empty()),
+                CacheResult::Hit,
             ));
         }
         // Gone between the two calls (garbage collection): fetched again below.
@@ -415,13 +431,10 @@ pub async fn blob(
             let stream = read_stream(b.reader, len);
             let mut r = blob_response(digest, total, status, start, len, body::stream(stream));
             if let Some(file) = b.file {
-                r.extensions_mut().insert(crate::fastpath::FileRange {
-                    file: Arc::new(file),
-                    offset: start,
-                    len,
-                });
+                r.extensions_mut()
+                    .insert(crate::fastpath::FileRange::new(file, start, len));
             }
-            return Ok(r);
+            return Ok(mark(r, CacheResult::Hit));
         }
     }
     let up = &app.upstreams[upstream];
@@ -442,7 +455,7 @@ pub async fn blob(
                 if size.is_none() {
                     r.headers_mut().remove(header::CONTENT_LENGTH);
                 }
-                return Ok(r);
+                return Ok(mark(r, CacheResult::Miss));
             }
         }
     } else {
@@ -512,7 +525,7 @@ pub async fn blob(
         });
         blob_headers(&mut r, digest, 0);
         r.headers_mut().remove(header::CONTENT_LENGTH);
-        return Ok(r);
+        return Ok(mark(r, CacheResult::Miss));
     };
     let (status, start, len) = plan(range, total)?;
     let body = if head {
@@ -527,7 +540,10 @@ pub async fn blob(
             slot,
         )
     };
-    Ok(blob_response(digest, total, status, start, len, body))
+    Ok(mark(
+        blob_response(digest, total, status, start, len, body),
+        CacheResult::Miss,
+    ))
 }
 
 /// `GET /v2/<name>/tags/list`, passed through with `n` and `last`; a `Link` to the next page

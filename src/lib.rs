@@ -6,6 +6,9 @@
 //!   scoped tokens), pull/push permissions per upstream and repository pattern
 //!   (`access::policy`), scope parsing and token signing (`access::token`) and the
 //!   failed-login limit per client address (`access::limit`).
+//! - [`access_log`]: one `regcache::access_log` event per request, written when its body ends.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz` and the status page, on the registry
+//!   listener or on `admin_listen`.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
 //! - [`server`]: accept loop, optional rustls (certificate reload), connection limits and
 //!   timeouts, graceful shutdown.
@@ -18,10 +21,13 @@
 //! - [`handlers`]: one function per registry route.
 //! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
+//! - [`metrics`]: Prometheus metrics with bounded labels and their exposition.
+//! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
-//!   credentials (`upstream::ecr`) and push requests (`upstream::push`).
+//!   credentials (`upstream::ecr`), push requests (`upstream::push`) and each upstream's
+//!   figures and health (`upstream::stats`).
 //! - [`fastpath`]: plain-HTTP/1.1 loop for bodiless requests; cached blobs go out with
 //!   `sendfile(2)`, everything else is handed to hyper.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
@@ -35,6 +41,8 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod access_log;
+pub mod admin;
 pub mod airgap;
 pub mod app;
 pub mod body;
@@ -49,11 +57,13 @@ pub mod handlers;
 pub mod inspect;
 pub mod limits;
 pub mod media;
+pub mod metrics;
 pub mod push;
 pub mod range;
 pub mod reference;
 pub mod rewrite;
 pub mod router;
 pub mod server;
+pub mod status;
 pub mod units;
 pub mod upstream;

@@ -92,6 +92,14 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin = match config.admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (admin_listen)"))?,
+        ),
+        None => None,
+    };
     let grace = config.timeouts.shutdown_grace.0;
     let upstreams: Vec<String> = config
         .upstreams
@@ -111,10 +119,25 @@ async fn main() -> anyhow::Result<()> {
         upstreams = ?upstreams,
         default_upstream = %app.config.default_upstream,
         tls = tls.is_some(),
+        admin_listen = admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string()),
         "regcache ready"
     );
     app.start_periodic_gc();
+    // Operator requests are short and hold nothing: the admin listener stops with the process.
+    let admin = admin.map(|l| {
+        tokio::spawn(regcache::admin::serve(
+            l,
+            app.clone(),
+            std::future::pending(),
+        ))
+    });
     regcache::server::serve(listener, app, tls, grace, shutdown_signal()).await?;
+    if let Some(a) = admin {
+        a.abort();
+    }
     Ok(())
 }
 

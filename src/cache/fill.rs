@@ -33,6 +33,7 @@ pub fn spawn(
         match run(&guard, store.as_ref(), &upstream, &repository).await {
             Ok(len) => {
                 tracing::info!(%digest, upstream = %upstream.name, bytes = len, "blob cached");
+                upstream.stats().download_ended(None);
                 guard.complete(len);
             }
             Err(error) if error.is_local() => {
@@ -42,10 +43,12 @@ pub fn spawn(
                     upstream = %upstream.name,
                     "blob not cached; its clients are served straight from the upstream"
                 );
+                upstream.stats().download_ended(Some(&error));
                 guard.fail(error);
             }
             Err(error) => {
                 tracing::warn!(%error, %digest, upstream = %upstream.name, "blob download failed");
+                upstream.stats().download_ended(Some(&error));
                 guard.fail(error);
             }
         }
@@ -127,6 +130,7 @@ async fn run(
         }
         if !batch.is_empty() {
             let n = batch.len() as u64;
+            upstream.stats().fetched_blob(n);
             if len.is_some_and(|l| written + n > l) {
                 return Err(
                     UpstreamError::Invalid("blob longer than its Content-Length".into()).into(),

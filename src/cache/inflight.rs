@@ -68,6 +68,8 @@ pub struct Fill {
     pub digest: Digest,
     /// Where the bytes are staged until commit; readers follow this growing file.
     pub staged: PathBuf,
+    /// When the download started (for the status page).
+    pub started: std::time::Instant,
     // `watch` keeps only the latest state, which is all a reader needs: it reads the file up to
     // `written`, then waits for the next change. Sending never blocks the download.
     state: watch::Sender<FillState>,
@@ -107,6 +109,7 @@ impl InFlight {
         let fill = Arc::new(Fill {
             digest: digest.clone(),
             staged: staged(),
+            started: std::time::Instant::now(),
             state: tx,
         });
         map.insert(digest.clone(), fill.clone());
@@ -120,6 +123,19 @@ impl InFlight {
     /// The download of `digest` under way, if any, without starting one.
     pub fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
         lock(&self.map).get(digest).cloned()
+    }
+
+    /// Every download under way with its current progress, for the status page. The table
+    /// lock is held only to copy the entries out; the states are read after it is released.
+    pub fn snapshot(&self) -> Vec<(Arc<Fill>, FillState)> {
+        let fills: Vec<Arc<Fill>> = lock(&self.map).values().cloned().collect();
+        fills
+            .into_iter()
+            .map(|f| {
+                let state = f.state.borrow().clone();
+                (f, state)
+            })
+            .collect()
     }
 
     /// Downloads under way.
@@ -208,7 +224,22 @@ mod tests {
         };
         assert!(Arc::ptr_eq(g.fill(), &other));
         assert_eq!(f.len(), 1);
+        g.publish(FillState::Streaming {
+            len: Some(3),
+            written: 2,
+        });
+        let snap = f.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].0.digest, d());
+        assert_eq!(
+            snap[0].1,
+            FillState::Streaming {
+                len: Some(3),
+                written: 2
+            }
+        );
         g.complete(3);
+        assert!(f.snapshot().is_empty());
         assert_eq!(*other.subscribe().borrow(), FillState::Complete { len: 3 });
         assert!(f.is_empty());
         assert!(matches!(f.join(&d(), || "/tmp/b".into()), Join::Leader(_)));

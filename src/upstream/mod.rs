@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod ecr;
 pub mod push;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,8 @@ pub struct Upstream {
     /// Served from the cache only; never contacted.
     pub offline: bool,
     immutable_tags: Vec<String>,
+    /// Latency, traffic and health figures.
+    stats: Arc<stats::UpstreamStats>,
 }
 
 /// Failure building an upstream at start-up.
@@ -124,7 +127,24 @@ impl Upstream {
             ecr,
             offline: global.offline || cfg.offline,
             immutable_tags: cfg.immutable_tags.clone(),
+            stats: Arc::new(stats::UpstreamStats::detached(&cfg.name)),
         })
+    }
+
+    /// This upstream, reporting to `stats` (registered with the app's metrics).
+    pub fn with_stats(mut self, stats: Arc<stats::UpstreamStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// Latency, traffic and health figures.
+    pub fn stats(&self) -> &Arc<stats::UpstreamStats> {
+        &self.stats
+    }
+
+    /// The registry's base URL.
+    pub fn base_url(&self) -> &Url {
+        &self.base
     }
 
     /// Whether a cached answer for `tag` is never revalidated.
@@ -196,11 +216,17 @@ impl Upstream {
                 Some(v) => headers.insert(header::AUTHORIZATION, v.clone()),
                 None => headers.remove(header::AUTHORIZATION),
             };
-            let resp = if *method == Method::GET || *method == Method::HEAD {
-                self.client.send_following(method, &url, &headers).await?
+            let started = std::time::Instant::now();
+            let sent = if *method == Method::GET || *method == Method::HEAD {
+                self.client.send_following(method, &url, &headers).await
             } else {
-                self.client.send(method, &url, &headers).await?
+                self.client.send(method, &url, &headers).await
             };
+            self.stats.exchange(
+                started.elapsed(),
+                sent.as_ref().map(|r| r.status().as_u16()),
+            );
+            let resp = sent?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED {
                 let may_answer = if auth.is_some() { !refreshed } else { !learned };
@@ -293,6 +319,7 @@ impl Upstream {
                     "manifest body does not match Content-Length".into(),
                 ));
             }
+            self.stats.fetched_manifest(body.len() as u64);
             body
         };
         Ok(FetchedManifest {
