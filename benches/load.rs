@@ -159,7 +159,7 @@ async fn run(size: u64, clients: usize) {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\ncache_dir = \"{}\"\ndefault_upstream = \"up\"\n[[upstream]]\nname = \"up\"\nurl = \"http://{up_addr}\"\n",
+            "listen = \"127.0.0.1:0\"\ncache_dir = \"{}\"\ndefault_upstream = \"up\"\n[limits]\ndownloads_per_client = 10000\n[[upstream]]\nname = \"up\"\nurl = \"http://{up_addr}\"\n",
             dir.path().join("cache").display()
         ),
     )
