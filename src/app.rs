@@ -232,9 +232,7 @@ impl App {
                     // Point clients at regcache's own token endpoint (never the upstream's).
                     let realm = self.token_realm(host.as_ref());
                     let value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
-                    if let Ok(v) = HeaderValue::from_str(&value) {
-                        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-                    }
+                    body::set_header(&mut r, header::WWW_AUTHENTICATE, &value);
                 }
                 r
             }
@@ -243,9 +241,7 @@ impl App {
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),
         );
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            resp.headers_mut().insert(X_REQUEST_ID, v);
-        }
+        body::set_header(&mut resp, X_REQUEST_ID, &id);
         // Counts the request and writes its access-log line once the body has been sent.
         self.metrics
             .finish(record, cache_result, error_reason, resp)
@@ -388,7 +384,7 @@ impl App {
                     .map(str::to_owned);
                 // Set by the server for every connection; absent when `handle` is called
                 // directly, and then no per-client limit applies.
-                let client = req.extensions().get::<ClientAddr>().map(|p| p.0.ip());
+                let client = client.map(|c| c.0.ip());
                 handlers::blob(
                     self,
                     t.upstream,

@@ -43,6 +43,23 @@ pub enum UpstreamError {
     Invalid(String),
 }
 
+/// An upstream status that means it is unwell rather than answering: 5xx or 429.
+pub fn failing_status(status: u16) -> bool {
+    status >= 500 || status == 429
+}
+
+impl UpstreamError {
+    /// The upstream is unhealthy (no connection, timeout, 5xx, 429): cached answers may
+    /// stand in for it. A 404 or a refusal is an answer, not ill health.
+    pub fn is_unhealthy(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_) | UpstreamError::Timeout => true,
+            UpstreamError::Status(s) => failing_status(*s),
+            _ => false,
+        }
+    }
+}
+
 /// Every error a request can end in.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

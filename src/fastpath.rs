@@ -62,17 +62,6 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_head: 64 * 1024,
-            max_headers: 100,
-            head_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(90),
-        }
-    }
-}
-
 /// How a connection left the loop.
 pub enum Outcome {
     /// Closed (by the client, a limit, an error or shutdown).

@@ -62,14 +62,11 @@ impl Notes {
     /// The note of the next request head, in arrival order.
     pub fn next(&self) -> Option<HeadNote> {
         // Pushes and pops are single statements: a poisoned lock still holds whole notes.
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        crate::flight::lock(&self.0).pop_front()
     }
 
     fn push(&self, note: HeadNote) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(note);
+        crate::flight::lock(&self.0).push_back(note);
     }
 }
 

@@ -20,7 +20,7 @@ use crate::range::{self, RangeSpec};
 use crate::reference::{Digest, Reference, Repository, Tag};
 use crate::upstream::Upstream;
 
-const DOCKER_CONTENT_DIGEST: header::HeaderName =
+pub(crate) const DOCKER_CONTENT_DIGEST: header::HeaderName =
     header::HeaderName::from_static("docker-content-digest");
 
 /// Key for coalescing manifest fetches: upstream, repository, reference, accepted types.
@@ -216,12 +216,7 @@ async fn manifest_by_tag(
         Ok(f) => f,
         // The upstream is unhealthy: what the cache has for this tag under another client's
         // Accept is better than an error, if this client accepts its type.
-        Err(Error::Upstream(
-            _,
-            e @ (UpstreamError::Unreachable(_)
-            | UpstreamError::Timeout
-            | UpstreamError::Status(429 | 500..=599)),
-        )) => {
+        Err(Error::Upstream(_, e)) if e.is_unhealthy() => {
             return match cached_tag(app, &up.name, repo, tag, accept, head, true).await? {
                 Some(r) => {
                     tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "upstream unhealthy; serving a cached answer for the tag");
@@ -574,11 +569,7 @@ pub async fn tags(
         match up.tags(repo, &query).await {
             Ok(answer) => Some(answer),
             // The upstream is unhealthy: answer from what the cache knows, marked stale.
-            Err(
-                e @ (UpstreamError::Unreachable(_)
-                | UpstreamError::Timeout
-                | UpstreamError::Status(429 | 500..=599)),
-            ) => {
+            Err(e) if e.is_unhealthy() => {
                 tracing::warn!(error = %e, repository = %repo, stale = true, "tag list from the cache");
                 None
             }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::cache::budget::references;
+use crate::cache::store::content_path;
 use crate::reference::Digest;
 use crate::units::{ByteSize, HumanDuration};
 
@@ -83,13 +84,6 @@ fn check_root(root: &Path) -> io::Result<()> {
     }
 }
 
-fn content(root: &Path, kind: &str, d: &Digest) -> PathBuf {
-    root.join(kind)
-        .join(d.algorithm().as_str())
-        .join(&d.hex()[..2])
-        .join(d.hex())
-}
-
 fn meta(path: &Path) -> Option<Meta> {
     let m = std::fs::metadata(path).ok()?;
     Some(Meta {
@@ -121,7 +115,7 @@ fn image_size(root: &Path, digest: &Digest, row: &mut TagRow, seen: &mut BTreeSe
     if !seen.insert(digest.clone()) {
         return;
     }
-    let path = content(root, "manifests", digest);
+    let path = content_path(root, "manifests", digest);
     let Some(m) = meta(&path) else {
         row.missing += 1;
         return;
@@ -134,12 +128,12 @@ fn image_size(root: &Path, digest: &Digest, row: &mut TagRow, seen: &mut BTreeSe
         None => &body[..],
     };
     for r in references(body) {
-        if let Some(b) = meta(&content(root, "blobs", &r)) {
+        if let Some(b) = meta(&content_path(root, "blobs", &r)) {
             if seen.insert(r.clone()) {
                 row.size += b.size;
                 row.last_use = row.last_use.max(b.used);
             }
-        } else if content(root, "manifests", &r).exists() {
+        } else if content_path(root, "manifests", &r).exists() {
             image_size(root, &r, row, seen);
         } else if seen.insert(r) {
             row.missing += 1;

@@ -34,7 +34,7 @@ impl PerClient {
     fn map(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
         // A panic cannot leave the map half-updated (each update is one statement), so a
         // poisoned lock still holds consistent counts.
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        crate::flight::lock(&self.held)
     }
 
     /// A slot for `client`, or `None` when it already holds the maximum.

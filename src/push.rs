@@ -32,8 +32,6 @@ const FORWARDED: [HeaderName; 3] = [
     header::CONTENT_LENGTH,
     header::CONTENT_RANGE,
 ];
-/// Largest upstream error body passed back.
-const MAX_ERROR_BODY: u64 = 64 * 1024;
 /// An upload nobody touches for this long is forgotten (its local copy deleted).
 const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
 
@@ -222,9 +220,10 @@ async fn passthrough(resp: Response<Body>, idle: Duration) -> Error {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = crate::upstream::read_capped(resp.into_body(), MAX_ERROR_BODY, idle)
-        .await
-        .unwrap_or_default();
+    let body =
+        crate::upstream::read_capped(resp.into_body(), crate::upstream::MAX_ERROR_BODY, idle)
+            .await
+            .unwrap_or_default();
     Error::Passthrough(status, content_type, body)
 }
 
@@ -269,10 +268,7 @@ fn answer(status: StatusCode, location: &str) -> Response<Body> {
 
 /// Copies the headers a client needs from an upstream upload answer.
 fn copy_upload_headers(from: &HeaderMap, to: &mut Response<Body>) {
-    for name in [
-        header::RANGE,
-        HeaderName::from_static("docker-content-digest"),
-    ] {
+    for name in [header::RANGE, crate::handlers::DOCKER_CONTENT_DIGEST] {
         if let Some(v) = from.get(&name) {
             to.headers_mut().insert(name, v.clone());
         }
@@ -374,7 +370,7 @@ pub async fn start(
         StatusCode::CREATED => {
             let d = resp
                 .headers()
-                .get("docker-content-digest")
+                .get(crate::handlers::DOCKER_CONTENT_DIGEST)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|s| s.parse::<Digest>().ok())
                 .or_else(|| digest.clone())
@@ -484,7 +480,7 @@ pub async fn continue_upload(
             copy_upload_headers(resp.headers(), &mut r);
             set(
                 &mut r,
-                HeaderName::from_static("docker-content-digest"),
+                crate::handlers::DOCKER_CONTENT_DIGEST,
                 &d.to_string(),
             );
             Ok(r)
@@ -590,7 +586,7 @@ pub async fn put_manifest(
     );
     set(
         &mut r,
-        HeaderName::from_static("docker-content-digest"),
+        crate::handlers::DOCKER_CONTENT_DIGEST,
         &digest.to_string(),
     );
     Ok(r)
@@ -618,7 +614,7 @@ pub async fn blob_exists(
             let mut r = Response::new(body::empty());
             for name in [
                 header::CONTENT_LENGTH,
-                HeaderName::from_static("docker-content-digest"),
+                crate::handlers::DOCKER_CONTENT_DIGEST,
             ] {
                 if let Some(v) = resp.headers().get(&name) {
                     r.headers_mut().insert(name, v.clone());

@@ -136,6 +136,12 @@ pub async fn serve(
     // Turns `true` when shutdown begins: every connection then finishes its requests and closes.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut refusals = Refusals::default();
+    let head_limits = fastpath::Limits {
+        max_head: usize::try_from(limits.max_header_bytes.0).unwrap_or(usize::MAX),
+        max_headers: limits.max_headers,
+        head_timeout: limits.header_read_timeout.0,
+        idle_timeout: limits.idle_timeout.0,
+    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -164,10 +170,7 @@ pub async fn serve(
             builder: builder.clone(),
             peer,
             stop: stop_rx.clone(),
-            header_read_timeout: limits.header_read_timeout.0,
-            idle_timeout: limits.idle_timeout.0,
-            max_head: usize::try_from(limits.max_header_bytes.0).unwrap_or(usize::MAX),
-            max_headers: limits.max_headers,
+            limits: head_limits,
         };
         let tls = tls.clone();
         // One task per connection; it ends when the client closes, on a timeout, or after
@@ -229,10 +232,8 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-    max_head: usize,
-    max_headers: usize,
+    // The head size and timeouts of `[limits]`, for the fast loop and hyper's path alike.
+    limits: fastpath::Limits,
 }
 
 impl Connection {
@@ -240,17 +241,11 @@ impl Connection {
         let Some(tls) = tls else {
             // Plain HTTP/1.1 starts in the fast loop (sendfile for cached blobs); hyper takes
             // over for anything the loop does not serve itself.
-            let limits = fastpath::Limits {
-                max_head: self.max_head,
-                max_headers: self.max_headers,
-                head_timeout: self.header_read_timeout,
-                idle_timeout: self.idle_timeout,
-            };
             let outcome = fastpath::serve(
                 stream,
                 self.peer,
                 self.app.clone(),
-                limits,
+                self.limits,
                 self.stop.clone(),
             )
             .await;
@@ -264,7 +259,7 @@ impl Connection {
         };
         let peer = self.peer;
         let handshake =
-            tokio::time::timeout(self.header_read_timeout, tls.acceptor().accept(stream));
+            tokio::time::timeout(self.limits.head_timeout, tls.acceptor().accept(stream));
         let stream = tokio::select! {
             r = handshake => match r {
                 Ok(Ok(s)) => s,
@@ -321,7 +316,7 @@ impl Connection {
                     }
                     return;
                 }
-                _ = activity.idle(self.header_read_timeout, self.idle_timeout, idle_from) => {
+                _ = activity.idle(self.limits.head_timeout, self.limits.idle_timeout, idle_from) => {
                     if closing {
                         // Asked to close a while ago and still nothing in flight.
                         return;

@@ -5,12 +5,11 @@
 mod fake;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use fake::*;
 use futures_util::StreamExt;
-use sha2::Digest as _;
 
 /// The regcache binary on `cache`, in front of `upstream`; returns it and its address.
 fn start(cache: &Path, upstream: &str) -> (Child, String) {
@@ -50,28 +49,14 @@ fn start_with(cache: &Path, upstream: &str, extra: &str) -> (Child, String) {
     (child, addr)
 }
 
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.path().is_dir() {
-                out.extend(files(&e.path()));
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 /// Every committed blob hashes to its file name.
 fn assert_cache_verified(cache: &Path) {
-    for f in files(&cache.join("blobs")) {
+    for f in files_under(&cache.join("blobs")) {
         let data = std::fs::read(&f).unwrap();
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
         assert_eq!(
-            hex::encode(sha2::Sha256::digest(&data)),
-            name,
+            sha(&data),
+            format!("sha256:{name}"),
             "{} is not what it claims",
             f.display()
         );
@@ -104,16 +89,16 @@ async fn sigkill_mid_download_and_around_commits_leaves_only_verified_blobs() {
     child.wait().unwrap();
     drop(s);
     assert!(
-        !files(&cache.join("tmp")).is_empty(),
+        !files_under(&cache.join("tmp")).is_empty(),
         "the download was under way"
     );
-    assert!(files(&cache.join("blobs")).is_empty());
+    assert!(files_under(&cache.join("blobs")).is_empty());
 
     // Restart: the partial file is gone and the blob comes back whole.
     up.ungate();
     let (mut child, mut addr) = start(&cache, &up.url());
     assert!(
-        files(&cache.join("tmp")).is_empty(),
+        files_under(&cache.join("tmp")).is_empty(),
         "stale temp files cleared at start-up"
     );
     let body = client()
@@ -151,7 +136,7 @@ async fn sigkill_mid_download_and_around_commits_leaves_only_verified_blobs() {
         child.wait().unwrap();
         assert_cache_verified(&cache);
         (child, addr) = start(&cache, &up.url());
-        assert!(files(&cache.join("tmp")).is_empty());
+        assert!(files_under(&cache.join("tmp")).is_empty());
         assert_cache_verified(&cache);
         for (d2, data) in blobs.iter().take(round + 1) {
             let body = client()
@@ -216,7 +201,7 @@ async fn sigkill_mid_download_and_around_commits_leaves_only_verified_blobs() {
             .unwrap();
         same(&body, data);
     }
-    let held: u64 = files(&cache.join("blobs"))
+    let held: u64 = files_under(&cache.join("blobs"))
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();

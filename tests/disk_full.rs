@@ -5,7 +5,7 @@
 
 mod fake;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use fake::*;
@@ -46,22 +46,6 @@ impl Drop for SmallDisk {
             .arg(&self.path)
             .status();
     }
-}
-
-fn files_under(p: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(p) else {
-        return Vec::new();
-    };
-    entries
-        .flat_map(|e| {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                files_under(&e.path())
-            } else {
-                vec![e.path()]
-            }
-        })
-        .collect()
 }
 
 async fn get_all(proxy: &Proxy, d: &str, clients: usize) -> Vec<Result<bytes::Bytes, String>> {

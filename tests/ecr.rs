@@ -723,10 +723,7 @@ fn a_push_to_a_missing_repository_creates_it_with_the_configured_settings() {
         );
         config.auth = push_auth(dir.path());
         let proxy = Proxy::start_with(config).await.unwrap();
-        let r = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
+        let r = fake::client()
             .post(format!("{}/v2/prod/team/new/blobs/uploads/", proxy.url()))
             .basic_auth("ci", Some("ci-pass"))
             .send()

@@ -198,12 +198,7 @@ async fn a_corrupt_blob_is_never_committed_and_a_fixed_upstream_then_works() {
         r.bytes().await.is_err(),
         "a corrupt body must not complete cleanly"
     );
-    let blob_file = proxy
-        .dir
-        .path()
-        .join("blobs/sha256")
-        .join(&d[7..9])
-        .join(&d[7..]);
+    let blob_file = proxy.blob_path(&d);
     fake::until(|| proxy.app.downloads_in_flight() == 0).await;
     assert!(!blob_file.exists());
     assert_eq!(
@@ -410,12 +405,7 @@ async fn a_wrong_content_length_is_never_cached() {
             "delta {delta}: a body with a lying length must not arrive as the blob"
         );
         fake::until(|| proxy.app.downloads_in_flight() == 0).await;
-        let blob_file = proxy
-            .dir
-            .path()
-            .join("blobs/sha256")
-            .join(&d[7..9])
-            .join(&d[7..]);
+        let blob_file = proxy.blob_path(&d);
         assert!(!blob_file.exists(), "delta {delta}: committed");
         // Fixed upstream: the next request works.
         up.lie_about_length(0);
@@ -444,12 +434,7 @@ async fn garbage_collection_while_serving_is_safe() {
     }
     // A reader has `old` open; then `old` is made to look unused for 40 days.
     let reader = client().get(url(&d_old)).send().await.unwrap();
-    let path = proxy
-        .dir
-        .path()
-        .join("blobs/sha256")
-        .join(&d_old[7..9])
-        .join(&d_old[7..]);
+    let path = proxy.blob_path(&d_old);
     let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
     std::fs::File::options()
         .write(true)

@@ -24,9 +24,6 @@ use crate::config::Config;
 use crate::reference::{Digest, Reference};
 use crate::rewrite::RoutingTable;
 
-/// Indexes nested deeper than this are refused.
-const MAX_DEPTH: usize = 4;
-
 /// What to export.
 #[derive(Debug, Clone)]
 pub struct ExportArgs {
@@ -175,9 +172,10 @@ async fn add_image(
         plan.manifests.insert(d.clone(), m.body);
         match node {
             Node::Index(children) => {
-                if depth >= MAX_DEPTH {
+                if depth >= oci::MAX_DEPTH {
                     return Err(AirgapError::Other(format!(
-                        "{d}: indexes nested deeper than {MAX_DEPTH}"
+                        "{d}: indexes nested deeper than {}",
+                        oci::MAX_DEPTH
                     )));
                 }
                 for c in children {

@@ -31,8 +31,6 @@ use crate::config::Config;
 use crate::reference::{Digest, Reference, Repository, Tag};
 use crate::rewrite::RoutingTable;
 
-/// Indexes nested deeper than this are refused.
-const MAX_DEPTH: usize = 4;
 /// What to import.
 #[derive(Debug, Clone)]
 pub struct ImportArgs {
@@ -320,9 +318,10 @@ fn children(
 ) {
     match oci::parse_manifest(&m.media_type, &m.body) {
         Err(e) => w.problems.push(format!("manifest {}: {e}", d.digest)),
-        Ok(Node::Index(_)) if depth >= MAX_DEPTH => w.problems.push(format!(
-            "{}: indexes nested deeper than {MAX_DEPTH}",
-            d.digest
+        Ok(Node::Index(_)) if depth >= oci::MAX_DEPTH => w.problems.push(format!(
+            "{}: indexes nested deeper than {}",
+            d.digest,
+            oci::MAX_DEPTH
         )),
         Ok(Node::Index(list)) => {
             for c in list {

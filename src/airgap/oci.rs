@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::media;
 use crate::reference::Digest;
 
+/// Deepest nesting of indexes followed (an index of indexes of ...).
+pub const MAX_DEPTH: usize = 4;
 /// The annotation naming an image in a layout's `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The layout marker file.

@@ -23,9 +23,6 @@ use crate::app::App;
 use crate::config::{AuthConfig, Config};
 use crate::reference::{Algorithm, Digest, Reference, Repository};
 
-/// Indexes nested deeper than this are refused.
-const MAX_DEPTH: usize = 4;
-
 /// What to prefetch.
 #[derive(Debug, Clone)]
 pub struct PrefetchArgs {
@@ -286,10 +283,11 @@ pub async fn image(
     while let Some((m, depth)) = stack.pop() {
         match oci::parse_manifest(&m.media_type, &m.body)? {
             Node::Index(children) => {
-                if depth >= MAX_DEPTH {
+                if depth >= oci::MAX_DEPTH {
                     return Err(AirgapError::Other(format!(
-                        "{}: indexes nested deeper than {MAX_DEPTH}",
-                        m.digest
+                        "{}: indexes nested deeper than {}",
+                        m.digest,
+                        oci::MAX_DEPTH
                     )));
                 }
                 let chosen: Vec<&Descriptor> =

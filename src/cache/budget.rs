@@ -89,6 +89,27 @@ struct Index {
     evicted_bytes: u64,
 }
 
+impl Index {
+    // Over the high watermark: evicts least recently used entries down to the low one,
+    // always keeping the `keep` most recent (an entry just admitted).
+    fn shrink(&mut self, limits: Limits, keep: usize) -> Vec<(Key, u64)> {
+        let mut victims = Vec::new();
+        if self.bytes <= limits.high {
+            return victims;
+        }
+        while self.bytes > limits.low && self.lru.len() > keep {
+            let Some((k, e)) = self.lru.pop_lru() else {
+                break;
+            };
+            self.bytes -= e.size;
+            self.evictions += 1;
+            self.evicted_bytes += e.size;
+            victims.push((k, e.size));
+        }
+        victims
+    }
+}
+
 /// The index and the rule. Shared by the store's request path and its background scan.
 pub struct Budget {
     limits: Option<Limits>,
@@ -131,23 +152,10 @@ impl Budget {
         };
         ix.bytes += size;
         ix.lru.push(key, Entry { size, refs });
-        let mut victims = Vec::new();
-        let Some(limits) = self.limits else {
-            return victims;
-        };
-        if !ix.ready || ix.bytes <= limits.high {
-            return victims;
+        match self.limits {
+            Some(limits) if ix.ready => ix.shrink(limits, 1),
+            _ => Vec::new(),
         }
-        while ix.bytes > limits.low && ix.lru.len() > 1 {
-            let Some((k, e)) = ix.lru.pop_lru() else {
-                break;
-            };
-            ix.bytes -= e.size;
-            ix.evictions += 1;
-            ix.evicted_bytes += e.size;
-            victims.push((k, e.size));
-        }
-        victims
     }
 
     /// Marks `digest` (as a blob and/or manifest) used now, and everything a manifest of that
@@ -214,30 +222,12 @@ impl Budget {
                 ix.bytes += size;
             }
         }
-        lock(&self.index).ready = true;
-        self.shrink()
-    }
-
-    // Evicts down to the low watermark if over the high one.
-    fn shrink(&self) -> Vec<(Key, u64)> {
-        let mut victims = Vec::new();
-        let Some(limits) = self.limits else {
-            return victims;
-        };
         let mut ix = lock(&self.index);
-        if ix.bytes <= limits.high {
-            return victims;
+        ix.ready = true;
+        match self.limits {
+            Some(limits) => ix.shrink(limits, 0),
+            None => Vec::new(),
         }
-        while ix.bytes > limits.low {
-            let Some((k, e)) = ix.lru.pop_lru() else {
-                break;
-            };
-            ix.bytes -= e.size;
-            ix.evictions += 1;
-            ix.evicted_bytes += e.size;
-            victims.push((k, e.size));
-        }
-        victims
     }
 
     /// Current figures.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use super::budget::{self, Budget, EntryKind, Key, Limits, Usage};
 use crate::reference::{Digest, Repository, Tag};
@@ -312,7 +312,8 @@ impl FsStore {
     }
 }
 
-fn content_path(root: &Path, kind: &str, d: &Digest) -> PathBuf {
+/// Where a committed blob (`kind` "blobs") or manifest ("manifests") lives under `root`.
+pub(crate) fn content_path(root: &Path, kind: &str, d: &Digest) -> PathBuf {
     root.join(kind)
         .join(d.algorithm().as_str())
         .join(&d.hex()[..2])
@@ -479,19 +480,26 @@ impl BlobStore for FsStore {
     }
 
     async fn open_blob(&self, digest: &Digest, offset: u64) -> io::Result<Option<BlobRead>> {
-        let Some(mut f) = absent(tokio::fs::File::open(self.blob_path(digest)).await)? else {
-            return Ok(None);
-        };
-        let len = f.metadata().await?.len();
-        // A second descriptor of the same open file: it stays readable if the name is
-        // evicted, and is only ever read at explicit offsets.
-        let file = f.try_clone().await?.into_std().await;
-        if offset > 0 {
-            f.seek(io::SeekFrom::Start(offset)).await?;
-        }
-        Ok(Some(BlobRead {
+        let path = self.blob_path(digest);
+        // One trip to the blocking pool for the whole open, not one per step.
+        let opened = tokio::task::spawn_blocking(move || {
+            let Some(mut f) = absent(std::fs::File::open(path))? else {
+                return Ok(None);
+            };
+            let len = f.metadata()?.len();
+            // A second descriptor of the same open file: it stays readable if the name is
+            // evicted, and is only ever read at explicit offsets.
+            let file = f.try_clone()?;
+            if offset > 0 {
+                io::Seek::seek(&mut f, io::SeekFrom::Start(offset))?;
+            }
+            Ok::<_, io::Error>(Some((f, len, file)))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(opened.map(|(f, len, file)| BlobRead {
             len,
-            reader: Box::pin(f),
+            reader: Box::pin(tokio::fs::File::from_std(f)),
             file: Some(file),
         }))
     }

@@ -89,7 +89,6 @@ pub struct Tail {
     end: Option<u64>,
     reader: Option<Source>,
     done: bool,
-    start: u64,
     fallback: Option<(std::sync::Arc<dyn Refetch>, bool)>,
     direct: Option<Direct>,
 }
@@ -106,7 +105,6 @@ impl Tail {
             end,
             reader: None,
             done: false,
-            start,
             fallback: None,
             direct: None,
         }
@@ -115,7 +113,8 @@ impl Tail {
     /// Lets the reader go on from `source` when the download fails locally. `whole`: this
     /// reader serves the entire blob, so it verifies the digest of what it sends.
     pub fn with_fallback(mut self, source: Arc<dyn Refetch>, whole: bool) -> Self {
-        self.fallback = Some((source, whole && self.start == 0));
+        // Called before any read, so `pos` is still the start.
+        self.fallback = Some((source, whole && self.pos == 0));
         self
     }
 
@@ -173,30 +172,24 @@ impl Tail {
             if self.end.is_some_and(|e| self.pos >= e) {
                 return Ok(None);
             }
-            let local_failure = {
-                let state = self.rx.borrow_and_update();
-                match &*state {
-                    FillState::Failed(e) if e.is_local() && self.fallback.is_some() => {
-                        Some(e.to_string())
-                    }
-                    _ => None,
-                }
-            };
-            if let Some(error) = local_failure {
-                tracing::debug!(%error, digest = %self.fill.digest, pos = self.pos,
-                    "continuing straight from the upstream");
-                self.go_direct().await?;
-                return self.next_direct().await;
-            }
-            let (available, complete) = match &*self.rx.borrow() {
-                FillState::Connecting => (0, false),
+            // `None`: the disk could not take the blob, so this reader goes on from the
+            // upstream (once the state is no longer borrowed).
+            let readable = match &*self.rx.borrow_and_update() {
+                FillState::Connecting => Some((0, false)),
                 // The last byte of a blob is held back until the download is verified, so a
                 // body that fails verification never reaches a client complete.
-                FillState::Streaming { written, .. } => (written.saturating_sub(1), false),
-                FillState::Complete { len } => (*len, true),
-                // Turned into a local failure since the look above: take that path.
-                FillState::Failed(e) if e.is_local() && self.fallback.is_some() => continue,
+                FillState::Streaming { written, .. } => Some((written.saturating_sub(1), false)),
+                FillState::Complete { len } => Some((*len, true)),
+                FillState::Failed(e) if e.is_local() && self.fallback.is_some() => {
+                    tracing::debug!(error = %e, digest = %self.fill.digest, pos = self.pos,
+                        "continuing straight from the upstream");
+                    None
+                }
                 FillState::Failed(e) => return Err(io::Error::other(e.to_string())),
+            };
+            let Some((available, complete)) = readable else {
+                self.go_direct().await?;
+                return self.next_direct().await;
             };
             if self.pos < available {
                 let limit = self.end.unwrap_or(u64::MAX).min(available);

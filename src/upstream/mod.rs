@@ -450,8 +450,8 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
         .and_then(|s| s.parse().ok())
 }
 
-/// Largest error body read to look for an expired-token message.
-const MAX_ERROR_BODY: u64 = 64 * 1024;
+/// Largest error body read from an upstream (expired-token messages, push refusals).
+pub(crate) const MAX_ERROR_BODY: u64 = 64 * 1024;
 
 /// An upstream body as the crate's body type.
 pub fn box_incoming(b: Incoming) -> Body {

@@ -33,7 +33,7 @@ impl Health {
         match (self.reachable, self.last_status) {
             (None, _) => "unknown",
             (Some(false), _) => "down",
-            (Some(true), Some(s)) if s >= 500 || s == 429 => "failing",
+            (Some(true), Some(s)) if crate::error::failing_status(s) => "failing",
             (Some(true), _) => "up",
         }
     }
@@ -136,7 +136,7 @@ impl UpstreamStats {
             Ok(s) => {
                 h.reachable = Some(true);
                 h.last_status = Some(s);
-                if s >= 500 || s == 429 {
+                if crate::error::failing_status(s) {
                     h.last_error = Some((now, format!("answered {s}")));
                 } else {
                     h.last_success = Some(now);

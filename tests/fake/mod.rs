@@ -641,6 +641,15 @@ impl Proxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Where the cache keeps the committed blob `d` (`sha256:<hex>`).
+    pub fn blob_path(&self, d: &str) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join("blobs/sha256")
+            .join(&d[7..9])
+            .join(&d[7..])
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -673,6 +682,23 @@ pub async fn until(mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("condition not reached");
+}
+
+/// Every file under `dir`, recursively (none when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            if e.path().is_dir() {
+                files_under(&e.path())
+            } else {
+                vec![e.path()]
+            }
+        })
+        .collect()
 }
 
 /// Asserts two bodies are equal without printing megabytes on failure.
