@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::cache::budget::references;
-use crate::cache::store::content_path;
+use crate::cache::store::{FsStore, TagRecord, content_path, parse_tag_record};
 use crate::reference::Digest;
 use crate::units::{ByteSize, HumanDuration};
 
@@ -74,14 +74,7 @@ fn epoch(t: SystemTime) -> u64 {
 }
 
 fn check_root(root: &Path) -> io::Result<()> {
-    if root.join("blobs").is_dir() {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{} is not a regcache cache folder", root.display()),
-        ))
-    }
+    FsStore::open_shared(root).map(drop)
 }
 
 fn meta(path: &Path) -> Option<Meta> {
@@ -163,10 +156,7 @@ pub fn list(root: &Path) -> io::Result<Vec<TagRow>> {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
-        let mut fields = text.trim_end().splitn(2, ' ');
-        let (Some(Ok(digest)), Some(media_type)) =
-            (fields.next().map(str::parse::<Digest>), fields.next())
-        else {
+        let Some(TagRecord { digest, media_type }) = parse_tag_record(&text) else {
             continue;
         };
         let mut row = TagRow {

@@ -229,6 +229,8 @@ pub struct Metrics {
     /// Most pulled repositories, for the status page (never a metric label).
     pub(crate) pulls: Mutex<TopPulls>,
     started: Instant,
+    // The fixed `errors{reason="body_aborted"}` series, looked up once rather than per request.
+    aborted: Counter,
 }
 
 impl Default for Metrics {
@@ -306,7 +308,11 @@ impl Metrics {
                 }));
             }
         }
+        let aborted = f.errors.get_or_create_owned(&ReasonLabels {
+            reason: "body_aborted",
+        });
         Metrics {
+            aborted,
             registry: r,
             families: f,
             pulls: Mutex::new(TopPulls::default()),
@@ -457,9 +463,7 @@ impl Metrics {
                 },
             })
         });
-        let aborted = f.errors.get_or_create_owned(&ReasonLabels {
-            reason: "body_aborted",
-        });
+        let aborted = self.aborted.clone();
         let cache = cached.map_or("none", |(_, r)| r.label());
         let file = resp
             .extensions()

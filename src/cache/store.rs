@@ -312,6 +312,15 @@ impl FsStore {
     }
 }
 
+/// A tag record file's content: `<digest> <media type>`; `None` when damaged.
+pub(crate) fn parse_tag_record(text: &str) -> Option<TagRecord> {
+    let (digest, media_type) = text.trim_end().split_once(' ')?;
+    Some(TagRecord {
+        digest: digest.parse().ok()?,
+        media_type: media_type.to_owned(),
+    })
+}
+
 /// Where a committed blob (`kind` "blobs") or manifest ("manifests") lives under `root`.
 pub(crate) fn content_path(root: &Path, kind: &str, d: &Digest) -> PathBuf {
     root.join(kind)
@@ -579,13 +588,7 @@ impl BlobStore for FsStore {
         let Some(text) = absent(tokio::fs::read_to_string(self.tag_path(key)).await)? else {
             return Ok(None);
         };
-        let mut parts = text.trim_end().splitn(2, ' ');
-        let digest = parts.next().and_then(|d| d.parse().ok());
-        let media_type = parts.next().map(str::to_owned);
-        match (digest, media_type) {
-            (Some(digest), Some(media_type)) => Ok(Some(TagRecord { digest, media_type })),
-            _ => Ok(None),
-        }
+        Ok(parse_tag_record(&text))
     }
 
     async fn put_tag(&self, key: &TagKey, r: &TagRecord) -> io::Result<()> {

@@ -137,6 +137,10 @@ pub trait CredentialProvider: Send + Sync + 'static {
     /// earlier credentials). Returns fresh credentials worth one retry, or `None` when a retry
     /// cannot help.
     async fn refresh(&self, rejected: &HeaderValue) -> Result<Option<Credentials>, UpstreamError>;
+    /// Whether `refresh` can ever return fresh credentials (static ones cannot).
+    fn refreshes(&self) -> bool {
+        false
+    }
 }
 
 /// Credentials from the configuration file.
@@ -288,6 +292,16 @@ impl Authenticator {
         Err(UpstreamError::Auth(
             "no supported authentication scheme offered".into(),
         ))
+    }
+
+    /// Whether a refusal (403, or 400 "expired") may be answered by
+    /// [`Authenticator::after_refusal`]: only credentials that can be refreshed, sent as
+    /// `Basic`.
+    pub fn may_refresh(&self) -> bool {
+        matches!(
+            (&self.credentials, self.known()),
+            (Some(p), Some(Known::Basic)) if p.refreshes()
+        )
     }
 
     /// The upstream refused a request that carried `rejected` with something other than a

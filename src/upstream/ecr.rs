@@ -395,6 +395,10 @@ impl super::push::RepositoryCreator for Ecr {
 
 #[async_trait::async_trait]
 impl CredentialProvider for Ecr {
+    fn refreshes(&self) -> bool {
+        true
+    }
+
     /// The cached token, or a new one when it is due (one GetAuthorizationToken at a time;
     /// concurrent callers share it). Failures are not kept: the next request asks again.
     async fn credentials(&self) -> Result<Credentials, UpstreamError> {

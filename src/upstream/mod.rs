@@ -245,9 +245,21 @@ impl Upstream {
                 .extensions()
                 .get::<client::FromRedirectTarget>()
                 .is_none();
-            if let (false, true, Some(sent), StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST) =
-                (refreshed, from_registry, &auth, status)
-            {
+            // Only credentials that can be refreshed make a refusal worth a second look;
+            // anything else passes through untouched.
+            if let (
+                false,
+                true,
+                true,
+                Some(sent),
+                StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST,
+            ) = (
+                refreshed,
+                from_registry,
+                self.auth.may_refresh(),
+                &auth,
+                status,
+            ) {
                 let (parts, body) = resp.into_parts();
                 let text = read_capped(body, MAX_ERROR_BODY, self.read_idle)
                     .await
