@@ -1,6 +1,6 @@
 //! Criterion benches for the hot paths behind a request: digest verification over 1 MiB
-//! chunks, the fill path (hash + write + fan-out of one download to N followers reading the
-//! growing file), and cached manifest answers by digest and by tag through `App::handle`.
+//! chunks, the fill path (write + hash + fan-out of one download to N followers following
+//! it from memory and the growing file), and cached manifest answers by digest and by tag through `App::handle`.
 
 use std::sync::Arc;
 
@@ -10,8 +10,9 @@ use futures_util::StreamExt;
 use http::{Method, Request, header};
 use http_body_util::{BodyExt, Empty};
 use regcache::app::App;
+use regcache::cache::fill::Writer;
 use regcache::cache::hasher::Hasher;
-use regcache::cache::inflight::{FillState, InFlight, Join};
+use regcache::cache::inflight::{InFlight, Join};
 use regcache::cache::store::{BlobStore, FsStore, StoredManifest, TagKey, TagRecord};
 use regcache::cache::tail::Tail;
 use regcache::config::Config;
@@ -44,8 +45,9 @@ fn verification(c: &mut Criterion) {
     g.finish();
 }
 
-/// One download of `size` bytes written in 1 MiB chunks (hashed, written, published) while
-/// `followers` tail readers stream it to the end; then committed.
+/// One download of `data` handed to the download's writer in 1 MiB batches (written,
+/// published, hashed on its own threads) while `followers` tail readers stream it to the end;
+/// then verified and committed.
 async fn one_fill(
     store: &Arc<FsStore>,
     inflight: &Arc<InFlight>,
@@ -53,7 +55,6 @@ async fn one_fill(
     digest: &Digest,
     followers: usize,
 ) {
-    use std::io::Write;
     let Join::Leader(guard) = inflight.join(digest, || store.staging_path("bench")) else {
         panic!("a previous fill is still under way");
     };
@@ -71,33 +72,18 @@ async fn one_fill(
             })
         })
         .collect();
-    let mut file = std::fs::File::create(&fill.staged).expect("stage");
-    let mut hasher = Hasher::new(digest.algorithm());
+    let file = std::fs::File::create(&fill.staged).expect("stage");
     let len = data.len() as u64;
-    guard.publish(FillState::Streaming {
-        len: Some(len),
-        written: 0,
-    });
-    let mut written = 0u64;
-    for chunk in data.chunks(MIB) {
-        let chunk = chunk.to_vec();
-        let (h, f) = tokio::task::spawn_blocking(move || {
-            hasher.update(&chunk);
-            file.write_all(&chunk).expect("write");
-            (hasher, file)
-        })
-        .await
-        .expect("join");
-        hasher = h;
-        file = f;
-        written += MIB as u64;
-        guard.publish(FillState::Streaming {
-            len: Some(len),
-            written: written.min(len),
-        });
+    let mut writer =
+        Writer::start(file, digest.algorithm(), guard.streaming(Some(len))).expect("threads");
+    for at in (0..data.len()).step_by(MIB) {
+        let batch = vec![data.slice(at..(at + MIB).min(data.len()))];
+        writer.write(Arc::new(batch)).await.expect("write");
     }
-    assert_eq!(&hasher.finish(), digest);
-    drop(file);
+    let written = writer.finish().await.expect("finish");
+    assert_eq!(&written.digest, digest);
+    guard.verified(written.len);
+    drop(written.file);
     store
         .commit_blob(digest, &fill.staged)
         .await

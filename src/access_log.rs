@@ -119,9 +119,10 @@ impl Metered {
         }
     }
 
-    /// Counts the bytes a server sends from a file instead of polling this body.
-    pub(crate) fn with_file(mut self, file: Option<&crate::fastpath::FileRange>) -> Self {
-        self.beside = file.map(|f| (f.sent.clone(), f.len));
+    /// Counts the bytes a server sends beside this body (from a file, or from the body's
+    /// reader itself) instead of polling it: (bytes sent so far, the body's length).
+    pub(crate) fn with_beside(mut self, beside: Option<(Arc<AtomicU64>, u64)>) -> Self {
+        self.beside = beside;
         self
     }
 }

@@ -209,6 +209,8 @@ pub fn status_view(app: &Arc<App>) -> StatusView {
             let (written, total) = match state {
                 FillState::Connecting => (0, None),
                 FillState::Streaming { len, written } => (written, len),
+                // Being synced and committed.
+                FillState::Verified { len } => (len, Some(len)),
                 // Ended between the copy and now: no longer under way.
                 FillState::Complete { .. } | FillState::Failed(_) => return None,
             };

@@ -152,6 +152,12 @@ impl App {
         self.inflight.len()
     }
 
+    /// Waits until no blob download is under way: each has been committed or has failed.
+    /// A client has all of a blob once it is verified, a moment before it is committed.
+    pub async fn downloads_settled(&self) {
+        self.inflight.drained().await;
+    }
+
     /// Uncached blob downloads `client` has under way.
     pub fn client_downloads(&self, client: std::net::IpAddr) -> usize {
         self.downloads.held(client)

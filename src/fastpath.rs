@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::app::App;
 use crate::body::Body;
+use crate::cache::tail::{Part, SharedTail};
 
 /// Part of a local file that is exactly a response's body. Set by the blob handler on cache
 /// hits; used instead of the body stream where the connection allows it, and then `sent`
@@ -44,6 +45,43 @@ impl FileRange {
             len,
             sent: Arc::default(),
         }
+    }
+}
+
+impl FileRange {
+    /// What the body's accounting needs: bytes sent beside it, and the body's length.
+    pub fn beside(&self) -> (Arc<std::sync::atomic::AtomicU64>, u64) {
+        (self.sent.clone(), self.len)
+    }
+}
+
+/// A body of known length that the loop may send itself in parts: a blob download under
+/// way, whose bytes already on disk go out with `sendfile(2)`. The response's body stream
+/// reads the same reader when the connection cannot (hyper, TLS); `sent` tells the body's
+/// accounting what went out beside it.
+#[derive(Clone)]
+pub struct TailBody {
+    /// The reader, taken by whoever sends first.
+    pub tail: SharedTail,
+    /// Body length.
+    pub len: u64,
+    /// Bytes sent by the loop so far.
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl TailBody {
+    /// `len` bytes from `tail`, none sent yet.
+    pub fn new(tail: SharedTail, len: u64) -> Self {
+        TailBody {
+            tail,
+            len,
+            sent: Arc::default(),
+        }
+    }
+
+    /// What the body's accounting needs: bytes sent beside it, and the body's length.
+    pub fn beside(&self) -> (Arc<std::sync::atomic::AtomicU64>, u64) {
+        (self.sent.clone(), self.len)
     }
 }
 
@@ -352,6 +390,7 @@ async fn write_response(
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let file = parts.extensions.get::<FileRange>().cloned();
+    let tail = parts.extensions.get::<TailBody>().cloned();
     let status = parts.status;
     let bodiless = head
         || status.is_informational()
@@ -398,10 +437,15 @@ async fn write_response(
     if let Some(f) = file {
         // The body (unread) is dropped only after the file went out, so its accounting
         // sees the bytes `send_file` counted.
-        let sent = send_file(stream, &f).await;
+        let sent = send_file(stream, &f.file, f.offset, f.len, &f.sent).await;
         drop(body);
         sent?;
         return Ok(true);
+    }
+    if let Some((t, tail)) = tail.and_then(|t| t.tail.take().map(|tail| (t, tail))) {
+        let sent = send_parts(stream, tail, &t.sent).await;
+        drop(body);
+        return sent;
     }
     while let Some(frame) = body.frame().await {
         let frame = match frame {
@@ -435,19 +479,52 @@ async fn write_response(
     Ok(true)
 }
 
-/// Sends a file range to the socket with `sendfile(2)`, waiting for the socket to drain.
-async fn send_file(stream: &TcpStream, f: &FileRange) -> io::Result<()> {
-    let mut offset = f.offset;
-    let end = f.offset + f.len;
+/// Sends a body in parts from its tail reader: file ranges with `sendfile(2)`, bytes
+/// written; returns whether the connection can carry another response.
+async fn send_parts(
+    stream: &mut TcpStream,
+    mut tail: crate::cache::tail::Tail,
+    sent: &std::sync::atomic::AtomicU64,
+) -> io::Result<bool> {
+    loop {
+        match tail.next_part(true).await {
+            Ok(None) => return Ok(true),
+            Ok(Some(Part::File { file, offset, len })) => {
+                send_file(stream, &file, offset, len, sent).await?;
+            }
+            Ok(Some(Part::Bytes(b))) => {
+                stream.write_all(&b).await?;
+                sent.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            // The body failed part-way: the client must see an incomplete response.
+            Err(e) => {
+                tracing::debug!(error = %e, "response body failed; closing the connection");
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// Sends `len` bytes of `file` from `offset` to the socket with `sendfile(2)`, waiting for
+/// the socket to drain, and adds what went out to `sent`.
+async fn send_file(
+    stream: &TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    sent: &std::sync::atomic::AtomicU64,
+) -> io::Result<()> {
+    let mut offset = offset;
+    let end = offset + len;
     while offset < end {
         let want = usize::try_from(end - offset)
             .unwrap_or(usize::MAX)
             .min(1 << 30);
         stream.writable().await?;
-        let sent = stream.try_io(Interest::WRITABLE, || {
-            rustix::fs::sendfile(stream, &*f.file, Some(&mut offset), want).map_err(io::Error::from)
+        let n = stream.try_io(Interest::WRITABLE, || {
+            rustix::fs::sendfile(stream, file, Some(&mut offset), want).map_err(io::Error::from)
         });
-        match sent {
+        match n {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -455,8 +532,7 @@ async fn send_file(stream: &TcpStream, f: &FileRange) -> io::Result<()> {
                 ));
             }
             Ok(n) => {
-                f.sent
-                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                sent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),

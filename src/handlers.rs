@@ -12,7 +12,7 @@ use crate::cache::fill;
 use crate::cache::inflight::{FillError, FillState, Join};
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
-use crate::cache::tail::{ByteStream, Refetch, Tail, read_stream};
+use crate::cache::tail::{ByteStream, Refetch, SharedTail, Tail, read_stream};
 use crate::error::{Error, Kind, UpstreamError};
 use crate::media::{self, Accept};
 use crate::metrics::{CacheResult, mark};
@@ -436,6 +436,7 @@ pub async fn blob(
     if up.offline {
         return Err(Error::Offline(Kind::Blob));
     }
+    let mut result = CacheResult::Miss;
     let (fill, slot) = if head {
         // A HEAD alone never starts a download: it follows one under way, or asks upstream.
         match app.inflight.get(digest) {
@@ -463,7 +464,13 @@ pub async fn blob(
             .inflight
             .join(digest, || app.store.staging_path(&digest.to_string()))
         {
-            Join::Follower(f) => f,
+            Join::Follower(f) => {
+                // Every byte already here and verified, only not committed yet: a hit.
+                if matches!(*f.subscribe().borrow(), FillState::Verified { .. }) {
+                    result = CacheResult::Hit;
+                }
+                f
+            }
             Join::Leader(guard) => {
                 let f = guard.fill().clone();
                 fill::spawn(guard, app.store.clone(), up.clone(), repo.clone());
@@ -486,7 +493,9 @@ pub async fn blob(
             .wait_for(|s| match s {
                 FillState::Connecting => false,
                 FillState::Streaming { len, .. } => len.is_some() || !wanted_len,
-                FillState::Complete { .. } | FillState::Failed(_) => true,
+                FillState::Verified { .. } | FillState::Complete { .. } | FillState::Failed(_) => {
+                    true
+                }
             })
             .await
             .map_err(|_| Error::Internal("download state lost".into()))?
@@ -500,7 +509,7 @@ pub async fn blob(
                 .map_err(|e| Error::Upstream(Kind::Blob, e))?,
             FillState::Failed(e) => return Err(fill_error(e)),
             FillState::Streaming { len, .. } => len,
-            FillState::Complete { len } => Some(len),
+            FillState::Verified { len } | FillState::Complete { len } => Some(len),
             FillState::Connecting => None,
         }
     };
@@ -520,25 +529,25 @@ pub async fn blob(
         });
         blob_headers(&mut r, digest, 0);
         r.headers_mut().remove(header::CONTENT_LENGTH);
-        return Ok(mark(r, CacheResult::Miss));
+        return Ok(mark(r, result));
     };
     let (status, start, len) = plan(range, total)?;
-    let body = if head {
-        body::empty()
-    } else {
-        body::hold(
-            body::stream(
-                Tail::new(fill, app.store.clone(), start, Some(start + len))
-                    .with_fallback(direct, status == StatusCode::OK)
-                    .into_stream(),
-            ),
-            slot,
-        )
-    };
-    Ok(mark(
-        blob_response(digest, total, status, start, len, body),
-        CacheResult::Miss,
-    ))
+    if head {
+        return Ok(mark(
+            blob_response(digest, total, status, start, len, body::empty()),
+            result,
+        ));
+    }
+    // The plain-HTTP loop sends what is on disk with sendfile; other connections read it.
+    let tail = SharedTail::new(
+        Tail::new(fill, app.store.clone(), start, Some(start + len))
+            .with_fallback(direct, status == StatusCode::OK),
+    );
+    let body = body::hold(body::stream(tail.clone().into_stream()), slot);
+    let mut r = blob_response(digest, total, status, start, len, body);
+    r.extensions_mut()
+        .insert(crate::fastpath::TailBody::new(tail, len));
+    Ok(mark(r, result))
 }
 
 /// `GET /v2/<name>/tags/list`, passed through with `n` and `last`; a `Link` to the next page

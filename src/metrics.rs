@@ -465,13 +465,17 @@ impl Metrics {
         });
         let aborted = self.aborted.clone();
         let cache = cached.map_or("none", |(_, r)| r.label());
-        let file = resp
-            .extensions()
+        let ext = resp.extensions();
+        let beside = ext
             .get::<crate::fastpath::FileRange>()
-            .cloned();
+            .map(crate::fastpath::FileRange::beside)
+            .or_else(|| {
+                ext.get::<crate::fastpath::TailBody>()
+                    .map(crate::fastpath::TailBody::beside)
+            });
         resp.map(|inner| {
             Metered::new(inner, record, status, cache, served, aborted)
-                .with_file(file.as_ref())
+                .with_beside(beside)
                 .boxed_unsync()
         })
     }
@@ -530,6 +534,7 @@ impl Collector for Live {
             .iter()
             .map(|(_, s)| match s {
                 FillState::Streaming { written, .. } => *written,
+                FillState::Verified { len } => *len,
                 _ => 0,
             })
             .sum();

@@ -183,9 +183,20 @@ pub async fn serve(
     drop(listener);
     tracing::info!("shutting down; letting open requests finish");
     let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + grace;
     tokio::select! {
         _ = open.acquire_many(limits.max_connections) => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing open connections"),
+        _ = tokio::time::sleep_until(deadline) => tracing::warn!("shutdown grace period over; closing open connections"),
+    }
+    // Downloads whose clients have every byte may still be syncing and committing.
+    if !app.inflight.is_empty() {
+        tokio::select! {
+            _ = app.inflight.drained() => tracing::info!("downloads under way committed"),
+            _ = tokio::time::sleep_until(deadline) => tracing::warn!(
+                downloads = app.inflight.len(),
+                "shutdown grace period over; downloads under way are dropped"
+            ),
+        }
     }
     Ok(())
 }

@@ -114,6 +114,7 @@ async fn a_full_disk_mid_download_still_serves_every_client_whole_bodies() {
     for got in get_all(&proxy, &sd, 2).await {
         same(&got.unwrap(), &small);
     }
+    proxy.committed().await;
     assert_eq!(up.blob_gets(&sd), 1);
     assert_eq!(files_under(&disk.path.join("blobs")).len(), 1);
     proxy.stop().await;

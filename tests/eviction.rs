@@ -65,6 +65,7 @@ async fn pull(proxy: &Proxy, repo: &str, tag: &str, image: &Image) {
         assert_eq!(r.status(), 200);
         assert_eq!(sha(&r.bytes().await.unwrap()), *d);
     }
+    proxy.committed().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,6 +152,7 @@ async fn a_client_reading_a_blob_while_it_is_evicted_gets_the_whole_body() {
         .await
         .unwrap();
     same(&r.bytes().await.unwrap(), &big);
+    proxy.committed().await;
     assert!(cached(&root, &d));
     // A slow client starts reading it from the cache and stops after the first chunk.
     let r = client()

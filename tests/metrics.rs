@@ -34,6 +34,7 @@ async fn pull(proxy: &Proxy, repo: &str, tag: &str, img: &Image) -> (usize, usiz
         assert_eq!(r.status(), 200, "{d}");
         blobs += r.bytes().await.unwrap().len();
     }
+    proxy.committed().await;
     (manifest, blobs)
 }
 

@@ -211,6 +211,7 @@ async fn a_corrupt_blob_is_never_committed_and_a_fixed_upstream_then_works() {
     let r = client().get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
     same(&r.bytes().await.unwrap(), &data);
+    proxy.committed().await;
     assert!(blob_file.exists());
     assert_eq!(up.blob_gets(&d), 2);
 }
@@ -432,6 +433,7 @@ async fn garbage_collection_while_serving_is_safe() {
             .await
             .unwrap();
     }
+    proxy.committed().await;
     // A reader has `old` open; then `old` is made to look unused for 40 days.
     let reader = client().get(url(&d_old)).send().await.unwrap();
     let path = proxy.blob_path(&d_old);

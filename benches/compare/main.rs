@@ -30,7 +30,8 @@
 //! `cargo bench --bench compare` runs the full size. Environment: `REGCACHE_BENCH_ROUNDS`
 //! (3), `REGCACHE_BENCH_BLOB_MIB` (256), `REGCACHE_BENCH_CLIENTS` (`1,8,32`),
 //! `REGCACHE_BENCH_HERD` (`32,64`), `REGCACHE_BENCH_CONNS` (32), `REGCACHE_BENCH_SECS` (5,
-//! per manifest run). Under `cargo test --benches` it is a smoke run (1 MiB, 1 round, 1 and 8
+//! per manifest run), `REGCACHE_BENCH_ONLY` (all; a comma list of `hits`, `tls`, `manifests`,
+//! `cold`, `herd` to run just those). Under `cargo test --benches` it is a smoke run (1 MiB, 1 round, 1 and 8
 //! clients, a herd of 4, 8 connections for 1 s), or prints `SKIPPED compare: <why>` when a
 //! peer program is missing. It exits non-zero only when a component fails to start (or a
 //! smoke run hangs); a failed measurement shows as `err`, a slow one is just a figure.
@@ -71,6 +72,8 @@ struct Settings {
     herd_clients: Vec<usize>,
     conns: usize,
     wrk_secs: u64,
+    /// Measurements to run (`REGCACHE_BENCH_ONLY`); empty: all.
+    only: Vec<String>,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -110,7 +113,18 @@ impl Settings {
             herd_clients: env_list("REGCACHE_BENCH_HERD", herd),
             conns: env_or("REGCACHE_BENCH_CONNS", conns).max(1),
             wrk_secs: env_or("REGCACHE_BENCH_SECS", secs).max(1),
+            only: std::env::var("REGCACHE_BENCH_ONLY")
+                .unwrap_or_default()
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .filter(|m| !m.is_empty())
+                .collect(),
         }
+    }
+
+    /// Whether measurement `what` runs.
+    fn runs(&self, what: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|m| m == what)
     }
 }
 
@@ -274,18 +288,29 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
         let plain = rotated(&lab.plain, round);
-        measure::hits(&mut results, s, &lab, &plain, false).await;
-        measure::hits(&mut results, s, &lab, &rotated(&lab.tls, round), true).await;
-        measure::manifests(&mut results, s, &lab, &plain).await;
+        if s.runs("hits") {
+            measure::hits(&mut results, s, &lab, &plain, false).await;
+        }
+        if s.runs("tls") {
+            measure::hits(&mut results, s, &lab, &rotated(&lab.tls, round), true).await;
+        }
+        if s.runs("manifests") {
+            measure::manifests(&mut results, s, &lab, &plain).await;
+        }
         let caches = rotated(&lab.caches, round);
-        let cold = measure::cold(&mut results, s, &lab, &caches)
-            .await
-            .context("push a cold blob to the upstream")?;
-        let herds = measure::herds(&mut results, s, &lab, &caches).await;
-        let herds = herds.context("push a herd blob to the upstream")?;
+        let mut fetched = Vec::new();
+        if s.runs("cold") {
+            let cold = measure::cold(&mut results, s, &lab, &caches).await;
+            fetched.push(cold.context("push a cold blob to the upstream")?);
+        }
+        let mut herds = Vec::new();
+        if s.runs("herd") {
+            let run = measure::herds(&mut results, s, &lab, &caches).await;
+            herds = run.context("push a herd blob to the upstream")?;
+        }
         // Copies a cache committed after its measurement ended go too.
         lab.upstream.settle_log().await;
-        for digest in std::iter::once(&cold).chain(herds.iter().map(|h| &h.2)) {
+        for digest in fetched.iter().chain(herds.iter().map(|h| &h.2)) {
             lab.forget(digest);
         }
         lab.truncate_logs();
@@ -320,7 +345,11 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
     println!("{}", results.table());
     println!("targets (medians; not assertions):");
     for c in &checks {
-        let verdict = if c.met { "ok" } else { "MISS" };
+        let verdict = match c.met {
+            Some(true) => "ok",
+            Some(false) => "MISS",
+            None => "note",
+        };
         println!(
             "  {verdict:4}  {:64} {:>9.3}  (target {})",
             c.what, c.value, c.target
@@ -349,7 +378,7 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
         "settings": {
             "rounds": s.rounds, "blob_mib": mib, "hit_clients": s.hit_clients,
             "herd_clients": s.herd_clients, "manifest_conns": s.conns,
-            "manifest_secs": s.wrk_secs, "full": s.full,
+            "manifest_secs": s.wrk_secs, "full": s.full, "only": s.only,
         },
         "seconds": started.elapsed().as_secs_f64(),
     });

@@ -20,6 +20,7 @@ use super::oci::{self, Descriptor, Node};
 use super::progress::{Progress, human_bytes};
 use super::{AirgapError, DOCKER_ACCEPT, io_error};
 use crate::app::App;
+use crate::cache::inflight::FillState;
 use crate::config::{AuthConfig, Config};
 use crate::reference::{Algorithm, Digest, Reference, Repository};
 
@@ -197,8 +198,8 @@ impl Client<'_> {
                 .unwrap_or_default();
             return Err(answer_error(&what, parts.status, &body));
         }
-        // Reading to the end is what completes the download: regcache holds the last byte
-        // back until the blob is verified and committed.
+        // regcache holds the last byte back until the blob is verified, then makes it
+        // durable and commits it: the run is done with a blob once it is committed.
         let mut n = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(io_error(what.clone()))?;
@@ -206,6 +207,12 @@ impl Client<'_> {
                 n += data.len() as u64;
                 progress.bytes(data.len() as u64);
             }
+        }
+        drop(body);
+        if let Some(FillState::Failed(e)) = self.app.inflight.settled(digest).await {
+            return Err(io_error(what)(std::io::Error::other(format!(
+                "not cached: {e}"
+            ))));
         }
         Ok(n)
     }

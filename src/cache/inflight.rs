@@ -1,11 +1,14 @@
 //! Single flight for blob downloads: `join(digest)` makes the first caller the `Leader` of one
 //! download and every later caller a `Follower` of it. The download's progress is published on
 //! a `watch` channel; a drop guard marks an unfinished download failed so nobody waits forever.
+//! The bytes written last stay in memory for a while, so readers keeping up with the download
+//! take them from there instead of reading them back from the staged file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::error::UpstreamError;
@@ -52,6 +55,12 @@ pub enum FillState {
         /// Bytes written to the staged file so far.
         written: u64,
     },
+    /// Every byte is in the staged file and matches the digest; being made durable and
+    /// committed. Readers may send all of it.
+    Verified {
+        /// Final size.
+        len: u64,
+    },
     /// Verified and committed to the store.
     Complete {
         /// Final size.
@@ -73,12 +82,92 @@ pub struct Fill {
     // `watch` keeps only the latest state, which is all a reader needs: it reads the file up to
     // `written`, then waits for the next change. Sending never blocks the download.
     state: watch::Sender<FillState>,
+    // The last bytes written. Held only for copying a slice out; never across an `.await`.
+    recent: Mutex<Recent>,
+}
+
+/// Bytes of a download kept in memory after they were written: readers within this distance
+/// of the writer never touch the file.
+pub const RECENT_BYTES: usize = 8 << 20;
+
+/// The newest written chunks of a download, oldest first, contiguous up to `written`.
+#[derive(Debug, Default)]
+struct Recent {
+    // Offset of the first byte of `chunks[0]`.
+    start: u64,
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
 }
 
 impl Fill {
     /// A receiver of this download's progress.
     pub fn subscribe(&self) -> watch::Receiver<FillState> {
         self.state.subscribe()
+    }
+
+    /// Bytes from `pos` up to `end` (exclusive) if they are still in memory: at most the rest
+    /// of one chunk, shared with the writer (no copy).
+    pub fn recent(&self, pos: u64, end: u64) -> Option<Bytes> {
+        let recent = lock(&self.recent);
+        let mut at = recent.start;
+        if pos < at {
+            return None;
+        }
+        for chunk in &recent.chunks {
+            let next = at + chunk.len() as u64;
+            if pos < next {
+                let from = (pos - at) as usize;
+                let to = (end.min(next) - at) as usize;
+                return (from < to).then(|| chunk.slice(from..to));
+            }
+            at = next;
+        }
+        None
+    }
+}
+
+/// The writer's side of a download's progress, handed to whatever writes the staged file.
+pub struct Progress {
+    fill: Arc<Fill>,
+    len: Option<u64>,
+    written: u64,
+}
+
+impl Progress {
+    /// `chunks` have been written to the staged file right after everything before them:
+    /// readers may now send them (all but the last byte of the blob, which waits for the
+    /// digest check).
+    pub fn written(&mut self, chunks: &[Bytes]) {
+        self.written += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+        let (len, written) = (self.len, self.written);
+        // Into memory first, so a reader woken below finds them there.
+        if matches!(*self.fill.state.borrow(), FillState::Streaming { .. }) {
+            let mut recent = lock(&self.fill.recent);
+            for chunk in chunks {
+                recent.bytes += chunk.len();
+                recent.chunks.push_back(chunk.clone());
+            }
+            while recent.bytes > RECENT_BYTES && recent.chunks.len() > 1 {
+                if let Some(old) = recent.chunks.pop_front() {
+                    recent.bytes -= old.len();
+                    recent.start += old.len() as u64;
+                }
+            }
+        }
+        // A download that has ended (its guard dropped while this writer still ran) stays
+        // ended: readers must not wait for bytes that will never be published.
+        self.fill.state.send_if_modified(|s| {
+            let open = matches!(s, FillState::Streaming { .. });
+            if open {
+                *s = FillState::Streaming { len, written };
+            }
+            open
+        });
+    }
+
+    /// Bytes written so far.
+    pub fn total(&self) -> u64 {
+        self.written
     }
 }
 
@@ -95,6 +184,8 @@ pub enum Join {
 pub struct InFlight {
     // Protects the table only; lookups and inserts are short and never span an `.await`.
     map: Mutex<HashMap<Digest, Arc<Fill>>>,
+    // Told whenever a download leaves the table.
+    ended: tokio::sync::Notify,
 }
 
 impl InFlight {
@@ -111,6 +202,7 @@ impl InFlight {
             staged: staged(),
             started: std::time::Instant::now(),
             state: tx,
+            recent: Mutex::default(),
         });
         map.insert(digest.clone(), fill.clone());
         Join::Leader(LeaderGuard {
@@ -136,6 +228,32 @@ impl InFlight {
                 (f, state)
             })
             .collect()
+    }
+
+    /// Waits until the download of `digest` under way, if any, has ended (its clients may
+    /// have all their bytes before it is committed); its final state.
+    pub async fn settled(&self, digest: &Digest) -> Option<FillState> {
+        let mut rx = self.get(digest)?.subscribe();
+        let state = rx
+            .wait_for(|s| matches!(s, FillState::Complete { .. } | FillState::Failed(_)))
+            .await
+            .ok()?
+            .clone();
+        Some(state)
+    }
+
+    /// Waits until no download is under way.
+    pub async fn drained(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an end between the two is not missed.
+            ended.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Downloads under way.
@@ -170,6 +288,24 @@ impl LeaderGuard {
         self.fill.state.send_replace(state);
     }
 
+    /// The upstream answered with `len` bytes (if it said): bytes start arriving, written
+    /// through the returned handle.
+    pub fn streaming(&self, len: Option<u64>) -> Progress {
+        self.publish(FillState::Streaming { len, written: 0 });
+        Progress {
+            fill: self.fill.clone(),
+            len,
+            written: 0,
+        }
+    }
+
+    /// All `len` bytes are written and match the digest: readers may send the last byte
+    /// while the file is made durable and committed. The bytes kept in memory are let go.
+    pub fn verified(&self, len: u64) {
+        *lock(&self.fill.recent) = Recent::default();
+        self.publish(FillState::Verified { len });
+    }
+
     /// The blob is committed: readers switch to the store.
     pub fn complete(mut self, len: u64) {
         self.outcome = Some(FillState::Complete { len });
@@ -201,7 +337,9 @@ impl Drop for LeaderGuard {
             // A small synchronous unlink: Drop cannot await.
             let _ = std::fs::remove_file(&self.fill.staged);
         }
+        *lock(&self.fill.recent) = Recent::default();
         self.publish(outcome);
+        self.owner.ended.notify_waiters();
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
 use super::hasher::Hasher;
@@ -37,10 +37,28 @@ pub trait Refetch: Send + Sync {
     async fn from(&self, start: u64) -> io::Result<ByteStream>;
 }
 
-// Where a tail reader reads: the staged file of the download, or the committed blob.
+// Where a tail reader reads: a local file read at absolute offsets (the staged file of the
+// download, or the committed blob when the backend has it as a file), or a committed blob
+// as a stream positioned at the reader's start.
 enum Source {
-    Staged(tokio::fs::File),
+    File(Arc<std::fs::File>),
     Stored(Reader),
+}
+
+/// Part of a body: bytes, or a range of a local file the caller can send as it is (with
+/// `sendfile(2)`), read from the page cache by the kernel.
+pub enum Part {
+    /// Bytes to send.
+    Bytes(Bytes),
+    /// `len` bytes of `file` from `offset`.
+    File {
+        /// The open file (stays readable when its name goes).
+        file: Arc<std::fs::File>,
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
 // A reader that has left the cache for the upstream.
@@ -91,6 +109,8 @@ pub struct Tail {
     done: bool,
     fallback: Option<(std::sync::Arc<dyn Refetch>, bool)>,
     direct: Option<Direct>,
+    // The blob's length once the download was seen verified.
+    verified: Option<u64>,
 }
 
 impl Tail {
@@ -107,6 +127,7 @@ impl Tail {
             done: false,
             fallback: None,
             direct: None,
+            verified: None,
         }
     }
 
@@ -135,17 +156,25 @@ impl Tail {
         })
     }
 
-    async fn read(&mut self, want: u64) -> io::Result<Bytes> {
+    // Opens the staged file, or the committed blob if it has been committed already. Done
+    // before the first byte is sent, also one taken from memory: a reader that falls back
+    // to the upstream hashes what it sent from this file, which stays readable even if the
+    // failed download's name for it is gone.
+    async fn open(&mut self) -> io::Result<()> {
         if self.reader.is_none() {
-            let reader = match tokio::fs::File::open(&self.fill.staged).await {
-                Ok(mut f) => {
-                    f.seek(io::SeekFrom::Start(self.pos)).await?;
-                    Source::Staged(f)
-                }
+            let staged = self.fill.staged.clone();
+            let opened = tokio::task::spawn_blocking(move || std::fs::File::open(staged))
+                .await
+                .map_err(io::Error::other)?;
+            let reader = match opened {
+                Ok(f) => Source::File(Arc::new(f)),
                 // Committed (renamed away) before we opened it: read the stored blob.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     match self.store.open_blob(&self.fill.digest, self.pos).await? {
-                        Some(b) => Source::Stored(b.reader),
+                        Some(b) => match b.file {
+                            Some(f) => Source::File(Arc::new(f)),
+                            None => Source::Stored(b.reader),
+                        },
                         None => {
                             return Err(io::Error::other(
                                 "download vanished before it could be read",
@@ -157,16 +186,40 @@ impl Tail {
             };
             self.reader = Some(reader);
         }
+        Ok(())
+    }
+
+    // Up to `want` bytes from `self.pos` of the open source, from memory while the download
+    // still holds them (`fresh`), else from the file.
+    async fn read(&mut self, want: u64, fresh: bool) -> io::Result<Bytes> {
         match self.reader.as_mut() {
-            Some(Source::Staged(f)) => read_chunk(f, want).await,
+            Some(Source::File(f)) => {
+                if fresh {
+                    if let Some(b) = self.fill.recent(self.pos, self.pos + want) {
+                        return Ok(b);
+                    }
+                }
+                read_at(f.clone(), self.pos, want).await
+            }
             Some(Source::Stored(r)) => read_chunk(r, want).await,
             None => Err(io::Error::other("reader missing")),
         }
     }
 
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        Ok(self.next_part(false).await?.map(|p| match p {
+            Part::Bytes(b) => b,
+            // Never asked for.
+            Part::File { .. } => Bytes::new(),
+        }))
+    }
+
+    /// The next part of the body; `files`: the caller sends file ranges itself, so bytes
+    /// already in a local file come as [`Part::File`] (as far as they are readable) rather
+    /// than being read. A failed download ends it with an error.
+    pub async fn next_part(&mut self, files: bool) -> io::Result<Option<Part>> {
         if self.direct.is_some() {
-            return self.next_direct().await;
+            return Ok(self.next_direct().await?.map(Part::Bytes));
         }
         loop {
             if self.end.is_some_and(|e| self.pos >= e) {
@@ -175,11 +228,17 @@ impl Tail {
             // `None`: the disk could not take the blob, so this reader goes on from the
             // upstream (once the state is no longer borrowed).
             let readable = match &*self.rx.borrow_and_update() {
+                _ if self.verified.is_some() => self.verified.map(|len| (len, true)),
                 FillState::Connecting => Some((0, false)),
                 // The last byte of a blob is held back until the download is verified, so a
                 // body that fails verification never reaches a client complete.
                 FillState::Streaming { written, .. } => Some((written.saturating_sub(1), false)),
-                FillState::Complete { len } => Some((*len, true)),
+                // Once verified, every byte may go, whatever happens to the cache's copy: this
+                // reader's open file keeps them.
+                FillState::Verified { len } | FillState::Complete { len } => {
+                    self.verified = Some(*len);
+                    Some((*len, true))
+                }
                 FillState::Failed(e) if e.is_local() && self.fallback.is_some() => {
                     tracing::debug!(error = %e, digest = %self.fill.digest, pos = self.pos,
                         "continuing straight from the upstream");
@@ -189,14 +248,43 @@ impl Tail {
             };
             let Some((available, complete)) = readable else {
                 self.go_direct().await?;
-                return self.next_direct().await;
+                return Ok(self.next_direct().await?.map(Part::Bytes));
             };
             if self.pos < available {
                 let limit = self.end.unwrap_or(u64::MAX).min(available);
-                let want = (limit - self.pos).min(CHUNK);
-                let chunk = self.read(want).await?;
+                match self.open().await {
+                    Ok(()) => {}
+                    // Nothing sent yet and the file is gone: the download's fsync or commit
+                    // failed, or its blob went again (evicted) right after the commit. Once
+                    // the download has ended, go on from the upstream.
+                    Err(e) if self.reader.is_none() && self.fallback.is_some() => {
+                        if matches!(*self.rx.borrow(), FillState::Verified { .. }) {
+                            self.rx
+                                .changed()
+                                .await
+                                .map_err(|_| io::Error::other("download state lost"))?;
+                            self.verified = None;
+                            continue;
+                        }
+                        tracing::debug!(error = %e, digest = %self.fill.digest,
+                            "cached copy gone before it was read; continuing from the upstream");
+                        self.go_direct().await?;
+                        return Ok(self.next_direct().await?.map(Part::Bytes));
+                    }
+                    Err(e) => return Err(e),
+                }
+                if let (true, Some(Source::File(file))) = (files, &self.reader) {
+                    let part = Part::File {
+                        file: file.clone(),
+                        offset: self.pos,
+                        len: limit - self.pos,
+                    };
+                    self.pos = limit;
+                    return Ok(Some(part));
+                }
+                let chunk = self.read((limit - self.pos).min(CHUNK), !complete).await?;
                 self.pos += chunk.len() as u64;
-                return Ok(Some(chunk));
+                return Ok(Some(Part::Bytes(chunk)));
             }
             if complete {
                 return if self.end.is_some_and(|e| self.pos < e) {
@@ -226,7 +314,7 @@ impl Tail {
             // the failed download's name for it is gone).
             // A failed download was never committed, so that is always the staged file.
             if self.pos > 0 {
-                let Some(Source::Staged(f)) = self.reader.as_mut() else {
+                let Some(Source::File(f)) = &self.reader else {
                     return Err(io::Error::other("sent bytes without their file"));
                 };
                 hash_prefix(f, self.pos, &mut h).await?;
@@ -299,13 +387,205 @@ impl Tail {
     }
 }
 
-async fn hash_prefix(f: &mut tokio::fs::File, len: u64, h: &mut Hasher) -> io::Result<()> {
-    f.seek(io::SeekFrom::Start(0)).await?;
-    let mut left = len;
-    while left > 0 {
-        let chunk = read_chunk(f, left.min(CHUNK)).await?;
+/// A tail reader shared by a response body and a server that can send the body itself in
+/// parts (see [`Tail::next_part`]): whichever starts first takes it.
+#[derive(Clone)]
+pub struct SharedTail(Arc<std::sync::Mutex<Option<Tail>>>);
+
+impl SharedTail {
+    /// Shares `tail`.
+    pub fn new(tail: Tail) -> Self {
+        SharedTail(Arc::new(std::sync::Mutex::new(Some(tail))))
+    }
+
+    /// The reader, unless taken already.
+    pub fn take(&self) -> Option<Tail> {
+        crate::flight::lock(&self.0).take()
+    }
+
+    /// The bytes as a stream, taking the reader when first polled (nothing if the server
+    /// took it).
+    pub fn into_stream(self) -> impl Stream<Item = io::Result<Bytes>> + Send {
+        use futures_util::StreamExt;
+        futures_util::stream::once(async move { self.take() })
+            .flat_map(|t| futures_util::stream::iter(t).flat_map(Tail::into_stream))
+    }
+}
+
+async fn hash_prefix(f: &Arc<std::fs::File>, len: u64, h: &mut Hasher) -> io::Result<()> {
+    let mut at = 0;
+    while at < len {
+        let chunk = read_at(f.clone(), at, (len - at).min(CHUNK)).await?;
         h.update(&chunk);
-        left -= chunk.len() as u64;
+        at += chunk.len() as u64;
     }
     Ok(())
+}
+
+/// Up to `want` bytes of `file` from `offset` (a positional read on the blocking pool).
+async fn read_at(file: Arc<std::fs::File>, offset: u64, want: u64) -> io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0; want as usize];
+        let n = file.read_at(&mut buf, offset)?;
+        if n == 0 && want > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file shorter than expected",
+            ));
+        }
+        buf.truncate(n);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::inflight::{InFlight, Join, LeaderGuard, RECENT_BYTES};
+    use crate::cache::store::FsStore;
+    use crate::reference::Digest;
+    use futures_util::StreamExt;
+    use std::io::Write;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        store: Arc<dyn BlobStore>,
+        guard: LeaderGuard,
+        data: Vec<u8>,
+    }
+
+    async fn setup(len: usize) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(FsStore::open(dir.path()).await.unwrap());
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::sha256(&data);
+        let inflight = Arc::new(InFlight::default());
+        let Join::Leader(guard) = inflight.join(&digest, || store.staging_path("t")) else {
+            panic!("first caller leads")
+        };
+        std::fs::File::create(&guard.fill().staged).unwrap();
+        Setup {
+            _dir: dir,
+            store,
+            guard,
+            data,
+        }
+    }
+
+    fn append(path: &std::path::Path, bytes: &[u8]) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    async fn read_all(t: Tail) -> io::Result<Vec<u8>> {
+        let mut s = std::pin::pin!(t.into_stream());
+        let mut out = Vec::new();
+        while let Some(b) = s.next().await {
+            out.extend_from_slice(&b?);
+        }
+        Ok(out)
+    }
+
+    /// Upstream stand-in for the fallback.
+    struct Source(Bytes);
+
+    #[async_trait::async_trait]
+    impl Refetch for Source {
+        async fn from(&self, start: u64) -> io::Result<ByteStream> {
+            let rest = self.0.slice(start as usize..);
+            Ok(Box::pin(futures_util::stream::iter([Ok(rest)])))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_byte_goes_once_verified_before_the_commit() {
+        let s = setup(1000).await;
+        let fill = s.guard.fill().clone();
+        let mut progress = s.guard.streaming(Some(1000));
+        append(&fill.staged, &s.data);
+        progress.written(&[Bytes::from(s.data.clone())]);
+        let reader = tokio::spawn(read_all(Tail::new(fill.clone(), s.store.clone(), 0, None)));
+        // Everything but the last byte is readable while the digest is unchecked.
+        let mut t = Tail::new(fill.clone(), s.store.clone(), 0, None);
+        let first = t.next_chunk().await.unwrap().unwrap();
+        assert_eq!(first.len(), 999);
+        s.guard.verified(1000);
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), reader).await;
+        let read = read.expect("the reader waits for the commit");
+        assert_eq!(read.unwrap().unwrap(), s.data);
+        assert_eq!(t.next_chunk().await.unwrap().unwrap(), &s.data[999..]);
+        assert!(t.next_chunk().await.unwrap().is_none());
+        // Not committed: nothing in the store yet.
+        assert_eq!(s.store.blob_len(&fill.digest).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn readers_keeping_up_take_the_bytes_from_memory() {
+        let s = setup(3000).await;
+        let fill = s.guard.fill().clone();
+        let mut progress = s.guard.streaming(Some(3000));
+        // The file gets other bytes than those published: what a reader sends shows where
+        // it read them.
+        append(&fill.staged, &[0u8; 2000]);
+        progress.written(&[
+            Bytes::from(s.data[..1000].to_vec()),
+            Bytes::from(s.data[1000..2000].to_vec()),
+        ]);
+        let mut t = Tail::new(fill.clone(), s.store.clone(), 500, None);
+        assert_eq!(t.next_chunk().await.unwrap().unwrap(), &s.data[500..1000]);
+        assert_eq!(t.next_chunk().await.unwrap().unwrap(), &s.data[1000..1999]);
+        // Sent to the file only when the caller asks for file parts.
+        let mut parts = Tail::new(fill.clone(), s.store.clone(), 10, None);
+        match parts.next_part(true).await.unwrap().unwrap() {
+            Part::File { offset, len, .. } => assert_eq!((offset, len), (10, 1989)),
+            Part::Bytes(_) => panic!("bytes on disk should come as a file range"),
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_keeps_only_the_newest_bytes() {
+        let s = setup(0).await;
+        let fill = s.guard.fill().clone();
+        let mut progress = s.guard.streaming(None);
+        let chunk = Bytes::from(vec![7u8; RECENT_BYTES / 4]);
+        for _ in 0..8 {
+            progress.written(std::slice::from_ref(&chunk));
+        }
+        let total = 2 * RECENT_BYTES as u64;
+        assert!(fill.recent(0, 10).is_none(), "the oldest bytes are let go");
+        let newest = fill.recent(total - 10, total).unwrap();
+        assert_eq!(newest.len(), 10);
+        assert!(fill.recent(total - RECENT_BYTES as u64, total).is_some());
+        assert!(
+            fill.recent(total, total + 1).is_none(),
+            "nothing past what was written"
+        );
+        s.guard.verified(total);
+        assert!(
+            fill.recent(total - 10, total).is_none(),
+            "let go once verified"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_gone_right_after_its_commit_is_fetched_again() {
+        let s = setup(1000).await;
+        let fill = s.guard.fill().clone();
+        let mut progress = s.guard.streaming(Some(1000));
+        append(&fill.staged, &s.data);
+        progress.written(&[Bytes::from(s.data.clone())]);
+        s.guard.verified(1000);
+        // Committed, then evicted before this reader opened anything.
+        std::fs::remove_file(&fill.staged).unwrap();
+        s.guard.complete(1000);
+        let data = Bytes::from(s.data.clone());
+        let t = Tail::new(fill.clone(), s.store.clone(), 0, None);
+        assert!(read_all(t).await.is_err(), "without a fallback: an error");
+        let t = Tail::new(fill, s.store.clone(), 0, None)
+            .with_fallback(Arc::new(Source(data.clone())), true);
+        assert_eq!(read_all(t).await.unwrap(), data);
+    }
 }

@@ -637,6 +637,12 @@ impl Proxy {
         }
     }
 
+    /// Waits until every blob download has been committed (or has failed): clients get
+    /// their last byte once a blob is verified, a moment before it is committed.
+    pub async fn committed(&self) {
+        self.app.downloads_settled().await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
