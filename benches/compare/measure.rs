@@ -42,10 +42,16 @@ pub async fn hits(results: &mut Results, s: &Settings, lab: &Lab, servers: &[Ser
         for (srv, pool) in servers.iter().zip(pooled.iter_mut()) {
             let url = format!("{}/v2/bench/hit/blobs/{}", srv.url, lab.image.blob);
             let cpu_before = srv.procs.map(Procs::cpu_secs);
+            let clients_before = crate::servers::finished_children_cpu_secs();
             match clients::curl_parallel(&url, n, lab.image.size, ca).await {
                 Ok(t) => {
                     let bytes = n as f64 * lab.image.size as f64;
                     results.add(&row, "MiB/s", srv.column, bytes / MIB / t.as_secs_f64());
+                    // The curl processes' own CPU: on two cores, what the clients need
+                    // bounds what any server can reach.
+                    let clients = crate::servers::finished_children_cpu_secs() - clients_before;
+                    let gib = bytes / (1024.0 * MIB);
+                    results.add(&format!("{row} curl CPU"), "s/GiB", srv.column, clients / gib);
                     if let (Some(p), Some(before)) = (srv.procs, cpu_before) {
                         let (cpu, gib) = (p.cpu_secs() - before, bytes / (1024.0 * MIB));
                         results.add(&format!("{row} CPU"), "s/GiB", srv.column, cpu / gib);
