@@ -12,7 +12,7 @@ use crate::cache::fill;
 use crate::cache::inflight::{FillError, FillState, Join};
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
-use crate::cache::tail::{ByteStream, Refetch, SharedTail, Tail, read_stream};
+use crate::cache::tail::{ByteStream, Refetch, SharedTail, Tail, file_stream, read_stream};
 use crate::error::{Error, Kind, UpstreamError};
 use crate::media::{self, Accept};
 use crate::metrics::{CacheResult, mark};
@@ -423,12 +423,17 @@ pub async fn blob(
         }
         // Gone between the two calls (garbage collection): fetched again below.
         if let Some(b) = app.store.open_blob(digest, start).await? {
-            let stream = read_stream(b.reader, len);
+            let Some(file) = b.file else {
+                let stream = read_stream(b.reader, len);
+                let r = blob_response(digest, total, status, start, len, body::stream(stream));
+                return Ok(mark(r, CacheResult::Hit));
+            };
+            // A local file: the plain-HTTP loop sends it with sendfile; other connections
+            // read it chunk by chunk.
+            let range = crate::fastpath::FileRange::new(file, start, len);
+            let stream = file_stream(range.file.clone(), start, len);
             let mut r = blob_response(digest, total, status, start, len, body::stream(stream));
-            if let Some(file) = b.file {
-                r.extensions_mut()
-                    .insert(crate::fastpath::FileRange::new(file, start, len));
-            }
+            r.extensions_mut().insert(range);
             return Ok(mark(r, CacheResult::Hit));
         }
     }

@@ -51,7 +51,12 @@ pub async fn hits(results: &mut Results, s: &Settings, lab: &Lab, servers: &[Ser
                     // bounds what any server can reach.
                     let clients = crate::servers::finished_children_cpu_secs() - clients_before;
                     let gib = bytes / (1024.0 * MIB);
-                    results.add(&format!("{row} curl CPU"), "s/GiB", srv.column, clients / gib);
+                    results.add(
+                        &format!("{row} curl CPU"),
+                        "s/GiB",
+                        srv.column,
+                        clients / gib,
+                    );
                     if let (Some(p), Some(before)) = (srv.procs, cpu_before) {
                         let (cpu, gib) = (p.cpu_secs() - before, bytes / (1024.0 * MIB));
                         results.add(&format!("{row} CPU"), "s/GiB", srv.column, cpu / gib);

@@ -24,6 +24,9 @@ use super::store::BlobStore;
 
 /// Bytes read per chunk.
 const CHUNK: u64 = 256 * 1024;
+/// Bytes read per chunk of a committed blob: fewer trips to the blocking pool for what is
+/// usually sent over TLS.
+const FILE_CHUNK: u64 = 1024 * 1024;
 
 type Reader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -82,6 +85,29 @@ pub fn read_stream(reader: Reader, remaining: u64) -> impl Stream<Item = io::Res
                 Some((Ok(b), (reader, left)))
             }
             Err(e) => Some((Err(e), (reader, 0))),
+        }
+    })
+}
+
+/// Streams `len` bytes of `file` from `offset` with positional reads on the blocking pool,
+/// straight into each chunk's buffer.
+pub fn file_stream(
+    file: Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+) -> impl Stream<Item = io::Result<Bytes>> + Send {
+    let end = offset + len;
+    futures_util::stream::unfold(Some(offset), move |at| {
+        let file = file.clone();
+        async move {
+            let at = at.filter(|at| *at < end)?;
+            match read_at(file, at, (end - at).min(FILE_CHUNK)).await {
+                Ok(b) => {
+                    let next = at + b.len() as u64;
+                    Some((Ok(b), Some(next)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
         }
     })
 }
@@ -424,17 +450,20 @@ async fn hash_prefix(f: &Arc<std::fs::File>, len: u64, h: &mut Hasher) -> io::Re
 
 /// Up to `want` bytes of `file` from `offset` (a positional read on the blocking pool).
 async fn read_at(file: Arc<std::fs::File>, offset: u64, want: u64) -> io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0; want as usize];
-        let n = file.read_at(&mut buf, offset)?;
+        // Read into the spare capacity: no zeroing of a buffer about to be overwritten.
+        let mut buf = Vec::with_capacity(want as usize);
+        let n = if want == 0 {
+            0
+        } else {
+            rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), offset)?
+        };
         if n == 0 && want > 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "blob file shorter than expected",
             ));
         }
-        buf.truncate(n);
         Ok(Bytes::from(buf))
     })
     .await
