@@ -9,21 +9,47 @@ use regcache::config::{Config, LogFormat};
 
 /// Serving logs at `info` on stdout; commands (which print their own results) log warnings
 /// only, on stderr. `RUST_LOG` overrides the level either way.
-fn init_tracing(format: LogFormat, command: bool) {
+///
+/// While serving, lines are formatted where they happen and written by a thread of their
+/// own, which writes whatever has queued up in one system call rather than one per line
+/// (an access line per request would otherwise cost a `write(2)` per request). Nothing is
+/// dropped: a full queue makes the logging side wait. The returned guard flushes the queue
+/// when dropped at exit.
+fn init_tracing(
+    format: LogFormat,
+    command: bool,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let default = if command { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match (format, command) {
-        (LogFormat::Json, false) => builder.json().flatten_event(true).init(),
-        (LogFormat::Pretty, false) => builder.init(),
-        (LogFormat::Json, true) => builder
+    if command {
+        match format {
+            LogFormat::Json => builder
+                .json()
+                .flatten_event(true)
+                .with_writer(std::io::stderr)
+                .init(),
+            LogFormat::Pretty => builder.with_writer(std::io::stderr).init(),
+        }
+        return None;
+    }
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("regcache-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
+    match format {
+        LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .init(),
-        (LogFormat::Pretty, true) => builder.with_writer(std::io::stderr).init(),
+        LogFormat::Pretty => builder.with_writer(writer).init(),
     }
+    Some(guard)
 }
 
 async fn shutdown_signal() {
@@ -83,7 +109,8 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    init_tracing(config.log_format, false);
+    // Held until `main` returns: dropping it writes out the lines still queued.
+    let _log = init_tracing(config.log_format, false);
     let tls = match &config.tls {
         Some(t) => Some(regcache::server::Tls::load(&t.cert, &t.key).map_err(anyhow::Error::msg)?),
         None => None,
