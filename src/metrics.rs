@@ -407,16 +407,7 @@ impl Metrics {
 
     /// Body bytes received from every upstream.
     pub fn fetched_bytes(&self, upstreams: &[Arc<Upstream>]) -> u64 {
-        upstreams
-            .iter()
-            .flat_map(|u| ["blob", "manifest"].map(|kind| (u.name.clone(), kind)))
-            .map(|(upstream, kind)| {
-                self.families
-                    .upstream_bytes
-                    .get_or_create(&UpstreamKindLabels { upstream, kind })
-                    .get()
-            })
-            .sum()
+        upstreams.iter().map(|u| u.stats().fetched()).sum()
     }
 
     /// Counts one request (with the [`error_reason`] it ended in, if any) and wraps its response body so that the bytes sent are counted as

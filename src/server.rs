@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -143,20 +144,7 @@ pub async fn serve(
         idle_timeout: limits.idle_timeout.0,
     };
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            // Stop accepting as soon as shutdown is asked for.
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = accept(&listener, shutdown.as_mut(), "accept failed").await {
         let Ok(permit) = open.clone().try_acquire_owned() else {
             // Refused at once rather than queued: a client waiting on a full server learns it
             // now, and the connections already open keep being served.
@@ -199,6 +187,28 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The next connection on `listener`, or `None` once `shutdown` resolves (accepting stops
+/// at once). An accept error (out of file descriptors and the like) is logged as `failed`
+/// and retried after a short pause instead of spinning.
+pub(crate) async fn accept<F: Future>(
+    listener: &TcpListener,
+    mut shutdown: Pin<&mut F>,
+    failed: &'static str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.as_mut() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{failed}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
 }
 
 /// Answers a connection over the limit and closes it. Plain HTTP clients get a 503 (best

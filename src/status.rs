@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
+use crate::units::human_bytes;
+
 /// Repositories tracked at most; the page shows the first [`SHOWN`].
 const CAPACITY: usize = 256;
 /// Repositories shown on the page.
@@ -152,26 +154,6 @@ impl StatusView {
     }
 }
 
-/// Bytes for people: `1.5 MiB`.
-struct Human(u64);
-
-impl std::fmt::Display for Human {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-        let mut v = self.0 as f64;
-        let mut i = 0;
-        while v >= 1024.0 && i + 1 < units.len() {
-            v /= 1024.0;
-            i += 1;
-        }
-        if i == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{v:.1} {}", units[i])
-        }
-    }
-}
-
 fn ago(t: SystemTime, now: SystemTime) -> String {
     match now.duration_since(t) {
         Ok(d) => format!("{} ago", human_duration(d)),
@@ -230,13 +212,13 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
         (Some(b), Some(l)) => format!(
             "<b id=\"cache-size\" data-bytes=\"{b}\" data-limit=\"{l}\">{} / {}</b>\
 <progress id=\"cache-use\" value=\"{b}\" max=\"{l}\"></progress> {:.1}% of the limit",
-            Human(b),
-            Human(l),
+            human_bytes(b),
+            human_bytes(l),
             percent(b, l)
         ),
         (Some(b), None) => format!(
             "<b id=\"cache-size\" data-bytes=\"{b}\">{}</b>no limit (cache.max_size unset)",
-            Human(b)
+            human_bytes(b)
         ),
         (None, _) => "<b id=\"cache-size\">counting…</b>".to_owned(),
     };
@@ -247,7 +229,7 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
         v.cache_entries
             .map_or_else(|| "counting…".to_owned(), |e| e.to_string()),
         v.evictions.0,
-        Human(v.evictions.1)
+        human_bytes(v.evictions.1)
     );
     let ratio = v.hit_ratio();
     let _ = write!(
@@ -261,9 +243,9 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
         h,
         "<div class=\"card\">Bytes saved<b id=\"bytes-saved\" data-bytes=\"{saved}\">{}</b>\
 {} served from the cache, {} fetched upstream</div></div>",
-        Human(saved),
-        Human(v.served_from_cache),
-        Human(v.fetched)
+        human_bytes(saved),
+        human_bytes(v.served_from_cache),
+        human_bytes(v.fetched)
     );
 
     h.push_str(
@@ -290,11 +272,11 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
                         d.written,
                         percent(d.written, t)
                     ),
-                    format!("{} / {}", Human(d.written), Human(t)),
+                    format!("{} / {}", human_bytes(d.written), human_bytes(t)),
                 ),
                 None => (
                     "<progress></progress>".to_owned(),
-                    format!("{} / unknown", Human(d.written)),
+                    format!("{} / unknown", human_bytes(d.written)),
                 ),
             };
             let _ = write!(
@@ -354,9 +336,9 @@ mod tests {
 
     #[test]
     fn sizes_read_well() {
-        assert_eq!(Human(999).to_string(), "999 B");
-        assert_eq!(Human(1536).to_string(), "1.5 KiB");
-        assert_eq!(Human(4 << 20).to_string(), "4.0 MiB");
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(4 << 20), "4.0 MiB");
     }
 
     #[test]

@@ -1,8 +1,24 @@
-//! Human-readable durations (`"5m"`, `"250ms"`) and sizes (`"4MiB"`, `"200GiB"`) for config files.
+//! Human-readable durations (`"5m"`, `"250ms"`) and sizes (`"4MiB"`, `"200GiB"`) for config files,
+//! and sizes written for people (`1.5 MiB`).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
+
+/// Sizes for people: `512 B`, `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 

@@ -439,11 +439,10 @@ impl SharedTail {
 }
 
 async fn hash_prefix(f: &Arc<std::fs::File>, len: u64, h: &mut Hasher) -> io::Result<()> {
-    let mut at = 0;
-    while at < len {
-        let chunk = read_at(f.clone(), at, (len - at).min(CHUNK)).await?;
-        h.update(&chunk);
-        at += chunk.len() as u64;
+    use futures_util::StreamExt;
+    let mut prefix = std::pin::pin!(file_stream(f.clone(), 0, len));
+    while let Some(chunk) = prefix.next().await {
+        h.update(&chunk?);
     }
     Ok(())
 }

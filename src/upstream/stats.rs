@@ -162,6 +162,11 @@ impl UpstreamStats {
         self.manifest_bytes.inc_by(n);
     }
 
+    /// Body bytes received from this upstream, blobs and manifests.
+    pub fn fetched(&self) -> u64 {
+        self.blob_bytes.get() + self.manifest_bytes.get()
+    }
+
     /// Counts a blob download that ended: `None` committed, or why it did not.
     pub fn download_ended(&self, failure: Option<&FillError>) {
         let outcome = match failure {

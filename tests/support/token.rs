@@ -303,7 +303,7 @@ fn now_secs() -> u64 {
 }
 
 /// `secs` since the epoch as RFC 3339 UTC (`2024-01-02T03:04:05Z`).
-fn rfc3339(secs: u64) -> String {
+pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil-from-days (Howard Hinnant's algorithm).
