@@ -9,7 +9,6 @@ use moka::sync::Cache;
 
 use crate::access::{Access, ClientAddr, Denied, Need, SERVICE, TOKEN_PATH};
 use crate::access_log::RequestRecord;
-use crate::admin;
 use crate::body::{self, Body};
 use crate::cache::inflight::InFlight;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
@@ -17,13 +16,15 @@ use crate::cache::tags::TagEntry;
 use crate::config::Config;
 use crate::error::{Error, UpstreamError};
 use crate::flight::Flight;
-use crate::handlers::{self, ManifestKey};
 use crate::media::Accept;
 use crate::metrics::{CacheKind, Metrics};
-use crate::push::{self, Uploads};
 use crate::reference::Reference;
 use crate::rewrite::RoutingTable;
 use crate::router::{self, Route};
+use crate::routes::admin;
+use crate::routes::manifests::{Fetched, ManifestKey};
+use crate::routes::push::{self, Uploads};
+use crate::routes::{blobs, manifests, tags};
 use crate::upstream::Upstream;
 
 /// The request id header, taken from the client when sane and always sent back.
@@ -40,7 +41,7 @@ pub struct App {
     /// Tag → digest answers with the time they were last confirmed; also kept on disk.
     pub(crate) tags: Cache<TagKey, TagEntry>,
     /// Coalesces concurrent fetches of one manifest (small, held in memory briefly).
-    pub(crate) manifest_flight: Flight<ManifestKey, handlers::Fetched, UpstreamError>,
+    pub(crate) manifest_flight: Flight<ManifestKey, Fetched, UpstreamError>,
     next_request_id: AtomicU64,
     // Tells this process's request ids from those of earlier runs.
     request_id_prefix: String,
@@ -372,7 +373,8 @@ impl App {
                     ));
                 }
                 let accept = Accept::from_headers(req.headers());
-                handlers::manifest(self, t.upstream, &t.repository, &reference, &accept, head).await
+                manifests::manifest(self, t.upstream, &t.repository, &reference, &accept, head)
+                    .await
             }
             Route::Blob { name, digest } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
@@ -391,7 +393,7 @@ impl App {
                 // Set by the server for every connection; absent when `handle` is called
                 // directly, and then no per-client limit applies.
                 let client = client.map(|c| c.0.ip());
-                handlers::blob(
+                blobs::blob(
                     self,
                     t.upstream,
                     &t.repository,
@@ -466,7 +468,7 @@ impl App {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
                 record.upstream = Some(self.upstreams[t.upstream].name.clone());
                 caller.require(Need::Pull, &name, &t).await?;
-                handlers::tags(
+                tags::tags(
                     self,
                     t.upstream,
                     &t.repository,

@@ -7,19 +7,19 @@
 //!   (`access::policy`), scope parsing and token signing (`access::token`) and the
 //!   failed-login limit per client address (`access::limit`).
 //! - [`access_log`]: one `regcache::access_log` event per request, written when its body ends.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz` and the status page, on the registry
-//!   listener or on `admin_listen`.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
 //! - [`server`]: accept loop, optional rustls (certificate reload), connection limits and
-//!   timeouts, graceful shutdown.
-//! - [`framing`]: HTTP/1 request smuggling checks hyper does not make.
+//!   timeouts, graceful shutdown; `server::fast`, the plain-HTTP/1.1 loop for bodiless
+//!   requests (cached blobs go out with `sendfile(2)`), and `server::http1`, the HTTP/1
+//!   request smuggling checks hyper does not make.
 //! - [`limits`]: per-client limits (uncached blob downloads per client address).
 //! - [`cli`], [`config`], [`units`]: command line, configuration file (its `[auth]` part in
 //!   `config::auth`), human units.
 //! - [`router`], [`reference`], [`rewrite`], [`media`], [`range`]: pure parsing of paths,
 //!   names, upstream routing, `Accept` and `Range` headers.
-//! - [`handlers`]: one function per registry route.
-//! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
+//! - [`routes`]: one function per registry route (`routes::manifests`, `routes::blobs`,
+//!   `routes::tags`), push through the proxy (`routes::push`), and `/metrics`, `/healthz`,
+//!   `/readyz` and the status page (`routes::admin`).
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
 //! - [`metrics`]: Prometheus metrics with bounded labels and their exposition.
 //! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
@@ -28,8 +28,6 @@
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
 //!   credentials (`upstream::ecr`), push requests (`upstream::push`) and each upstream's
 //!   figures and health (`upstream::stats`).
-//! - [`fastpath`]: plain-HTTP/1.1 loop for bodiless requests; cached blobs go out with
-//!   `sendfile(2)`, everything else is handed to hyper.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
@@ -42,7 +40,6 @@
 
 pub mod access;
 pub mod access_log;
-pub mod admin;
 pub mod airgap;
 pub mod app;
 pub mod body;
@@ -50,19 +47,16 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
-pub mod fastpath;
 pub mod flight;
-pub mod framing;
-pub mod handlers;
 pub mod inspect;
 pub mod limits;
 pub mod media;
 pub mod metrics;
-pub mod push;
 pub mod range;
 pub mod reference;
 pub mod rewrite;
 pub mod router;
+pub mod routes;
 pub mod server;
 pub mod status;
 pub mod units;

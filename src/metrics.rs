@@ -458,11 +458,11 @@ impl Metrics {
         let cache = cached.map_or("none", |(_, r)| r.label());
         let ext = resp.extensions();
         let beside = ext
-            .get::<crate::fastpath::FileRange>()
-            .map(crate::fastpath::FileRange::beside)
+            .get::<crate::cache::reader::FileRange>()
+            .map(crate::cache::reader::FileRange::beside)
             .or_else(|| {
-                ext.get::<crate::fastpath::TailBody>()
-                    .map(crate::fastpath::TailBody::beside)
+                ext.get::<crate::cache::reader::TailBody>()
+                    .map(crate::cache::reader::TailBody::beside)
             });
         resp.map(|inner| {
             Metered::new(inner, record, status, cache, served, aborted)

@@ -479,9 +479,13 @@ async fn with_admin_listen_the_operator_endpoints_leave_the_registry_listener() 
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(regcache::admin::serve(admin, proxy.app.clone(), async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(regcache::routes::admin::serve(
+        admin,
+        proxy.app.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     for path in ["/metrics", "/healthz", "/readyz", "/"] {
         let r = client().get(proxy.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 404, "{path} on the registry listener");

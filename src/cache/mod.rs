@@ -6,6 +6,7 @@ pub mod budget;
 pub mod fill;
 pub mod hasher;
 pub mod inflight;
+pub mod reader;
 pub mod store;
 pub mod tags;
 pub mod tail;

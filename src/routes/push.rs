@@ -268,7 +268,7 @@ fn answer(status: StatusCode, location: &str) -> Response<Body> {
 
 /// Copies the headers a client needs from an upstream upload answer.
 fn copy_upload_headers(from: &HeaderMap, to: &mut Response<Body>) {
-    for name in [header::RANGE, crate::handlers::DOCKER_CONTENT_DIGEST] {
+    for name in [header::RANGE, crate::routes::DOCKER_CONTENT_DIGEST] {
         if let Some(v) = from.get(&name) {
             to.headers_mut().insert(name, v.clone());
         }
@@ -370,7 +370,7 @@ pub async fn start(
         StatusCode::CREATED => {
             let d = resp
                 .headers()
-                .get(crate::handlers::DOCKER_CONTENT_DIGEST)
+                .get(crate::routes::DOCKER_CONTENT_DIGEST)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|s| s.parse::<Digest>().ok())
                 .or_else(|| digest.clone())
@@ -478,11 +478,7 @@ pub async fn continue_upload(
             commit_spool(app, &spool, &d).await;
             let mut r = answer(StatusCode::CREATED, &format!("/v2/{client_name}/blobs/{d}"));
             copy_upload_headers(resp.headers(), &mut r);
-            set(
-                &mut r,
-                crate::handlers::DOCKER_CONTENT_DIGEST,
-                &d.to_string(),
-            );
+            set(&mut r, crate::routes::DOCKER_CONTENT_DIGEST, &d.to_string());
             Ok(r)
         }
         (Method::DELETE, s) if s.is_success() => {
@@ -586,7 +582,7 @@ pub async fn put_manifest(
     );
     set(
         &mut r,
-        crate::handlers::DOCKER_CONTENT_DIGEST,
+        crate::routes::DOCKER_CONTENT_DIGEST,
         &digest.to_string(),
     );
     Ok(r)
@@ -612,10 +608,7 @@ pub async fn blob_exists(
     match resp.status() {
         StatusCode::OK => {
             let mut r = Response::new(body::empty());
-            for name in [
-                header::CONTENT_LENGTH,
-                crate::handlers::DOCKER_CONTENT_DIGEST,
-            ] {
+            for name in [header::CONTENT_LENGTH, crate::routes::DOCKER_CONTENT_DIGEST] {
                 if let Some(v) = resp.headers().get(&name) {
                     r.headers_mut().insert(name, v.clone());
                 }

@@ -1,7 +1,10 @@
 //! The accept loop: plain TCP or rustls (certificates reloadable), HTTP/1.1 and HTTP/2, the
 //! connection limits (`[limits]`: connection count, request head size, header-read and idle
 //! timeouts, framing checks) and graceful shutdown driven by a future the caller passes in.
-//! Plain connections start in the [`fastpath`] loop and move to hyper when it hands them over.
+//! Plain connections start in the [`fast`] loop and move to hyper when it hands them over.
+
+pub mod fast;
+pub mod http1;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,8 +32,8 @@ use crate::app::App;
 use crate::body::{self, Body};
 use crate::config::LimitsConfig;
 use crate::error::Error;
-use crate::fastpath::{self, Outcome};
-use crate::framing::{self, Notes, Scanned};
+use fast::Outcome;
+use http1::{Notes, Scanned};
 
 /// The TLS configuration served: built from PEM files at start-up and re-read from them by
 /// [`Tls::reload`] (SIGHUP) without a restart.
@@ -137,7 +140,7 @@ pub async fn serve(
     // Turns `true` when shutdown begins: every connection then finishes its requests and closes.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut refusals = Refusals::default();
-    let head_limits = fastpath::Limits {
+    let head_limits = fast::Limits {
         max_head: usize::try_from(limits.max_header_bytes.0).unwrap_or(usize::MAX),
         max_headers: limits.max_headers,
         head_timeout: limits.header_read_timeout.0,
@@ -254,7 +257,7 @@ struct Connection {
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
     // The head size and timeouts of `[limits]`, for the fast loop and hyper's path alike.
-    limits: fastpath::Limits,
+    limits: fast::Limits,
 }
 
 impl Connection {
@@ -262,7 +265,7 @@ impl Connection {
         let Some(tls) = tls else {
             // Plain HTTP/1.1 starts in the fast loop (sendfile for cached blobs); hyper takes
             // over for anything the loop does not serve itself.
-            let outcome = fastpath::serve(
+            let outcome = fast::serve(
                 stream,
                 self.peer,
                 self.app.clone(),
@@ -360,10 +363,10 @@ impl Connection {
 async fn answer(
     app: &Arc<App>,
     mut req: Request<Incoming>,
-    note: Option<framing::HeadNote>,
+    note: Option<http1::HeadNote>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    match framing::check(&req, note) {
+    match http1::check(&req, note) {
         Err(why) => {
             tracing::info!(%peer, method = %req.method(), why, "malformed request refused");
             let mut r = Error::Malformed(why).into_response(req.method() == http::Method::HEAD);

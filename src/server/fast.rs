@@ -20,71 +20,8 @@ use tokio::net::TcpStream;
 
 use crate::app::App;
 use crate::body::Body;
-use crate::cache::tail::{Part, SharedTail};
-
-/// Part of a local file that is exactly a response's body. Set by the blob handler on cache
-/// hits; used instead of the body stream where the connection allows it, and then `sent`
-/// tells the body's accounting (access log, metrics) what went out beside it.
-#[derive(Clone, Debug)]
-pub struct FileRange {
-    /// The open file (stays readable if its name is evicted).
-    pub file: Arc<std::fs::File>,
-    /// First byte.
-    pub offset: u64,
-    /// Bytes to send.
-    pub len: u64,
-    /// Bytes sent with `sendfile(2)` so far.
-    pub sent: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl FileRange {
-    /// `len` bytes of `file` from `offset`, none sent yet.
-    pub fn new(file: std::fs::File, offset: u64, len: u64) -> Self {
-        FileRange {
-            file: Arc::new(file),
-            offset,
-            len,
-            sent: Arc::default(),
-        }
-    }
-}
-
-impl FileRange {
-    /// What the body's accounting needs: bytes sent beside it, and the body's length.
-    pub fn beside(&self) -> (Arc<std::sync::atomic::AtomicU64>, u64) {
-        (self.sent.clone(), self.len)
-    }
-}
-
-/// A body of known length that the loop may send itself in parts: a blob download under
-/// way, whose bytes already on disk go out with `sendfile(2)`. The response's body stream
-/// reads the same reader when the connection cannot (hyper, TLS); `sent` tells the body's
-/// accounting what went out beside it.
-#[derive(Clone)]
-pub struct TailBody {
-    /// The reader, taken by whoever sends first.
-    pub tail: SharedTail,
-    /// Body length.
-    pub len: u64,
-    /// Bytes sent by the loop so far.
-    pub sent: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl TailBody {
-    /// `len` bytes from `tail`, none sent yet.
-    pub fn new(tail: SharedTail, len: u64) -> Self {
-        TailBody {
-            tail,
-            len,
-            sent: Arc::default(),
-        }
-    }
-
-    /// What the body's accounting needs: bytes sent beside it, and the body's length.
-    pub fn beside(&self) -> (Arc<std::sync::atomic::AtomicU64>, u64) {
-        (self.sent.clone(), self.len)
-    }
-}
+use crate::cache::reader::{FileRange, TailBody};
+use crate::cache::tail::Part;
 
 /// Largest body of known length sent in the same write as its head.
 const SMALL_BODY: u64 = 64 * 1024;
@@ -339,14 +276,14 @@ pub async fn serve(
             close,
             len,
         } = *simple;
-        let note = crate::framing::HeadNote::of_head(&buf[..len]);
+        let note = crate::server::http1::HeadNote::of_head(&buf[..len]);
         buf.advance(len);
         let mut req = Request::new(Empty::<Bytes>::new());
         *req.method_mut() = method.clone();
         *req.uri_mut() = target;
         *req.headers_mut() = headers;
         // The same framing rules as on hyper's path (bare LF, Host once).
-        if let Err(why) = crate::framing::check(&req, Some(note)) {
+        if let Err(why) = crate::server::http1::check(&req, Some(note)) {
             tracing::info!(%peer, %method, why, "malformed request refused");
             let resp = crate::error::Error::Malformed(why).into_response(method == Method::HEAD);
             refuse(stream, resp).await;
