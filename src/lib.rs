@@ -30,6 +30,7 @@
 //!   figures and health (`upstream::stats`).
 //! - [`fastpath`]: plain-HTTP/1.1 loop for bodiless requests; cached blobs go out with
 //!   `sendfile(2)`, everything else is handed to hyper.
+//! - [`healthcheck`]: `regcache healthcheck`, a `GET /healthz` to the configured listener.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
@@ -54,6 +55,7 @@ pub mod fastpath;
 pub mod flight;
 pub mod framing;
 pub mod handlers;
+pub mod healthcheck;
 pub mod inspect;
 pub mod limits;
 pub mod media;

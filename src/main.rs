@@ -98,7 +98,9 @@ async fn main() -> anyhow::Result<()> {
         Ok(c) => c,
         Err(e) => {
             eprintln!("regcache: {e}");
-            std::process::exit(2);
+            // A health check reports any failure as 1 (2 is reserved by Docker).
+            let healthcheck = matches!(cli.command, Some(Command::Healthcheck { .. }));
+            std::process::exit(if healthcheck { 1 } else { 2 });
         }
     };
     if let Some(command) = cli.command {
@@ -251,6 +253,18 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
                 allow_partial,
             };
             Ok(export::run(&config, args).await?)
+        }
+        Command::Healthcheck { timeout } => {
+            match regcache::healthcheck::probe(&config, timeout.0).await {
+                Ok(line) => {
+                    println!("{line}");
+                    Ok(true)
+                }
+                Err(line) => {
+                    eprintln!("{line}");
+                    Ok(false)
+                }
+            }
         }
         Command::Import {
             path,
