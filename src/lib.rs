@@ -22,7 +22,8 @@
 //! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
 //! - [`metrics`]: Prometheus metrics with bounded labels and their exposition.
-//! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
+//! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories;
+//!   [`charts`]: its inline-SVG charts of the last hour.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
@@ -31,6 +32,8 @@
 //! - [`fastpath`]: plain-HTTP/1.1 loop for bodiless requests; cached blobs go out with
 //!   `sendfile(2)`, everything else is handed to hyper.
 //! - [`healthcheck`]: `regcache healthcheck`, a `GET /healthz` to the configured listener.
+//! - [`history`]: the last hour of traffic in fixed per-10-s samples, for the status page's
+//!   charts.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
@@ -48,6 +51,7 @@ pub mod airgap;
 pub mod app;
 pub mod body;
 pub mod cache;
+pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -56,6 +60,7 @@ pub mod flight;
 pub mod framing;
 pub mod handlers;
 pub mod healthcheck;
+pub mod history;
 pub mod inspect;
 pub mod limits;
 pub mod media;
