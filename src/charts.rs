@@ -1,6 +1,7 @@
 //! The status page's charts of the last hour, drawn on the server as inline SVG (no script):
 //! bytes served from the cache against bytes fetched upstream, the hit ratio, and requests
-//! per second, each a step line over the intervals of [`crate::history`].
+//! per second, each a step line over the intervals of [`crate::history`]. The x axis spans
+//! the last hour, or the last 1, 5, 15 or 30 minutes while the process is younger.
 
 use std::fmt::Write as _;
 
@@ -11,7 +12,7 @@ use crate::units::human_bytes;
 const WIDTH: f64 = 400.0;
 const HEIGHT: f64 = 170.0;
 /// Plot area margins: room for the y labels on the left and the x labels below.
-const LEFT: f64 = 64.0;
+const LEFT: f64 = 74.0;
 const RIGHT: f64 = 10.0;
 const TOP: f64 = 10.0;
 const BOTTOM: f64 = 24.0;
@@ -68,7 +69,7 @@ the charts fill in as regcache runs (one sample every 10 s, the last hour kept).
         intervals,
         &bytes,
         top,
-        |v| format!("{}/s", human_bytes(v.round() as u64)),
+        |v| format!("{}/s", human_bytes(v.round() as u64).replace(".0 ", " ")),
     ));
     let ratio = [Series {
         name: "lookups answered from the cache",
@@ -141,9 +142,34 @@ fn nice_bytes(v: f64) -> f64 {
         .unwrap_or(1024.0 * unit)
 }
 
-/// x of a time before now: the left edge is an hour ago, the right edge now.
-fn x_of(ago: f64) -> f64 {
-    let span = SPAN.as_secs_f64();
+/// Time spans the x axis can show, in seconds: a young process's few minutes are drawn
+/// across the whole width rather than as a sliver at the right edge of an hour.
+const SPANS: [f64; 5] = [60.0, 300.0, 900.0, 1800.0, 3600.0];
+
+/// The shortest span that holds every interval (at most an hour).
+fn span_of(intervals: &[Interval]) -> f64 {
+    let oldest = intervals
+        .iter()
+        .map(|i| i.from.as_secs_f64())
+        .fold(0.0, f64::max);
+    SPANS
+        .iter()
+        .copied()
+        .find(|s| *s >= oldest)
+        .unwrap_or(SPAN.as_secs_f64())
+}
+
+/// An x-axis label: `−45 s`, `−15 min`, `now`.
+fn ago_label(secs: f64) -> String {
+    match secs.round() as u64 {
+        0 => "now".to_owned(),
+        s if s < 120 => format!("−{s} s"),
+        s => format!("−{} min", s / 60),
+    }
+}
+
+/// x of a time before now: the left edge is `span` seconds ago, the right edge now.
+fn x_of(ago: f64, span: f64) -> f64 {
     LEFT + (WIDTH - LEFT - RIGHT) * (1.0 - (ago / span).clamp(0.0, 1.0))
 }
 
@@ -162,6 +188,7 @@ fn chart(
     top: f64,
     label: impl Fn(f64) -> String,
 ) -> String {
+    let span = span_of(intervals);
     let mut h = String::with_capacity(4096);
     // `write!` to a String cannot fail.
     let _ = write!(
@@ -196,28 +223,25 @@ fn chart(
             label(top * frac)
         );
     }
-    // x labels every quarter hour.
-    for (minutes, anchor) in [
-        (60, "start"),
-        (45, "middle"),
-        (30, "middle"),
-        (15, "middle"),
-        (0, "end"),
+    // x labels at the quarters of the span.
+    for (quarter, anchor) in [
+        (4.0, "start"),
+        (3.0, "middle"),
+        (2.0, "middle"),
+        (1.0, "middle"),
+        (0.0, "end"),
     ] {
-        let x = x_of(f64::from(minutes) * 60.0);
-        let text = if minutes == 0 {
-            "now".to_owned()
-        } else {
-            format!("−{minutes} min")
-        };
+        let ago = span * quarter / 4.0;
         let _ = write!(
             h,
-            "<text class=\"axis\" x=\"{x:.1}\" y=\"{}\" text-anchor=\"{anchor}\">{text}</text>",
-            HEIGHT - 6.0
+            "<text class=\"axis\" x=\"{:.1}\" y=\"{}\" text-anchor=\"{anchor}\">{}</text>",
+            x_of(ago, span),
+            HEIGHT - 6.0,
+            ago_label(ago)
         );
     }
     for s in series {
-        let (line, area) = paths(intervals, &s.values, top);
+        let (line, area) = paths(intervals, &s.values, top, span);
         let _ = write!(
             h,
             "<path d=\"{area}\" fill=\"{c}\" fill-opacity=\"0.12\" stroke=\"none\"/>\
@@ -232,13 +256,16 @@ fn chart(
 
 /// The step line through `values` (one level per interval, a gap where there is none) and
 /// the area under it.
-fn paths(intervals: &[Interval], values: &[Option<f64>], top: f64) -> (String, String) {
+fn paths(intervals: &[Interval], values: &[Option<f64>], top: f64, span: f64) -> (String, String) {
     let base = y_of(0.0, top);
     let (mut line, mut area) = (String::new(), String::new());
     let mut open: Option<f64> = None; // x where the current run began
     let mut last_x = 0.0;
     for (i, v) in intervals.iter().zip(values) {
-        let (x0, x1) = (x_of(i.from.as_secs_f64()), x_of(i.to.as_secs_f64()));
+        let (x0, x1) = (
+            x_of(i.from.as_secs_f64(), span),
+            x_of(i.to.as_secs_f64(), span),
+        );
         match v {
             Some(v) => {
                 let y = y_of(*v, top);
@@ -298,10 +325,19 @@ mod tests {
     }
 
     #[test]
-    fn axes_run_from_an_hour_ago_to_now() {
-        assert_eq!(x_of(3600.0), LEFT);
-        assert_eq!(x_of(0.0), WIDTH - RIGHT);
-        assert_eq!(x_of(99_999.0), LEFT);
+    fn axes_run_from_the_span_ago_to_now() {
+        assert_eq!(x_of(3600.0, 3600.0), LEFT);
+        assert_eq!(x_of(0.0, 3600.0), WIDTH - RIGHT);
+        assert_eq!(x_of(99_999.0, 3600.0), LEFT);
+        assert_eq!(x_of(30.0, 60.0), (LEFT + WIDTH - RIGHT) / 2.0);
+        // A young process is drawn across the width; an old one over the hour.
+        assert_eq!(span_of(&[interval(6, 0, 1.0, None)]), 60.0);
+        assert_eq!(span_of(&[interval(240, 230, 1.0, None)]), 300.0);
+        assert_eq!(span_of(&[interval(3600, 3590, 1.0, None)]), 3600.0);
+        assert_eq!(span_of(&[interval(9000, 0, 1.0, None)]), 3600.0);
+        assert_eq!(ago_label(0.0), "now");
+        assert_eq!(ago_label(45.0), "−45 s");
+        assert_eq!(ago_label(900.0), "−15 min");
         assert_eq!(y_of(0.0, 10.0), HEIGHT - BOTTOM);
         assert_eq!(y_of(10.0, 10.0), TOP);
     }
@@ -313,11 +349,11 @@ mod tests {
             interval(20, 10, 200.0, None),
             interval(10, 0, 100.0, Some(1.0)),
         ];
-        let (line, area) = paths(&v, &v.map(|i| i.hit_ratio), 1.0);
+        let (line, area) = paths(&v, &v.map(|i| i.hit_ratio), 1.0, 60.0);
         // Two runs: the gap starts a new sub-path.
         assert_eq!(line.matches('M').count(), 2, "{line}");
         assert_eq!(area.matches('Z').count(), 2, "{area}");
-        let (line, _) = paths(&v, &v.map(|i| Some(i.served_cache)), 200.0);
+        let (line, _) = paths(&v, &v.map(|i| Some(i.served_cache)), 200.0, 60.0);
         assert_eq!(line.matches('M').count(), 1, "{line}");
         assert!(line.ends_with(&format!("L{:.1} {:.1}", WIDTH - RIGHT, y_of(100.0, 200.0))));
     }
@@ -331,7 +367,7 @@ mod tests {
         }
         assert_eq!(page.matches("<svg").count(), 3);
         assert!(
-            page.contains("served from the cache (now 2.0 KiB/s)"),
+            page.contains("served from the cache (now 2 KiB/s)"),
             "{page}"
         );
         assert!(

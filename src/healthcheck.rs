@@ -105,6 +105,16 @@ pub async fn probe(config: &Config, timeout: Duration) -> Result<String, String>
     }
 }
 
+/// `text` on one line: its non-blank lines, trimmed, joined with ` | ` (a multi-line
+/// configuration error in a health check's one-line report).
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// Sends `GET /healthz` and returns the status code of the answer.
 async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
@@ -249,6 +259,15 @@ mod tests {
         assert_eq!(t.url(), "http://[::1]:9090/healthz");
         c.admin_listen = Some("10.1.2.3:9090".parse().unwrap());
         assert_eq!(Target::of(&c).addr, "10.1.2.3:9090".parse().unwrap());
+    }
+
+    #[test]
+    fn reasons_fit_on_one_line() {
+        assert_eq!(
+            one_line("parse error at line 1\n  |\n1 | listen = \"x\"\n\ninvalid\n"),
+            "parse error at line 1 | | | 1 | listen = \"x\" | invalid"
+        );
+        assert_eq!(one_line("fine"), "fine");
     }
 
     #[test]

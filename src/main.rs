@@ -97,10 +97,16 @@ async fn main() -> anyhow::Result<()> {
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
+            // A health check says why in one line, and fails with 1 (Docker reserves 2).
+            if matches!(cli.command, Some(Command::Healthcheck { .. })) {
+                eprintln!(
+                    "unhealthy: regcache: {}",
+                    regcache::healthcheck::one_line(&e.to_string())
+                );
+                std::process::exit(1);
+            }
             eprintln!("regcache: {e}");
-            // A health check reports any failure as 1 (2 is reserved by Docker).
-            let healthcheck = matches!(cli.command, Some(Command::Healthcheck { .. }));
-            std::process::exit(if healthcheck { 1 } else { 2 });
+            std::process::exit(2);
         }
     };
     if let Some(command) = cli.command {

@@ -22,14 +22,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a configuration: `extra` on top of one upstream (never contacted) and a cache in
-/// `dir`.
+/// Writes a configuration: a cache in `dir`, then `extra` (top-level keys, then tables), then
+/// one upstream (never contacted).
 fn config(dir: &Path, name: &str, extra: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(
         &path,
         format!(
-            "{extra}\ncache_dir = \"{}\"\ndefault_upstream = \"u\"\n\n[[upstream]]\nname = \"u\"\nurl = \"http://127.0.0.1:9\"\n",
+            "cache_dir = \"{}\"\ndefault_upstream = \"u\"\n{extra}\n\n[[upstream]]\nname = \"u\"\nurl = \"http://127.0.0.1:9\"\n",
             dir.join("cache").display()
         ),
     )
@@ -140,7 +140,10 @@ fn healthy_while_serving_and_unhealthy_once_stopped() {
     // A configuration that does not load is unhealthy too (exit 1, not 2).
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "listen = \"nowhere\"\n").unwrap();
-    assert_unhealthy(&healthcheck(Some(&bad), &[]), "listen");
+    assert_unhealthy(
+        &healthcheck(Some(&bad), &[]),
+        "unhealthy: regcache: invalid config file",
+    );
 }
 
 #[test]
