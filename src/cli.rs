@@ -91,6 +91,15 @@ pub enum Command {
         #[arg(long)]
         allow_partial: bool,
     },
+    /// Ask the regcache this configuration describes whether it is healthy: `GET /healthz` on
+    /// `admin_listen` when set, else on `listen` (over TLS when `[tls]` is set). Exit code 0
+    /// when it answers 200, 1 otherwise, with a one-line reason. Takes the same `--config`,
+    /// `--listen` and environment as serving (a container health check).
+    Healthcheck {
+        /// Give up after this long.
+        #[arg(long, default_value = "5s")]
+        timeout: HumanDuration,
+    },
     /// Load an OCI image layout (a directory or a tar) into the cache, verifying every
     /// digest, and record its ref names as tags for an offline regcache to serve. A layout
     /// with any damaged or missing content is refused whole. Safe while an offline regcache
@@ -222,6 +231,16 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn healthcheck_command() {
+        let cli = Cli::try_parse_from(["regcache", "-c", "x.toml", "healthcheck"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Healthcheck { timeout }) if timeout.0 == std::time::Duration::from_secs(5)
+        ));
+        assert!(Cli::try_parse_from(["regcache", "healthcheck", "--timeout", "x"]).is_err());
     }
 
     #[test]

@@ -22,12 +22,16 @@
 //!   `/readyz` and the status page (`routes::admin`).
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
 //! - [`metrics`]: Prometheus metrics with bounded labels and their exposition.
-//! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
+//! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories;
+//!   [`charts`]: its inline-SVG charts of the last hour.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
 //!   credentials (`upstream::ecr`), push requests (`upstream::push`) and each upstream's
 //!   figures and health (`upstream::stats`).
+//! - [`healthcheck`]: `regcache healthcheck`, a `GET /healthz` to the configured listener.
+//! - [`history`]: the last hour of traffic in fixed per-10-s samples, for the status page's
+//!   charts.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
@@ -44,10 +48,13 @@ pub mod airgap;
 pub mod app;
 pub mod body;
 pub mod cache;
+pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod flight;
+pub mod healthcheck;
+pub mod history;
 pub mod inspect;
 pub mod limits;
 pub mod media;

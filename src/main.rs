@@ -97,6 +97,14 @@ async fn main() -> anyhow::Result<()> {
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
+            // A health check says why in one line, and fails with 1 (Docker reserves 2).
+            if matches!(cli.command, Some(Command::Healthcheck { .. })) {
+                eprintln!(
+                    "unhealthy: regcache: {}",
+                    regcache::healthcheck::one_line(&e.to_string())
+                );
+                std::process::exit(1);
+            }
             eprintln!("regcache: {e}");
             std::process::exit(2);
         }
@@ -251,6 +259,18 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
                 allow_partial,
             };
             Ok(export::run(&config, args).await?)
+        }
+        Command::Healthcheck { timeout } => {
+            match regcache::healthcheck::probe(&config, timeout.0).await {
+                Ok(line) => {
+                    println!("{line}");
+                    Ok(true)
+                }
+                Err(line) => {
+                    eprintln!("{line}");
+                    Ok(false)
+                }
+            }
         }
         Command::Import {
             path,

@@ -3,6 +3,7 @@
 //! OpenMetrics exposition, and the counting of each answered request.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use crate::body::Body;
 use crate::cache::inflight::{FillState, InFlight};
 use crate::cache::store::BlobStore;
 use crate::error::{Error, UpstreamError};
+use crate::history::{self, History};
 use crate::status::TopPulls;
 use crate::upstream::Upstream;
 use crate::upstream::stats::{DOWNLOAD_OUTCOMES, REQUEST_OUTCOMES, UpstreamStats};
@@ -229,6 +231,13 @@ pub struct Metrics {
     /// Most pulled repositories, for the status page (never a metric label).
     pub(crate) pulls: Mutex<TopPulls>,
     started: Instant,
+    /// Requests answered, all routes and statuses together (the history's request rate).
+    requests_total: Arc<AtomicU64>,
+    /// The last hour of traffic for the status page's charts. Locked only to push a sample
+    /// or to copy the rates out, never across an await.
+    history: Arc<Mutex<History>>,
+    /// What the history samples; set by [`Metrics::observe`].
+    history_feed: Option<HistoryFeed>,
     // The fixed `errors{reason="body_aborted"}` series, looked up once rather than per request.
     aborted: Counter,
 }
@@ -317,6 +326,12 @@ impl Metrics {
             families: f,
             pulls: Mutex::new(TopPulls::default()),
             started: Instant::now(),
+            requests_total: Arc::new(AtomicU64::new(0)),
+            history: Arc::new(Mutex::new(History::new(
+                Duration::ZERO,
+                history::Counters::default(),
+            ))),
+            history_feed: None,
         }
     }
 
@@ -356,11 +371,37 @@ impl Metrics {
         inflight: Arc<InFlight>,
         upstreams: Vec<Arc<Upstream>>,
     ) {
+        let feed = HistoryFeed {
+            families: self.families.clone(),
+            requests: self.requests_total.clone(),
+            upstreams: upstreams.iter().map(|u| u.stats().clone()).collect(),
+        };
         self.registry.register_collector(Box::new(Live {
             store,
             inflight,
             upstreams,
         }));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let read = feed.clone();
+            // Detached: it ends at its first tick after these metrics (the app) are dropped.
+            runtime.spawn(history::sample_every(
+                Arc::downgrade(&self.history),
+                tokio::time::Instant::from_std(self.started),
+                move || read.read(),
+            ));
+        }
+        self.history_feed = Some(feed);
+    }
+
+    /// Rates over the last hour, interval by interval, for the status page's charts (the
+    /// newest interval ends now).
+    pub fn history(&self) -> Vec<history::Interval> {
+        let live = self
+            .history_feed
+            .as_ref()
+            .map_or_else(history::Counters::default, HistoryFeed::read);
+        let now = self.started.elapsed();
+        crate::flight::lock(&self.history).intervals(now, live)
     }
 
     /// The OpenMetrics text exposition.
@@ -421,6 +462,7 @@ impl Metrics {
     ) -> Response<Body> {
         let f = &self.families;
         let status = resp.status();
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
         f.requests
             .get_or_create(&RequestLabels {
                 route: record.route,
@@ -473,6 +515,50 @@ impl Metrics {
 }
 
 /// Figures read from the live state at each scrape.
+/// Reads the running totals the history samples, from shared handles to the counters.
+#[derive(Clone)]
+struct HistoryFeed {
+    families: Families,
+    requests: Arc<AtomicU64>,
+    upstreams: Vec<Arc<UpstreamStats>>,
+}
+
+impl HistoryFeed {
+    fn read(&self) -> history::Counters {
+        let f = &self.families;
+        let (mut cached, mut lookups, mut served_cache) = (0, 0, 0);
+        for kind in CacheKind::ALL {
+            for result in CacheResult::ALL {
+                let n = f
+                    .cache
+                    .get_or_create(&CacheLabels {
+                        kind: kind.label(),
+                        result: result.label(),
+                    })
+                    .get();
+                lookups += n;
+                if result != CacheResult::Miss {
+                    cached += n;
+                }
+            }
+            served_cache += f
+                .served
+                .get_or_create(&ServedLabels {
+                    kind: kind.label(),
+                    source: "cache",
+                })
+                .get();
+        }
+        history::Counters {
+            served_cache,
+            fetched: self.upstreams.iter().map(|u| u.fetched()).sum(),
+            lookups_cached: cached,
+            lookups,
+            requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
 struct Live {
     store: Arc<dyn BlobStore>,
     inflight: Arc<InFlight>,

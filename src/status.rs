@@ -134,6 +134,8 @@ pub struct StatusView {
     pub downloads: Vec<DownloadView>,
     /// Most pulled repositories.
     pub top: Vec<(String, u64)>,
+    /// Rates over the last hour, for the charts.
+    pub history: Vec<crate::history::Interval>,
 }
 
 impl StatusView {
@@ -201,8 +203,9 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width\">\
 <meta http-equiv=\"refresh\" content=\"10\">\
-<title>regcache status</title><style>{STYLE}</style></head><body>\
+<title>regcache status</title><style>{STYLE}{}</style></head><body>\
 <h1>regcache</h1><p class=\"sub\">version {} · up {} · refreshes every 10 s</p>",
+        crate::charts::STYLE,
         escape(v.version),
         human_duration(v.uptime)
     );
@@ -258,6 +261,9 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
         );
     }
     h.push_str("</table>");
+
+    h.push_str("<h2>Last hour</h2>");
+    h.push_str(&crate::charts::render(&v.history));
 
     h.push_str("<h2>Downloads under way</h2>");
     if v.downloads.is_empty() {

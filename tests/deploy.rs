@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -185,15 +185,13 @@ fn image_facts() -> ImageFacts {
         .filter(|(i, _)| i == "FROM")
         .map(|(_, rest)| rest.as_str())
         .collect();
-    // The classic builder builds every stage up to --target: the host-binary target must
-    // come before the compiling stage.
-    let position = |from: &str| stages.iter().position(|s| s.starts_with(from));
-    let runtime = position("base AS runtime").expect("a `runtime` stage FROM base");
-    let build = position("${BUILDER_IMAGE}").expect("a stage FROM ${BUILDER_IMAGE}");
-    assert!(runtime < build, "{stages:?}");
-    assert!(
-        stages.last().unwrap().starts_with("base "),
-        "the default target is the runtime image: {stages:?}"
+    // The classic builder (Debian's docker.io) builds every stage up to the target: no stage
+    // may need a compiler image or the network, and the default (last) target is the
+    // runtime image, on nothing but the files gathered from RUNTIME_IMAGE.
+    assert_eq!(
+        stages,
+        ["${RUNTIME_IMAGE} AS rootfs", "scratch AS runtime"],
+        "{stages:?}"
     );
     let first = |name: &str| {
         instructions
@@ -211,7 +209,10 @@ fn image_facts() -> ImageFacts {
         format!("REGCACHE_CACHE_DIR={}", volume[0]),
         "the cache is the volume"
     );
-    assert!(first("HEALTHCHECK").contains("/healthz"));
+    assert!(
+        first("HEALTHCHECK").contains(r#"["/usr/local/bin/regcache", "healthcheck""#),
+        "the health check is regcache's own"
+    );
     ImageFacts {
         port: first("EXPOSE").parse().unwrap(),
         volume: volume[0].clone(),
@@ -507,7 +508,14 @@ fn compose_file_agrees_with_image_and_config() {
         .collect();
     assert_eq!(ports, [format!("{default_port}:{}", image.port)]);
 
-    let config_path = config_arg(&service["command"]);
+    assert!(
+        service.get("command").is_none(),
+        "the config is named by REGCACHE_CONFIG, which the health check reads too"
+    );
+    let config_path = service["environment"]["REGCACHE_CONFIG"]
+        .as_str()
+        .expect("environment REGCACHE_CONFIG")
+        .to_string();
     let mut mounts: BTreeMap<String, String> = BTreeMap::new();
     for spec in service["volumes"].as_array().unwrap() {
         let parts: Vec<&str> = spec.as_str().unwrap().split(':').collect();
@@ -520,4 +528,269 @@ fn compose_file_agrees_with_image_and_config() {
     );
     let source = deploy.join(&mounts[&config_path]);
     load_regcache_config(&fs::read_to_string(&source).unwrap());
+}
+
+/// `GET path` over HTTP/1.0 (the body ends at close, never chunked); `(status, body)`.
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// A Prometheus HTTP API query; its `data`.
+fn prometheus_api(addr: &str, path: &str, query: Option<&str>) -> Value {
+    let path = match query {
+        Some(q) => format!(
+            "{path}?query={}",
+            url::form_urlencoded::byte_serialize(q.as_bytes()).collect::<String>()
+        ),
+        None => path.to_string(),
+    };
+    let (status, body) = http_get(addr, &path).unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    assert_eq!(status, 200, "{path}: {body}");
+    assert_eq!(v["status"], "success", "{path}: {body}");
+    v["data"].clone()
+}
+
+/// Polls `check` every 200 ms until it gives a value, for at most `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every metric name a PromQL expression mentions (`regcache_…`).
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("regcache_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Every PromQL expression of the Grafana dashboard: panel targets and template queries.
+fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
+    let mut exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if let Some(q) = var["query"]["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    exprs
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    if let Err(skip) = require_binaries(&["promtool"]) {
+        skip.report();
+        return;
+    }
+    let dir = repo().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The rule files' metric names are ones regcache exports (checked against a real scrape
+    // in `prometheus_scrapes_regcache_with_the_rules_and_the_dashboard_queries`).
+    let rules = fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    assert!(metric_names(&rules).len() >= 5, "{rules}");
+}
+
+/// The real Prometheus (Debian's package) scrapes a real regcache with the alert rules
+/// loaded: the target is up, every rule evaluates without error, the upstream-down alert
+/// goes pending for an unreachable upstream, and every query of the Grafana dashboard runs
+/// and names only metrics regcache exports.
+#[test]
+fn prometheus_scrapes_regcache_with_the_rules_and_the_dashboard_queries() {
+    if let Err(skip) = require_binaries(&["prometheus"]) {
+        skip.report();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, dead, prom_port) = (free(), free(), free());
+    let regcache_addr = format!("127.0.0.1:{port}");
+    let config = dir.path().join("regcache.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"{regcache_addr}\"\ncache_dir = \"{}\"\ndefault_upstream = \"hub\"\n\
+             [cache]\nmax_size = \"1GiB\"\n[[upstream]]\nname = \"hub\"\nurl = \"http://127.0.0.1:{dead}\"\n",
+            dir.path().join("cache").display()
+        ),
+    )
+    .unwrap();
+    let regcache_log = dir.path().join("regcache.log");
+    let _regcache = ProcessGuard::spawn(
+        "regcache",
+        Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("REGCACHE_LISTEN")
+            .env_remove("REGCACHE_CONFIG")
+            .stdout(fs::File::create(&regcache_log).unwrap())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    wait_for("regcache serving", Duration::from_secs(30), || {
+        http_get(&regcache_addr, "/v2/")
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    });
+    // A miss whose upstream cannot be reached: a 502, and the upstream marked unreachable.
+    let (status, _) = http_get(&regcache_addr, "/v2/library/alpine/manifests/3").unwrap();
+    assert_eq!(status, 502);
+
+    let prom_config = dir.path().join("prometheus.yml");
+    fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: regcache\n    static_configs:\n      - targets: ['{regcache_addr}']\n",
+            repo().join("deploy/prometheus/alerts.yml").display()
+        ),
+    )
+    .unwrap();
+    let prom_addr = format!("127.0.0.1:{prom_port}");
+    let prom_log = dir.path().join("prometheus.log");
+    let _prometheus = ProcessGuard::spawn(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", prom_config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&prom_log).unwrap()),
+    )
+    .unwrap();
+    let limit = Duration::from_secs(60);
+    wait_for("Prometheus ready", limit, || {
+        http_get(&prom_addr, "/-/ready")
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    });
+    wait_for("regcache scraped and up", limit, || {
+        let data = prometheus_api(&prom_addr, "/api/v1/query", Some("up{job=\"regcache\"}"));
+        (data["result"][0]["value"][1] == "1").then_some(())
+    });
+    // Every rule evaluated, none with an error.
+    let rules = wait_for("every rule evaluated", limit, || {
+        let data = prometheus_api(&prom_addr, "/api/v1/rules", None);
+        let rules: Vec<Value> = data["groups"]
+            .as_array()?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let evaluated = rules.len() == 4
+            && rules.iter().all(|r| {
+                !r["lastEvaluation"]
+                    .as_str()
+                    .unwrap_or("0001")
+                    .starts_with("0001")
+            });
+        evaluated.then_some(rules)
+    });
+    for rule in &rules {
+        assert_eq!(rule["health"], "ok", "{rule:#}");
+    }
+    wait_for("RegcacheUpstreamDown pending for hub", limit, || {
+        let data = prometheus_api(&prom_addr, "/api/v1/alerts", None);
+        data["alerts"]
+            .as_array()?
+            .iter()
+            .any(|a| {
+                a["labels"]["alertname"] == "RegcacheUpstreamDown"
+                    && a["labels"]["upstream"] == "hub"
+                    && a["state"] == "pending"
+            })
+            .then_some(())
+    });
+
+    // The dashboard: every query runs in the real Prometheus, and every metric it names is
+    // one Prometheus scraped from regcache.
+    let scraped: BTreeSet<String> =
+        prometheus_api(&prom_addr, "/api/v1/label/__name__/values", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect();
+    let dashboard: Value = serde_json::from_str(
+        &fs::read_to_string(repo().join("deploy/grafana/regcache.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs = dashboard_exprs(&dashboard);
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let rules_text = fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
+    let mut named = metric_names(&rules_text);
+    for expr in &exprs {
+        let found = metric_names(expr);
+        assert!(!found.is_empty(), "no regcache metric in {expr}");
+        named.extend(found);
+        if expr.starts_with("label_values(") {
+            continue;
+        }
+        let runnable = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$instance", ".*");
+        prometheus_api(&prom_addr, "/api/v1/query", Some(&runnable));
+    }
+    let unknown: Vec<&String> = named.iter().filter(|n| !scraped.contains(*n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard or rules name metrics regcache does not export: {unknown:?}\nscraped: {scraped:?}"
+    );
 }

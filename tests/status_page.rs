@@ -1,7 +1,8 @@
 //! Owns the status-page test in a real browser: headless Chromium loads the page while a
 //! big blob download is held half-way by the fake upstream, and the DOM it built must show
 //! that download with its progress, the hit ratio, the cache size against its limit, the
-//! upstream's health and the most pulled repository. A screenshot is kept as a test artefact.
+//! upstream's health, the most pulled repository and the charts of the last hour. A
+//! screenshot is kept as a test artefact (`target/test-artifacts/status.png`).
 
 mod fake;
 mod scrape;
@@ -161,6 +162,24 @@ async fn chromium_shows_a_held_download_the_hit_ratio_and_the_cache_size() {
     );
 
     let page = proxy.url("/");
+    // The charts draw the interval since start once it is a second long.
+    let mut charted = false;
+    for _ in 0..200 {
+        let html = client()
+            .get(&page)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if html.contains("id=\"chart-bytes\"") {
+            charted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(charted, "the charts never appeared");
     let dom = match chromium("--dump-dom", &page).await {
         Run::Ran(dom) => dom,
         Run::CannotStart(why) => {
@@ -210,6 +229,35 @@ async fn chromium_shows_a_held_download_the_hit_ratio_and_the_cache_size() {
         dom.contains("<td>up/team/app</td><td class=\"n\">2</td>"),
         "{dom}"
     );
+    // The charts of the last hour: three inline SVGs, each with a drawn line.
+    for id in ["chart-bytes", "chart-hit-ratio", "chart-requests"] {
+        let (tag, _) = element(&dom, id);
+        assert!(tag.starts_with("<figure"), "{tag}");
+        assert!(!tag.contains("data-intervals=\"0\""), "{tag}");
+    }
+    assert_eq!(dom.matches("<svg").count(), 3, "{dom}");
+    for series in [
+        "served from the cache",
+        "fetched upstream",
+        "lookups answered from the cache",
+        "requests answered",
+    ] {
+        let marker = format!("data-series=\"{series}\" d=\"");
+        let at = dom
+            .find(&marker)
+            .unwrap_or_else(|| panic!("no line for {series}:\n{dom}"))
+            + marker.len();
+        let d = &dom[at..at + dom[at..].find('"').unwrap()];
+        assert!(d.starts_with('M') && d.contains('L'), "{series}: {d}");
+    }
+    let (tag, _) = element(&dom, "chart-hit-ratio");
+    if tag.contains("data-intervals=\"1\"") {
+        // One interval since start: the same 2 hits of 5 lookups as the card.
+        assert!(
+            dom.contains("lookups answered from the cache (now 40%)"),
+            "{dom}"
+        );
+    }
     // Nothing on the page asks for a script.
     assert!(!dom.contains("<script"));
 

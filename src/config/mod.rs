@@ -491,6 +491,10 @@ impl Default for RetryConfig {
     }
 }
 
+/// Why an `[upstream.ecr]` table is refused by a build without the `ecr` cargo feature.
+pub const ECR_NOT_BUILT: &str = "this regcache was built without Amazon ECR support \
+(cargo feature `ecr`, on by default); rebuild it with default features to use an ECR upstream";
+
 /// Completes an ECR upstream: derives account and region from the URL, or the URL from them.
 fn fill_ecr(u: &mut UpstreamConfig, key: &str) -> Result<(), ConfigError> {
     let Some(ecr) = &mut u.ecr else {
@@ -539,6 +543,9 @@ fn fill_ecr(u: &mut UpstreamConfig, key: &str) -> Result<(), ConfigError> {
                 "is not an IAM role ARN",
             ));
         }
+    }
+    if !cfg!(feature = "ecr") {
+        return Err(invalid(format!("{key}.ecr"), ECR_NOT_BUILT));
     }
     if u.url.is_none() {
         let suffix = if region.starts_with("cn-") {
@@ -990,6 +997,7 @@ mod tests {
         assert!(e.contains("`upstream`"), "{e}");
     }
 
+    #[cfg(feature = "ecr")]
     #[test]
     fn ecr_upstreams_by_host_or_by_account_and_region() {
         let c = with_upstreams(
@@ -1015,6 +1023,23 @@ mod tests {
         ] {
             assert_eq!(EcrConfig::parse_registry_host(bad), None, "{bad}");
         }
+    }
+
+    /// Without the `ecr` feature a well-formed ECR upstream is a configuration error that
+    /// names its key and says how to get ECR support.
+    #[cfg(not(feature = "ecr"))]
+    #[test]
+    fn ecr_upstream_without_the_feature_names_the_key() {
+        for extra in [
+            "[[upstream]]\nname = \"prod\"\nurl = \"https://123456789012.dkr.ecr.eu-west-1.amazonaws.com\"\n[upstream.ecr]\n",
+            "[[upstream]]\nname = \"dev\"\n[upstream.ecr]\naccount_id = \"210987654321\"\nregion = \"us-east-2\"\n",
+        ] {
+            let e = with_upstreams(extra).unwrap_err();
+            assert!(e.contains("`upstream[1].ecr`"), "{e}");
+            assert!(e.contains("cargo feature `ecr`"), "{e}");
+        }
+        let e = crate::upstream::ecr::Ecr::new(&EcrConfig::default()).unwrap_err();
+        assert!(e.contains("cargo feature `ecr`"), "{e}");
     }
 
     #[test]

@@ -255,6 +255,7 @@ pub fn status_view(app: &Arc<App>) -> StatusView {
             .collect(),
         downloads,
         top: crate::flight::lock(&m.pulls).top(status::SHOWN),
+        history: m.history(),
     }
 }
 

@@ -3,6 +3,10 @@
 
 pub mod auth;
 pub mod client;
+#[cfg(feature = "ecr")]
+pub mod ecr;
+#[cfg(not(feature = "ecr"))]
+#[path = "ecr_off.rs"]
 pub mod ecr;
 pub mod push;
 pub mod stats;
