@@ -128,7 +128,7 @@ fn upstream_reason(u: &UpstreamError) -> &'static str {
         UpstreamError::Status(404) => "not_found",
         UpstreamError::Status(_) => "upstream_status",
         UpstreamError::Unreachable(_) => "upstream_unreachable",
-        UpstreamError::Timeout => "upstream_timeout",
+        UpstreamError::Timeout(_) => "upstream_timeout",
         UpstreamError::Auth(_) | UpstreamError::Denied(_) => "upstream_auth",
         UpstreamError::Invalid(_) => "upstream_invalid",
     }
@@ -621,7 +621,10 @@ mod tests {
         let m = Metrics::new();
         let up = m.upstream("hub");
         up.exchange(Duration::from_millis(20), Ok(200));
-        up.exchange(Duration::from_millis(5), Err(&UpstreamError::Timeout));
+        up.exchange(
+            Duration::from_millis(5),
+            Err(&UpstreamError::Timeout("t".into())),
+        );
         up.fetched_blob(10);
         up.download_ended(None);
         let text = m.encode();
