@@ -142,6 +142,19 @@ impl App {
         });
     }
 
+    /// Probes each upstream that requests leave down or failing until it answers again
+    /// (`retry.probe_backoff`), so its health recovers without client traffic. Offline
+    /// upstreams are never contacted.
+    pub fn start_health_probes(self: &Arc<Self>) {
+        let (first, max) = (
+            self.config.retry.probe_backoff.0,
+            self.config.retry.probe_backoff_max.0,
+        );
+        for u in self.upstreams.iter().filter(|u| !u.offline) {
+            crate::upstream::probe::spawn(u.clone(), first, max);
+        }
+    }
+
     /// The upstream called `name`.
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.name == name)

@@ -153,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         "regcache ready"
     );
     app.start_periodic_gc();
+    app.start_health_probes();
     // Operator requests are short and hold nothing: the admin listener stops with the process.
     let admin = admin.map(|l| {
         tokio::spawn(regcache::admin::serve(
