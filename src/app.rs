@@ -134,6 +134,7 @@ impl App {
                         files = r.files,
                         bytes = r.bytes,
                         kept = r.kept,
+                        dangling_tags = r.tags,
                         "garbage collection"
                     ),
                     Err(e) => tracing::warn!(error = %e, "garbage collection failed"),

@@ -13,7 +13,9 @@ use url::Url;
 use crate::units::{ByteSize, HumanDuration};
 
 mod auth;
+mod redact;
 pub use auth::{AuthConfig, Permission, RuleConfig, TokenConfig};
+pub use redact::REDACTED;
 
 /// Docker Hub's registry endpoint.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";

@@ -89,10 +89,10 @@ pub async fn run(config: &Config, args: ExportArgs) -> Result<bool, AirgapError>
     }
     let out = args.output.clone();
     let summary = format!(
-        "export: {} images, {} manifests, {} blobs, {} written to {}",
-        plan.entries.len(),
-        plan.manifests.len(),
-        plan.blobs.len(),
+        "export: {}, {}, {}, {} written to {}",
+        crate::units::count(plan.entries.len() as u64, "image"),
+        crate::units::count(plan.manifests.len() as u64, "manifest"),
+        crate::units::count(plan.blobs.len() as u64, "blob"),
         human_bytes(plan.bytes()),
         out.display()
     );

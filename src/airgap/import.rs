@@ -543,9 +543,9 @@ pub async fn run(config: &Config, args: ImportArgs) -> Result<bool, AirgapError>
                 }
             }
             println!(
-                "import: {} manifests, {} blobs ({} new, {}) into {}",
-                r.manifests,
-                r.blobs,
+                "import: {}, {} ({} new, {}) into {}",
+                crate::units::count(r.manifests as u64, "manifest"),
+                crate::units::count(r.blobs as u64, "blob"),
                 r.new_blobs,
                 human_bytes(r.new_bytes),
                 config.cache_dir.display()

@@ -71,10 +71,10 @@ pub async fn run(mut config: Config, args: PrefetchArgs) -> Result<bool, AirgapE
     for name in &args.images {
         match image(&app, name, &args.platforms, jobs).await {
             Ok(s) => println!(
-                "{name}: {} ({} manifests, {} blobs: {} fetched, {} cached; {} downloaded)",
+                "{name}: {} ({}, {}: {} fetched, {} cached; {} downloaded)",
                 s.digest.map(|d| d.to_string()).unwrap_or_default(),
-                s.manifests,
-                s.blobs,
+                crate::units::count(s.manifests as u64, "manifest"),
+                crate::units::count(s.blobs as u64, "blob"),
                 s.fetched,
                 s.cached,
                 human_bytes(s.fetched_bytes)

@@ -1,8 +1,9 @@
 //! The disk cache: the storage interface and its filesystem backend with its size budget,
-//! blob single flight, the detached download task, readers that follow a growing file, and
-//! tag answers.
+//! blob single flight, the detached download task, readers that follow a growing file, tag
+//! answers, and the removal of tag records whose manifest is gone.
 
 pub mod budget;
+pub mod dangling;
 pub mod fill;
 pub mod hasher;
 pub mod inflight;
