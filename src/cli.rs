@@ -64,7 +64,8 @@ pub enum Command {
     },
     /// Warm the cache from the upstreams: every manifest, config and layer of each image, all
     /// platforms of an index unless --platform says otherwise. Run it again after an
-    /// interruption: what is cached is skipped. Not while a regcache serves the same cache.
+    /// interruption: what is cached is skipped. Refused while a regcache serves the same
+    /// cache folder: warm a running regcache with --server instead.
     Prefetch {
         /// Images as clients name them through regcache: `alpine:3.20`,
         /// `library/alpine@sha256:…`, `<upstream>/<repo>:<tag>`, `docker.io/library/alpine`.
@@ -79,6 +80,10 @@ pub enum Command {
         /// Blob downloads at a time.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         jobs: u16,
+        /// Warm this running regcache (`http://HOST:PORT`) through its registry API instead
+        /// of the cache folder: it fetches and caches what it is asked for.
+        #[arg(long, value_name = "URL")]
+        server: Option<url::Url>,
     },
     /// Write cached images as an OCI image layout, read straight from the cache folder (no
     /// server needed). Nothing is written unless every image is complete in the cache.
@@ -201,6 +206,7 @@ mod tests {
                 file,
                 platforms,
                 jobs,
+                server: None,
             }) => {
                 assert_eq!(images.len(), 2);
                 assert_eq!(file, Some(PathBuf::from("list.txt")));

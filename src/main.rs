@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use regcache::airgap::{export, import, name, prefetch};
+use regcache::cache::lock::{CacheLock, Holder};
 use regcache::cli::{Cli, Command};
 use regcache::config::{Config, LogFormat};
 
@@ -149,6 +150,11 @@ async fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
+    // Taken before the cache is opened (which clears `tmp/`), held until exit; the kernel
+    // releases it however the process ends.
+    let fetches = !(config.offline || config.upstreams.iter().all(|u| u.offline));
+    let _lock = CacheLock::take(&config.cache_dir, Holder::Server { fetches })
+        .context("regcache cannot serve")?;
     let app = regcache::app::App::new(config).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -270,6 +276,7 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
             file,
             platforms,
             jobs,
+            server,
         } => {
             if let Some(file) = file {
                 let text = if file.as_os_str() == "-" {
@@ -286,6 +293,12 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
                 platforms,
                 jobs: usize::from(jobs),
             };
+            if let Some(url) = server {
+                let server = prefetch::Server::new(url, &config)?;
+                return Ok(prefetch::run_remote(&server, args).await?);
+            }
+            let _lock = CacheLock::take(&config.cache_dir, Holder::Prefetch)
+                .context("regcache prefetch")?;
             Ok(prefetch::run(config, args).await?)
         }
         Command::Export {
@@ -305,6 +318,8 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
             repository,
             allow_partial,
         } => {
+            let _lock =
+                CacheLock::take(&config.cache_dir, Holder::Import).context("regcache import")?;
             let args = import::ImportArgs {
                 path,
                 repository,
