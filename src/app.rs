@@ -243,6 +243,9 @@ impl App {
             Ok(r) => r,
             Err(e) => {
                 error_reason = Some(crate::metrics::error_reason(&e));
+                if let Error::Rewrite(crate::rewrite::RewriteError::UnknownNamespace(ns)) = &e {
+                    crate::hints::warn_unknown_namespace(ns);
+                }
                 if e.status().is_server_error() {
                     tracing::warn!(parent: &span, error = %e, "request failed");
                 }
@@ -386,7 +389,17 @@ impl App {
                     ));
                 }
                 let accept = Accept::from_headers(req.headers());
-                handlers::manifest(self, t.upstream, &t.repository, &reference, &accept, head).await
+                handlers::manifest(self, t.upstream, &t.repository, &reference, &accept, head)
+                    .await
+                    .map_err(|e| {
+                        let u = &self.config.upstreams[t.upstream];
+                        crate::hints::one_component_name(
+                            e,
+                            &u.name,
+                            &t.repository,
+                            u.is_docker_hub(),
+                        )
+                    })
             }
             Route::Blob { name, digest } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;

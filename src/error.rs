@@ -127,6 +127,9 @@ pub enum Error {
     /// A fault inside regcache; the text is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// An error answered as it is, with a hint for the operator as its detail.
+    #[error("{0} ({1})")]
+    Hinted(Box<Error>, String),
 }
 
 impl crate::flight::FlightError for UpstreamError {
@@ -181,8 +184,12 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
             S::NOT_FOUND,
             "NAME_UNKNOWN",
             "no upstream is configured for this registry".into(),
-            Some(format!("ns={ns}")),
+            Some(crate::hints::unknown_namespace(ns)),
         ),
+        Error::Hinted(inner, hint) => {
+            let (status, code, message, _) = describe(inner);
+            (status, code, message, Some(hint.clone()))
+        }
         Error::Rewrite(RewriteError::Name(m)) => (S::BAD_REQUEST, "NAME_INVALID", m.clone(), None),
         Error::ManifestUnknown => (
             S::NOT_FOUND,

@@ -21,6 +21,8 @@
 //! - [`handlers`]: one function per registry route.
 //! - [`push`]: push through the proxy (uploads, manifests), written through to the cache.
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
+//! - [`hints`]: what a 404 and the log say about a registry no upstream mirrors (`ns=`) and a
+//!   one-component name on an upstream without Docker Hub naming.
 //! - [`metrics`]: Prometheus metrics with bounded labels and their exposition.
 //! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories.
 //! - [`body`]: the response body type.
@@ -54,6 +56,7 @@ pub mod fastpath;
 pub mod flight;
 pub mod framing;
 pub mod handlers;
+pub mod hints;
 pub mod inspect;
 pub mod limits;
 pub mod media;

@@ -88,6 +88,9 @@ pub fn mark(mut resp: Response<Body>, result: CacheResult) -> Response<Body> {
 /// The cache result an error stands for: a lookup that had to go upstream (or could not,
 /// offline) and failed there was a miss. Other errors (bad requests, access) looked nothing up.
 pub fn result_of_error(e: &Error) -> Option<CacheResult> {
+    if let Error::Hinted(inner, _) = e {
+        return result_of_error(inner);
+    }
     matches!(e, Error::Upstream(..) | Error::Offline(_)).then_some(CacheResult::Miss)
 }
 
@@ -105,6 +108,7 @@ pub fn status_class(status: u16) -> &'static str {
 /// A bounded label for an error a request ended in.
 pub fn error_reason(e: &Error) -> &'static str {
     match e {
+        Error::Hinted(inner, _) => error_reason(inner),
         Error::Route(_)
         | Error::Rewrite(crate::rewrite::RewriteError::Name(_))
         | Error::ManifestInvalid(_)
