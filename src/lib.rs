@@ -28,14 +28,18 @@
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
-//!   credentials (`upstream::ecr`), push requests (`upstream::push`) and each upstream's
-//!   figures and health (`upstream::stats`).
+//!   credentials (`upstream::ecr`), push requests (`upstream::push`), each upstream's
+//!   figures and health (`upstream::stats`), why an exchange got no answer
+//!   (`upstream::cause`) and the probes that bring an unwell upstream's health back
+//!   (`upstream::probe`).
 //! - [`fastpath`]: plain-HTTP/1.1 loop for bodiless requests; cached blobs go out with
 //!   `sendfile(2)`, everything else is handed to hyper.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
-//!   upstream when the disk cannot take a blob), tag answers.
+//!   upstream when the disk cannot take a blob), tag answers, tag records left without a
+//!   manifest (`cache::dangling`) and the advisory locks between a server and the commands
+//!   (`cache::lock`).
 //! - [`airgap`]: air-gapped farms: `prefetch` (warm a cache through the serving code),
 //!   `export` (cached images to an OCI layout, directory or tar), `import` (a layout into a
 //!   cache, every digest verified).
