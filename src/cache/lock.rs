@@ -58,9 +58,16 @@ pub struct CacheLock {
 }
 
 impl CacheLock {
-    /// Takes the locks `holder` needs on the cache folder `root` (created if missing),
-    /// without waiting: a conflicting holder is an error that says who and what to do.
+    /// Takes the locks `holder` needs on the cache folder `root` (a server creates it if
+    /// missing), without waiting: a conflicting holder is an error that says who and what
+    /// to do.
     pub fn take(root: &Path, holder: Holder) -> Result<CacheLock, LockError> {
+        // A folder that does not exist yet is used by no server (a server creates it before
+        // anything else): a command leaves nothing in it then, not even a lock file, so that
+        // a refused import of a new cache leaves the folder as it found it.
+        if !matches!(holder, Holder::Server { .. }) && !root.exists() {
+            return Ok(CacheLock { _files: Vec::new() });
+        }
         std::fs::create_dir_all(root).map_err(|source| LockError::Io {
             path: root.to_owned(),
             source,
@@ -152,5 +159,10 @@ mod tests {
         assert!(e.to_string().contains("prefetch"), "{e}");
         drop(prefetch);
         CacheLock::take(&root, Holder::Server { fetches: false }).unwrap();
+
+        // A command on a folder that does not exist creates nothing.
+        let fresh = dir.path().join("fresh");
+        CacheLock::take(&fresh, Holder::Import).unwrap();
+        assert!(!fresh.exists());
     }
 }
