@@ -73,13 +73,20 @@ impl AccessLog {
             path = %r.path,
             status = self.status.as_u16(),
             bytes = self.bytes,
-            duration_ms = r.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = duration_ms(r.started.elapsed()),
             cache = self.cache,
             upstream = r.upstream.as_deref().unwrap_or(""),
             complete,
             "access"
         );
     }
+}
+
+/// Milliseconds to the microsecond: `0.032`, not the `0.032369999999999996` a float
+/// product of seconds prints. A whole number of microseconds over 1000 is the closest
+/// double to the three-decimal value, which is what the shortest float formatting prints.
+fn duration_ms(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// A response body that counts what passes and writes the access log at its end.
@@ -182,5 +189,30 @@ impl Drop for Metered {
             }
         }
         self.log.write(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_print_at_most_three_decimals() {
+        for (nanos, printed) in [
+            (32_369_999, "32.369"),
+            (32_370, "0.032"),
+            (999, "0"),
+            (1_000_000, "1"),
+            (12_700_000, "12.7"),
+            (86_400_000_000_000, "86400000"),
+        ] {
+            let ms = duration_ms(Duration::from_nanos(nanos));
+            assert_eq!(ms.to_string(), printed);
+            assert_eq!(
+                serde_json::json!(ms).to_string().trim_end_matches(".0"),
+                printed
+            );
+        }
     }
 }

@@ -135,12 +135,26 @@ impl App {
                         files = r.files,
                         bytes = r.bytes,
                         kept = r.kept,
+                        dangling_tags = r.tags,
                         "garbage collection"
                     ),
                     Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
                 }
             }
         });
+    }
+
+    /// Probes each upstream that requests leave down or failing until it answers again
+    /// (`retry.probe_backoff`), so its health recovers without client traffic. Offline
+    /// upstreams are never contacted.
+    pub fn start_health_probes(self: &Arc<Self>) {
+        let (first, max) = (
+            self.config.retry.probe_backoff.0,
+            self.config.retry.probe_backoff_max.0,
+        );
+        for u in self.upstreams.iter().filter(|u| !u.offline) {
+            crate::upstream::probe::spawn(u.clone(), first, max);
+        }
     }
 
     /// The upstream called `name`.
@@ -230,6 +244,9 @@ impl App {
             Ok(r) => r,
             Err(e) => {
                 error_reason = Some(crate::metrics::error_reason(&e));
+                if let Error::Rewrite(crate::rewrite::RewriteError::UnknownNamespace(ns)) = &e {
+                    crate::hints::warn_unknown_namespace(ns);
+                }
                 if e.status().is_server_error() {
                     tracing::warn!(parent: &span, error = %e, "request failed");
                 }
@@ -375,6 +392,15 @@ impl App {
                 let accept = Accept::from_headers(req.headers());
                 manifests::manifest(self, t.upstream, &t.repository, &reference, &accept, head)
                     .await
+                    .map_err(|e| {
+                        let u = &self.config.upstreams[t.upstream];
+                        crate::hints::one_component_name(
+                            e,
+                            &u.name,
+                            &t.repository,
+                            u.is_docker_hub(),
+                        )
+                    })
             }
             Route::Blob { name, digest } => {
                 let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;

@@ -15,28 +15,32 @@ use crate::units::HumanDuration;
 pub struct Cli {
     /// TOML configuration file; without it the embedded default is used (listen on
     /// 0.0.0.0:5000, Docker Hub upstream, cache in ./regcache-data).
-    #[arg(long, short = 'c', env = "REGCACHE_CONFIG")]
+    #[arg(long, short = 'c', env = "REGCACHE_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Address to listen on (overrides `listen`).
-    #[arg(long, env = "REGCACHE_LISTEN")]
+    #[arg(long, env = "REGCACHE_LISTEN", global = true)]
     pub listen: Option<SocketAddr>,
     /// Cache folder (overrides `cache_dir`).
-    #[arg(long, env = "REGCACHE_CACHE_DIR")]
+    #[arg(long, env = "REGCACHE_CACHE_DIR", global = true)]
     pub cache_dir: Option<PathBuf>,
     /// Log format (overrides `log_format`).
-    #[arg(long, value_enum, env = "REGCACHE_LOG_FORMAT")]
+    #[arg(long, value_enum, env = "REGCACHE_LOG_FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
     /// Serve from the cache only and never contact an upstream (sets `offline`).
-    #[arg(long, env = "REGCACHE_OFFLINE")]
+    #[arg(long, env = "REGCACHE_OFFLINE", global = true)]
     pub offline: bool,
     /// What to do; without a command regcache serves.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
-/// Commands besides serving.
+/// Commands besides serving. The options above may come before or after the command.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Check the configuration as start-up does (passwords, token and htpasswd files must be
+    /// readable) and print the effective configuration, defaults filled in and secrets
+    /// redacted. Exits 2 when it is invalid.
+    CheckConfig,
     /// Remove cached blobs and manifests unused for a while and report what was freed. Safe to
     /// run while regcache serves the same cache.
     Gc {
@@ -60,7 +64,8 @@ pub enum Command {
     },
     /// Warm the cache from the upstreams: every manifest, config and layer of each image, all
     /// platforms of an index unless --platform says otherwise. Run it again after an
-    /// interruption: what is cached is skipped. Not while a regcache serves the same cache.
+    /// interruption: what is cached is skipped. Refused while a regcache serves the same
+    /// cache folder: warm a running regcache with --server instead.
     Prefetch {
         /// Images as clients name them through regcache: `alpine:3.20`,
         /// `library/alpine@sha256:…`, `<upstream>/<repo>:<tag>`, `docker.io/library/alpine`.
@@ -75,6 +80,10 @@ pub enum Command {
         /// Blob downloads at a time.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         jobs: u16,
+        /// Warm this running regcache (`http://HOST:PORT`) through its registry API instead
+        /// of the cache folder: it fetches and caches what it is asked for.
+        #[arg(long, value_name = "URL")]
+        server: Option<url::Url>,
     },
     /// Write cached images as an OCI image layout, read straight from the cache folder (no
     /// server needed). Nothing is written unless every image is complete in the cache.
@@ -115,6 +124,12 @@ pub enum Command {
         #[arg(long)]
         allow_partial: bool,
     },
+}
+
+/// Whether log lines get ANSI colours: only on a terminal, and not when `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+pub fn use_colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 impl Cli {
@@ -200,6 +215,7 @@ mod tests {
                 file,
                 platforms,
                 jobs,
+                server: None,
             }) => {
                 assert_eq!(images.len(), 2);
                 assert_eq!(file, Some(PathBuf::from("list.txt")));
@@ -241,6 +257,35 @@ mod tests {
             Some(Command::Healthcheck { timeout }) if timeout.0 == std::time::Duration::from_secs(5)
         ));
         assert!(Cli::try_parse_from(["regcache", "healthcheck", "--timeout", "x"]).is_err());
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
+    }
+
+    #[test]
+    fn options_work_after_the_command_too() {
+        let cli = Cli::try_parse_from([
+            "regcache",
+            "ls",
+            "-c",
+            "x.toml",
+            "--cache-dir",
+            "/c",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
+        assert_eq!(cli.cache_dir, Some(PathBuf::from("/c")));
+        assert!(matches!(cli.command, Some(Command::Ls { json: true })));
+        let cli = Cli::try_parse_from(["regcache", "check-config", "--config", "y.toml"]).unwrap();
+        assert_eq!(cli.config, Some(PathBuf::from("y.toml")));
+        assert!(matches!(cli.command, Some(Command::CheckConfig)));
     }
 
     #[test]

@@ -24,9 +24,10 @@ pub enum UpstreamError {
     /// No connection could be made (after retries).
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
-    /// The upstream did not answer, or stalled mid-body, within the configured timeout.
-    #[error("upstream timed out")]
-    Timeout,
+    /// The upstream did not answer, or stalled mid-body, within the configured timeout;
+    /// which upstream and which timeout.
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
     /// The upstream answered with an error status.
     #[error("upstream answered {0}")]
     Status(u16),
@@ -49,11 +50,28 @@ pub fn failing_status(status: u16) -> bool {
 }
 
 impl UpstreamError {
+    /// The same error, naming upstream `name` in front of the description of a failure to
+    /// get an answer (unreachable, timed out) that does not name it yet.
+    pub fn at(self, name: &str) -> Self {
+        let named = |why: String| {
+            if why.starts_with(name) {
+                why
+            } else {
+                format!("{name}: {why}")
+            }
+        };
+        match self {
+            UpstreamError::Unreachable(why) => UpstreamError::Unreachable(named(why)),
+            UpstreamError::Timeout(why) => UpstreamError::Timeout(named(why)),
+            other => other,
+        }
+    }
+
     /// The upstream is unhealthy (no connection, timeout, 5xx, 429): cached answers may
     /// stand in for it. A 404 or a refusal is an answer, not ill health.
     pub fn is_unhealthy(&self) -> bool {
         match self {
-            UpstreamError::Unreachable(_) | UpstreamError::Timeout => true,
+            UpstreamError::Unreachable(_) | UpstreamError::Timeout(_) => true,
             UpstreamError::Status(s) => failing_status(*s),
             _ => false,
         }
@@ -109,6 +127,9 @@ pub enum Error {
     /// A fault inside regcache; the text is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// An error answered as it is, with a hint for the operator as its detail.
+    #[error("{0} ({1})")]
+    Hinted(Box<Error>, String),
 }
 
 impl crate::flight::FlightError for UpstreamError {
@@ -163,8 +184,12 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
             S::NOT_FOUND,
             "NAME_UNKNOWN",
             "no upstream is configured for this registry".into(),
-            Some(format!("ns={ns}")),
+            Some(crate::hints::unknown_namespace(ns)),
         ),
+        Error::Hinted(inner, hint) => {
+            let (status, code, message, _) = describe(inner);
+            (status, code, message, Some(hint.clone()))
+        }
         Error::Rewrite(RewriteError::Name(m)) => (S::BAD_REQUEST, "NAME_INVALID", m.clone(), None),
         Error::ManifestUnknown => (
             S::NOT_FOUND,
@@ -247,17 +272,19 @@ fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
                 "the upstream registry's identity provider denied access".into(),
                 Some(why.clone()),
             ),
-            UpstreamError::Unreachable(_) => (
+            // The texts name the configured upstream and the cause (DNS, refused, TLS,
+            // timeout), never credentials, addresses or a URL's path and query.
+            UpstreamError::Unreachable(why) => (
                 S::BAD_GATEWAY,
                 "UNKNOWN",
                 "the upstream registry is unreachable".into(),
-                None,
+                Some(why.clone()),
             ),
-            UpstreamError::Timeout => (
+            UpstreamError::Timeout(why) => (
                 S::GATEWAY_TIMEOUT,
                 "UNKNOWN",
                 "the upstream registry timed out".into(),
-                None,
+                Some(why.clone()),
             ),
             UpstreamError::Invalid(why) => (
                 S::BAD_GATEWAY,
@@ -416,11 +443,19 @@ mod tests {
         assert!(!v.to_string().contains("secret"));
         let (s, v) = body_json(Error::Upstream(
             Kind::Blob,
-            UpstreamError::Unreachable("10.1.2.3:443 refused".into()),
+            UpstreamError::Unreachable("hub: connection refused".into()),
         ))
         .await;
         assert_eq!(s, 502);
-        assert!(!v.to_string().contains("10.1.2.3"));
+        assert_eq!(v["errors"][0]["detail"], "hub: connection refused");
+        assert_eq!(
+            UpstreamError::Timeout("stalled".into()).at("hub"),
+            UpstreamError::Timeout("hub: stalled".into())
+        );
+        assert_eq!(
+            UpstreamError::Unreachable("hub: refused".into()).at("hub"),
+            UpstreamError::Unreachable("hub: refused".into())
+        );
         let (s, v) = body_json(Error::TooManyDownloads).await;
         assert_eq!(s, 429);
         assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");

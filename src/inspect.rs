@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::cache::budget::references;
 use crate::cache::store::{FsStore, TagRecord, content_path, parse_tag_record};
 use crate::reference::Digest;
-use crate::units::{ByteSize, HumanDuration};
+use crate::units::{HumanDuration, count, human_bytes};
 
 /// One cached tag of one repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -249,9 +249,9 @@ pub fn render_list(rows: &[TagRow], now: SystemTime) -> String {
     for r in rows {
         let short = r.digest.get(..19).unwrap_or(&r.digest);
         let size = if r.missing > 0 {
-            format!("{} ({} missing)", ByteSize(r.size), r.missing)
+            format!("{} ({} missing)", human_bytes(r.size), r.missing)
         } else {
-            ByteSize(r.size).to_string()
+            human_bytes(r.size)
         };
         table.push([
             format!("{}/{}", r.upstream, r.repository),
@@ -290,27 +290,27 @@ pub fn render_stats(s: &Stats, now: SystemTime) -> String {
     let limit = match s.limit {
         Some(l) if l > 0 => format!(
             "{} of {} ({:.1}%)",
-            ByteSize(total),
-            ByteSize(l),
+            human_bytes(total),
+            human_bytes(l),
             total as f64 * 100.0 / l as f64
         ),
-        _ => format!("{} (no limit)", ByteSize(total)),
+        _ => format!("{} (no limit)", human_bytes(total)),
     };
     format!(
         "cache size:    {limit}\n\
          blobs:         {} ({})\n\
          manifests:     {} ({})\n\
-         tags:          {} records in {} repositories\n\
-         in progress:   {} downloads ({})\n\
+         tags:          {} in {}\n\
+         in progress:   {} ({})\n\
          last use:      newest {}, oldest {}\n",
         s.blobs,
-        ByteSize(s.blob_bytes),
+        human_bytes(s.blob_bytes),
         s.manifests,
-        ByteSize(s.manifest_bytes),
-        s.tag_records,
-        s.repositories,
-        s.in_progress,
-        ByteSize(s.in_progress_bytes),
+        human_bytes(s.manifest_bytes),
+        count(s.tag_records, "record"),
+        count(s.repositories, "repository"),
+        count(s.in_progress, "download"),
+        human_bytes(s.in_progress_bytes),
         ago(s.newest_use.unwrap_or(0), now),
         ago(s.oldest_use.unwrap_or(0), now),
     )
@@ -385,7 +385,10 @@ mod tests {
         assert_eq!((st.tag_records, st.repositories), (2, 1));
         assert_eq!((st.in_progress, st.in_progress_bytes), (1, 4));
         let text = render_stats(&st, SystemTime::now());
-        assert!(text.contains("of 1MiB"), "{text}");
+        assert!(text.contains("of 1.0 MiB"), "{text}");
+        assert!(text.contains("blobs:         2 (1002 B)"), "{text}");
+        assert!(text.contains("2 records in 1 repository"), "{text}");
+        assert!(text.contains("1 download (4 B)"), "{text}");
     }
 
     #[test]

@@ -21,21 +21,27 @@
 //!   `routes::tags`), push through the proxy (`routes::push`), and `/metrics`, `/healthz`,
 //!   `/readyz` and the status page (`routes::admin`).
 //! - [`error`]: typed errors and the one mapping to OCI JSON responses.
+//! - [`hints`]: what a 404 and the log say about a registry no upstream mirrors (`ns=`) and a
+//!   one-component name on an upstream without Docker Hub naming.
 //! - [`metrics`]: Prometheus metrics with bounded labels and their exposition.
 //! - [`status`]: the status page's HTML and the bounded count of the most pulled repositories;
 //!   [`charts`]: its inline-SVG charts of the last hour.
 //! - [`body`]: the response body type.
 //! - [`flight`]: request coalescing for small values (tokens, manifests).
 //! - [`upstream`]: HTTP client (timeouts, retries, redirects), authentication, ECR
-//!   credentials (`upstream::ecr`), push requests (`upstream::push`) and each upstream's
-//!   figures and health (`upstream::stats`).
+//!   credentials (`upstream::ecr`), push requests (`upstream::push`), each upstream's
+//!   figures and health (`upstream::stats`), why an exchange got no answer
+//!   (`upstream::cause`) and the probes that bring an unwell upstream's health back
+//!   (`upstream::probe`).
 //! - [`healthcheck`]: `regcache healthcheck`, a `GET /healthz` to the configured listener.
 //! - [`history`]: the last hour of traffic in fixed per-10-s samples, for the status page's
 //!   charts.
 //! - [`inspect`]: `regcache ls` / `regcache stats`, read from the cache folder alone.
 //! - [`cache`]: storage interface and filesystem backend, the disk budget (LRU eviction),
 //!   blob single flight, download task, readers of growing files (falling back to the
-//!   upstream when the disk cannot take a blob), tag answers.
+//!   upstream when the disk cannot take a blob), tag answers, tag records left without a
+//!   manifest (`cache::dangling`) and the advisory locks between a server and the commands
+//!   (`cache::lock`).
 //! - [`airgap`]: air-gapped farms: `prefetch` (warm a cache through the serving code),
 //!   `export` (cached images to an OCI layout, directory or tar), `import` (a layout into a
 //!   cache, every digest verified).
@@ -54,6 +60,7 @@ pub mod config;
 pub mod error;
 pub mod flight;
 pub mod healthcheck;
+pub mod hints;
 pub mod history;
 pub mod inspect;
 pub mod limits;

@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use regcache::airgap::{export, import, name, prefetch};
+use regcache::cache::lock::{CacheLock, Holder};
 use regcache::cli::{Cli, Command};
 use regcache::config::{Config, LogFormat};
 
@@ -19,10 +20,20 @@ fn init_tracing(
     format: LogFormat,
     command: bool,
 ) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     let default = if command { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only for a person at a terminal: never into files, `docker logs` or journald.
+    let terminal = if command {
+        std::io::stderr().is_terminal()
+    } else {
+        std::io::stdout().is_terminal()
+    };
+    let colour = regcache::cli::use_colour(terminal, std::env::var_os("NO_COLOR").as_deref());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour);
     if command {
         match format {
             LogFormat::Json => builder
@@ -147,6 +158,11 @@ async fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
+    // Taken before the cache is opened (which clears `tmp/`), held until exit; the kernel
+    // releases it however the process ends.
+    let fetches = !(config.offline || config.upstreams.iter().all(|u| u.offline));
+    let _lock = CacheLock::take(&config.cache_dir, Holder::Server { fetches })
+        .context("regcache cannot serve")?;
     let app = regcache::app::App::new(config).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -161,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         "regcache ready"
     );
     app.start_periodic_gc();
+    app.start_health_probes();
     // Operator requests are short and hold nothing: the admin listener stops with the process.
     let admin = admin.map(|l| {
         tokio::spawn(regcache::routes::admin::serve(
@@ -176,9 +193,44 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `regcache check-config`: what start-up would refuse besides the file itself (secret
+/// files and variables, the htpasswd file, static tokens), then the effective configuration
+/// with secrets redacted. Exits 2 on a problem, as start-up does.
+fn check_config(config: &Config) {
+    let problems = config
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, u)| u.resolve_password(&format!("upstream[{i}]")).err())
+        .map(|e| e.to_string())
+        .chain(regcache::access::Access::new(config).err());
+    let mut failed = false;
+    for p in problems {
+        eprintln!("regcache: {p}");
+        failed = true;
+    }
+    if failed {
+        std::process::exit(2);
+    }
+    match config.to_redacted_toml() {
+        Ok(text) => print!(
+            "# Effective configuration: defaults filled in, secrets shown as \"{}\".\n{text}",
+            regcache::config::REDACTED
+        ),
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
 /// Runs a command other than serving; `Ok(false)` when it failed and said why.
 async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
     match command {
+        Command::CheckConfig => {
+            check_config(&config);
+            Ok(true)
+        }
         Command::Gc { max_age } => {
             use regcache::cache::store::BlobStore;
             let max_age =
@@ -190,11 +242,13 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
             let store = regcache::cache::store::FsStore::open_shared(&config.cache_dir)
                 .with_context(|| format!("cache_dir {}", config.cache_dir.display()))?;
             let r = store.collect_garbage(max_age.0).await?;
+            use regcache::units::{count, human_bytes};
             println!(
-                "gc: removed {} files unused for {max_age}, freed {}, kept {} files",
-                r.files,
-                regcache::units::ByteSize(r.bytes),
-                r.kept
+                "gc: removed {} unused for {max_age}, freed {}, kept {}; removed {} whose manifest was gone",
+                count(r.files, "file"),
+                human_bytes(r.bytes),
+                count(r.kept, "file"),
+                count(r.tags, "tag record"),
             );
             Ok(true)
         }
@@ -230,6 +284,7 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
             file,
             platforms,
             jobs,
+            server,
         } => {
             if let Some(file) = file {
                 let text = if file.as_os_str() == "-" {
@@ -246,6 +301,12 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
                 platforms,
                 jobs: usize::from(jobs),
             };
+            if let Some(url) = server {
+                let server = prefetch::Server::new(url, &config)?;
+                return Ok(prefetch::run_remote(&server, args).await?);
+            }
+            let _lock = CacheLock::take(&config.cache_dir, Holder::Prefetch)
+                .context("regcache prefetch")?;
             Ok(prefetch::run(config, args).await?)
         }
         Command::Export {
@@ -277,6 +338,8 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
             repository,
             allow_partial,
         } => {
+            let _lock =
+                CacheLock::take(&config.cache_dir, Holder::Import).context("regcache import")?;
             let args = import::ImportArgs {
                 path,
                 repository,

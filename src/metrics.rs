@@ -90,6 +90,9 @@ pub fn mark(mut resp: Response<Body>, result: CacheResult) -> Response<Body> {
 /// The cache result an error stands for: a lookup that had to go upstream (or could not,
 /// offline) and failed there was a miss. Other errors (bad requests, access) looked nothing up.
 pub fn result_of_error(e: &Error) -> Option<CacheResult> {
+    if let Error::Hinted(inner, _) = e {
+        return result_of_error(inner);
+    }
     matches!(e, Error::Upstream(..) | Error::Offline(_)).then_some(CacheResult::Miss)
 }
 
@@ -107,6 +110,7 @@ pub fn status_class(status: u16) -> &'static str {
 /// A bounded label for an error a request ended in.
 pub fn error_reason(e: &Error) -> &'static str {
     match e {
+        Error::Hinted(inner, _) => error_reason(inner),
         Error::Route(_)
         | Error::Rewrite(crate::rewrite::RewriteError::Name(_))
         | Error::ManifestInvalid(_)
@@ -130,7 +134,7 @@ fn upstream_reason(u: &UpstreamError) -> &'static str {
         UpstreamError::Status(404) => "not_found",
         UpstreamError::Status(_) => "upstream_status",
         UpstreamError::Unreachable(_) => "upstream_unreachable",
-        UpstreamError::Timeout => "upstream_timeout",
+        UpstreamError::Timeout(_) => "upstream_timeout",
         UpstreamError::Auth(_) | UpstreamError::Denied(_) => "upstream_auth",
         UpstreamError::Invalid(_) => "upstream_invalid",
     }
@@ -707,7 +711,10 @@ mod tests {
         let m = Metrics::new();
         let up = m.upstream("hub");
         up.exchange(Duration::from_millis(20), Ok(200));
-        up.exchange(Duration::from_millis(5), Err(&UpstreamError::Timeout));
+        up.exchange(
+            Duration::from_millis(5),
+            Err(&UpstreamError::Timeout("t".into())),
+        );
         up.fetched_blob(10);
         up.download_ended(None);
         let text = m.encode();

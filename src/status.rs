@@ -90,6 +90,8 @@ pub struct UpstreamView {
     pub last_success: Option<SystemTime>,
     /// When and how it last failed.
     pub last_error: Option<(SystemTime, String)>,
+    /// When it was last asked anything (a request or a health probe).
+    pub last_checked: Option<SystemTime>,
 }
 
 /// One download under way.
@@ -298,15 +300,18 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
         h.push_str("</table>");
     }
 
-    h.push_str("<h2>Upstreams</h2><table id=\"upstreams\"><tr><th>name</th><th>URL</th><th>state</th><th>last success</th><th>last error</th></tr>");
+    h.push_str("<h2>Upstreams</h2><table id=\"upstreams\"><tr><th>name</th><th>URL</th><th>state</th><th>last checked</th><th>last success</th><th>last error</th></tr>");
     for u in &v.upstreams {
         let _ = write!(
             h,
             "<tr class=\"upstream\" data-name=\"{name}\" data-state=\"{state}\"><td>{name}</td><td><code>{url}</code></td>\
-<td class=\"{state}\">{state}</td><td>{ok}</td><td>{err}</td></tr>",
+<td class=\"{state}\">{state}</td><td>{checked}</td><td>{ok}</td><td>{err}</td></tr>",
             name = escape(&u.name),
             url = escape(&u.url),
             state = u.state,
+            checked = u
+                .last_checked
+                .map_or_else(|| "–".to_owned(), |t| ago(t, now)),
             ok = u
                 .last_success
                 .map_or_else(|| "–".to_owned(), |t| ago(t, now)),
@@ -383,6 +388,7 @@ mod tests {
                 state: "down",
                 last_success: None,
                 last_error: Some((SystemTime::now(), "<b>boom</b>".into())),
+                last_checked: None,
             }],
             top: vec![("hub/<img src=x>".into(), 3)],
             lookups: vec![("blob", 1, 3, 0)],

@@ -20,6 +20,18 @@ pub fn human_bytes(n: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// A count and its noun, in the plural unless it is one: `1 manifest`, `2 manifests`,
+/// `3 repositories`.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        return format!("1 {noun}");
+    }
+    match noun.strip_suffix('y') {
+        Some(stem) if !stem.ends_with(['a', 'e', 'o', 'u']) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A duration written as a number and a unit: `ms`, `s`, `m`, `h`, `d`.
@@ -161,6 +173,15 @@ impl Serialize for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_for_people() {
+        assert_eq!(count(1, "manifest"), "1 manifest");
+        assert_eq!(count(0, "manifest"), "0 manifests");
+        assert_eq!(count(3, "repository"), "3 repositories");
+        assert_eq!(count(2, "day"), "2 days");
+        assert_eq!(count(1, "repository"), "1 repository");
+    }
 
     #[test]
     fn durations() {

@@ -1,5 +1,6 @@
-//! The `regcache` binary: embedded defaults, config errors naming the key, env overrides and
-//! graceful shutdown on SIGTERM.
+//! The `regcache` binary: embedded defaults, config errors naming the key, env overrides,
+//! options after the command, `check-config`, log colours only on a terminal, and graceful
+//! shutdown on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -135,7 +136,7 @@ fn gc_removes_what_was_unused_for_long_and_reports_it() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("removed 1 files unused for 30d, freed 1000B, kept 1 files"),
+        text.contains("removed 1 file unused for 30d, freed 1000 B, kept 1 file"),
         "{text}"
     );
     assert!(!old.exists() && new.exists());
@@ -151,4 +152,172 @@ fn gc_removes_what_was_unused_for_long_and_reports_it() {
         .unwrap();
     assert!(!out.status.success());
     assert!(!dir.path().join("nope").exists());
+}
+
+#[test]
+fn gc_removes_tag_records_whose_manifest_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    for d in ["blobs", "manifests", "tmp"] {
+        std::fs::create_dir_all(cache.join(d)).unwrap();
+    }
+    let hex = "c".repeat(64);
+    let manifest = cache.join("manifests/sha256/cc").join(&hex);
+    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+    std::fs::write(&manifest, b"application/vnd.oci.image.manifest.v1+json\n{}").unwrap();
+    let tags = cache.join("tags/up/team/app/_tags");
+    std::fs::create_dir_all(&tags).unwrap();
+    let kept = tags.join("1@1f");
+    let dangling = tags.join("2@1f");
+    std::fs::write(
+        &kept,
+        format!("sha256:{hex} application/vnd.oci.image.manifest.v1+json\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        &dangling,
+        format!(
+            "sha256:{} application/vnd.oci.image.manifest.v1+json\n",
+            "d".repeat(64)
+        ),
+    )
+    .unwrap();
+    // Options after the command, as well as before it.
+    let out = regcache()
+        .args(["gc", "--cache-dir", cache.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("removed 0 files unused for 30d, freed 0 B, kept 1 file; removed 1 tag record whose manifest was gone"),
+        "{text}"
+    );
+    assert!(kept.exists() && !dangling.exists());
+    let out = regcache()
+        .args(["ls", "--cache-dir", cache.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tags: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["1"]);
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("pw");
+    std::fs::write(&password_file, "file-secret-4711\n").unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    std::fs::write(&htpasswd, format!("alice:{hash}\n")).unwrap();
+    let token_hash = "0123456789abcdef".repeat(4);
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            r#"default_upstream = "mine"
+[auth]
+htpasswd = "{}"
+[[auth.token]]
+name = "ci"
+token_sha256 = "{token_hash}"
+[[upstream]]
+name = "mine"
+url = "https://registry.example"
+username = "robot"
+password = "inline-secret-0815"
+[[upstream]]
+name = "other"
+url = "https://other.example"
+username = "robot"
+password_file = "{}"
+"#,
+            htpasswd.display(),
+            password_file.display()
+        ),
+    )
+    .unwrap();
+    let out = regcache()
+        .args(["check-config", "-c", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for secret in [
+        "inline-secret-0815",
+        "file-secret-4711",
+        &token_hash,
+        &hash[7..],
+    ] {
+        assert!(!text.contains(secret), "{secret} printed: {text}");
+    }
+    assert!(text.contains("password = \"<redacted>\""), "{text}");
+    assert!(text.contains("token_sha256 = \"<redacted>\""), "{text}");
+    assert!(text.contains(&format!("password_file = \"{}\"", password_file.display())));
+    // Defaults are filled in.
+    let shown: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(shown["timeouts"]["connect"].as_str(), Some("10s"), "{text}");
+    assert_eq!(
+        shown["retry"]["probe_backoff"].as_str(),
+        Some("5s"),
+        "{text}"
+    );
+
+    // What start-up would refuse is refused with exit code 2, naming the key.
+    std::fs::remove_file(&password_file).unwrap();
+    let out = regcache()
+        .args(["check-config", "-c", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("upstream[1].password_file"), "{err}");
+    std::fs::write(&f, "[cache]\ntag_ttl = \"soon\"\n").unwrap();
+    let out = regcache()
+        .args(["check-config", "-c", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tag_ttl"));
+}
+
+#[test]
+fn pretty_logs_are_not_coloured_when_not_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = regcache()
+        .current_dir(dir.path())
+        .env("REGCACHE_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = loop {
+        let line = lines.next().expect("exited before ready").unwrap();
+        if line.contains("regcache ready") {
+            break line;
+        }
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    assert!(!ready.contains('\x1b'), "colour codes in a pipe: {ready:?}");
+    assert!(ready.contains(" INFO "), "{ready}");
 }

@@ -71,6 +71,10 @@ pub fn write_tar(plan: &Plan, file: &Path) -> Result<(), AirgapError> {
             reader
                 .check(d, Some(*len))
                 .map_err(|why| AirgapError::Corrupt(vec![format!("cached blob damaged: {why}")]))?;
+            if let Some(p) = &plan.progress {
+                p.bytes(*len);
+                p.blob_done();
+            }
         }
         let doc = oci::index_json(b"", &plan.entries)?;
         write(append_bytes(&mut b, INDEX_FILE, &doc))?;

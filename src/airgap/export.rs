@@ -44,6 +44,8 @@ pub struct Plan {
     pub manifests: BTreeMap<Digest, Bytes>,
     /// Blobs by digest: the file holding it and its size.
     pub blobs: BTreeMap<Digest, (PathBuf, u64)>,
+    /// Told of each blob written, when set.
+    pub progress: Option<std::sync::Arc<super::progress::Progress>>,
 }
 
 impl Plan {
@@ -88,11 +90,18 @@ pub async fn run(config: &Config, args: ExportArgs) -> Result<bool, AirgapError>
         return Ok(false);
     }
     let out = args.output.clone();
-    let summary = format!(
-        "export: {} images, {} manifests, {} blobs, {} written to {}",
-        plan.entries.len(),
-        plan.manifests.len(),
+    let mut plan = plan;
+    let progress = std::sync::Arc::new(super::progress::Progress::new(
+        "export",
         plan.blobs.len(),
+        plan.blobs.values().map(|(_, l)| l).sum(),
+    ));
+    plan.progress = Some(progress.clone());
+    let summary = format!(
+        "export: {}, {}, {}, {} written to {}",
+        crate::units::count(plan.entries.len() as u64, "image"),
+        crate::units::count(plan.manifests.len() as u64, "manifest"),
+        crate::units::count(plan.blobs.len() as u64, "blob"),
         human_bytes(plan.bytes()),
         out.display()
     );
@@ -107,6 +116,7 @@ pub async fn run(config: &Config, args: ExportArgs) -> Result<bool, AirgapError>
     })
     .await
     .map_err(|e| AirgapError::Other(e.to_string()))??;
+    progress.clear();
     for l in lines {
         println!("{l}");
     }
@@ -296,6 +306,10 @@ pub fn write_dir(plan: &Plan, dir: &Path) -> Result<(), AirgapError> {
         };
         staged.map_err(|e| stage_error(e, &dest))?;
         fs::rename(&tmp, &dest).map_err(write_error(&dest))?;
+        if let (Some(p), Some(_)) = (&plan.progress, source) {
+            p.bytes(want_len);
+            p.blob_done();
+        }
     }
     if !marker.exists() {
         verify::write_file(&marker, LAYOUT_MARKER).map_err(write_error(&marker))?;

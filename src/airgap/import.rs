@@ -543,9 +543,9 @@ pub async fn run(config: &Config, args: ImportArgs) -> Result<bool, AirgapError>
                 }
             }
             println!(
-                "import: {} manifests, {} blobs ({} new, {}) into {}",
-                r.manifests,
-                r.blobs,
+                "import: {}, {} ({} new, {}) into {}",
+                crate::units::count(r.manifests as u64, "manifest"),
+                crate::units::count(r.blobs as u64, "blob"),
                 r.new_blobs,
                 human_bytes(r.new_bytes),
                 config.cache_dir.display()
@@ -701,12 +701,29 @@ mod tests {
 
     #[tokio::test]
     async fn written_layouts_read_back_from_a_directory_and_a_tar() {
-        let f = fixture("docker.io/library/app:1");
+        let mut f = fixture("docker.io/library/app:1");
         let out = tempfile::tempdir().unwrap();
         let dir = out.path().join("layout");
         let tar = out.path().join("images.tar");
+        let blobs = f.plan.blobs.len();
+        let bytes: u64 = f.plan.blobs.values().map(|(_, l)| l).sum();
+        let progress = |_| {
+            std::sync::Arc::new(crate::airgap::progress::Progress::new(
+                "export", blobs, bytes,
+            ))
+        };
+        let (in_dir, in_tar) = (progress(()), progress(()));
+        f.plan.progress = Some(in_dir.clone());
         write_dir(&f.plan, &dir).unwrap();
+        f.plan.progress = Some(in_tar.clone());
         write_tar(&f.plan, &tar).unwrap();
+        // Each writer reports every blob it wrote.
+        let done = format!(
+            "export: blobs {blobs}/{blobs}, {} of {}",
+            crate::units::human_bytes(bytes),
+            crate::units::human_bytes(bytes)
+        );
+        assert_eq!((in_dir.line(), in_tar.line()), (done.clone(), done));
         assert!(!out.path().join("images.tar.part").exists());
         assert_eq!(fs::read(dir.join(LAYOUT_FILE)).unwrap(), oci::LAYOUT_MARKER);
         let entries = oci::parse_index(&fs::read(dir.join(INDEX_FILE)).unwrap()).unwrap();

@@ -168,23 +168,32 @@ impl ImageName {
         }
     }
 
+    /// The name and `ns=` a client sends for this image: a first component that looks like
+    /// a registry host and is not an upstream's name becomes `ns=` (as containerd sends it).
+    pub fn request_form(
+        &self,
+        is_upstream: impl Fn(&str) -> bool,
+    ) -> Result<(Repository, Option<String>), NameError> {
+        let parse = |source| NameError::Parse {
+            name: self.text.clone(),
+            source,
+        };
+        Ok(match self.name.split_once('/') {
+            Some((first, path)) if looks_like_host(first) && !is_upstream(first) => (
+                path.parse::<Repository>().map_err(parse)?,
+                Some(first.to_ascii_lowercase()),
+            ),
+            _ => (self.name.parse::<Repository>().map_err(parse)?, None),
+        })
+    }
+
     /// Routes the name by the rule in this module's documentation.
     pub fn resolve(&self, table: &RoutingTable) -> Result<Resolved, NameError> {
         let route = |source| NameError::Route {
             name: self.text.clone(),
             source,
         };
-        let parse = |source| NameError::Parse {
-            name: self.text.clone(),
-            source,
-        };
-        let (request_name, ns) = match self.name.split_once('/') {
-            Some((first, path)) if looks_like_host(first) && table.by_name(first).is_none() => (
-                path.parse::<Repository>().map_err(parse)?,
-                Some(first.to_ascii_lowercase()),
-            ),
-            _ => (self.name.parse::<Repository>().map_err(parse)?, None),
-        };
+        let (request_name, ns) = self.request_form(|first| table.by_name(first).is_some())?;
         let target = table
             .resolve(&request_name, None, ns.as_deref())
             .map_err(route)?;

@@ -6,6 +6,10 @@
 //! Resumable: blobs already in the cache are counted and skipped, so a run after an
 //! interrupted one fetches only what is still missing. A failed image is reported and the
 //! others still run.
+//!
+//! With `--server URL` the same requests go to a running regcache through its registry API
+//! instead, so a live cache is warmed by the server that owns it (each blob is read to the
+//! end, so the server commits it).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -71,10 +75,10 @@ pub async fn run(mut config: Config, args: PrefetchArgs) -> Result<bool, AirgapE
     for name in &args.images {
         match image(&app, name, &args.platforms, jobs).await {
             Ok(s) => println!(
-                "{name}: {} ({} manifests, {} blobs: {} fetched, {} cached; {} downloaded)",
+                "{name}: {} ({}, {}: {} fetched, {} cached; {} downloaded)",
                 s.digest.map(|d| d.to_string()).unwrap_or_default(),
-                s.manifests,
-                s.blobs,
+                crate::units::count(s.manifests as u64, "manifest"),
+                crate::units::count(s.blobs as u64, "blob"),
                 s.fetched,
                 s.cached,
                 human_bytes(s.fetched_bytes)
@@ -94,6 +98,83 @@ pub async fn run(mut config: Config, args: PrefetchArgs) -> Result<bool, AirgapE
     Ok(failed == 0)
 }
 
+/// Where the requests go.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    /// regcache's own [`App`], in this process, on the cache folder.
+    App(&'a Arc<App>),
+    /// A running regcache, through its registry API.
+    Server(&'a Server),
+}
+
+/// A running regcache reached over HTTP(S).
+pub struct Server {
+    http: crate::upstream::client::HttpClient,
+    base: url::Url,
+}
+
+impl Server {
+    /// The regcache at `base` (`http://host:port`), with the configured timeouts and retries.
+    pub fn new(base: url::Url, config: &Config) -> Result<Self, AirgapError> {
+        if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
+            return Err(AirgapError::Other(format!(
+                "--server {base}: expected http://HOST:PORT or https://HOST:PORT"
+            )));
+        }
+        let http = crate::upstream::client::HttpClient::new(
+            None,
+            config.timeouts.connect.0,
+            config.timeouts.response.0,
+            config.retry.clone(),
+        )
+        .map_err(|e| AirgapError::Other(e.to_string()))?
+        .named("regcache server");
+        Ok(Server { http, base })
+    }
+}
+
+/// Runs `prefetch --server`: like [`run`], through a running regcache's API.
+pub async fn run_remote(server: &Server, args: PrefetchArgs) -> Result<bool, AirgapError> {
+    let jobs = args.jobs.max(1);
+    let mut failed = 0;
+    for name in &args.images {
+        let result = async {
+            let (request_name, ns) = name.request_form(|_| false)?;
+            image_via(
+                Via::Server(server),
+                name,
+                request_name,
+                ns,
+                name.reference(),
+                &args.platforms,
+                jobs,
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(s) => println!(
+                "{name}: {} ({}, {} read through the server; {} transferred)",
+                s.digest.map(|d| d.to_string()).unwrap_or_default(),
+                crate::units::count(s.manifests as u64, "manifest"),
+                crate::units::count(s.blobs as u64, "blob"),
+                human_bytes(s.fetched_bytes)
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{name}: failed: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!(
+            "prefetch: {failed} of {} images failed; run again to retry",
+            args.images.len()
+        );
+    }
+    Ok(failed == 0)
+}
+
 /// A manifest as regcache answered it.
 struct Fetched {
     digest: Digest,
@@ -101,9 +182,9 @@ struct Fetched {
     body: Bytes,
 }
 
-/// Requests for one image, sent to the app as a client would send them.
+/// Requests for one image, sent to the app or server as a client would send them.
 struct Client<'a> {
-    app: &'a Arc<App>,
+    via: Via<'a>,
     name: Repository,
     query: String,
 }
@@ -139,12 +220,34 @@ impl Client<'_> {
             .map_err(|e| AirgapError::Other(format!("request for {reference}: {e}")))
     }
 
+    /// Sends a request and returns the answer, whatever its status.
+    async fn send(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<http::Response<crate::body::Body>, AirgapError> {
+        match self.via {
+            Via::App(app) => Ok(app.handle(req).await),
+            Via::Server(server) => {
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let url = server
+                    .base
+                    .join(path)
+                    .map_err(|e| AirgapError::Other(format!("{path}: {e}")))?;
+                let resp = server
+                    .http
+                    .send(req.method(), &url, req.headers())
+                    .await
+                    .map_err(|e| AirgapError::Fetch(e.to_string()))?;
+                Ok(resp.map(crate::upstream::box_incoming))
+            }
+        }
+    }
+
     async fn manifest(&self, reference: &Reference) -> Result<Fetched, AirgapError> {
         let what = format!("manifest {reference}");
         let resp = self
-            .app
-            .handle(self.get("manifests", &reference.to_string(), true)?)
-            .await;
+            .send(self.get("manifests", &reference.to_string(), true)?)
+            .await?;
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()
@@ -186,9 +289,8 @@ impl Client<'_> {
     async fn blob(&self, digest: &Digest, progress: &Progress) -> Result<u64, AirgapError> {
         let what = format!("blob {digest}");
         let resp = self
-            .app
-            .handle(self.get("blobs", &digest.to_string(), false)?)
-            .await;
+            .send(self.get("blobs", &digest.to_string(), false)?)
+            .await?;
         let (parts, mut body) = resp.into_parts();
         if !parts.status.is_success() {
             let body = body
@@ -209,7 +311,12 @@ impl Client<'_> {
             }
         }
         drop(body);
-        if let Some(FillState::Failed(e)) = self.app.inflight.settled(digest).await {
+        // A server holds the last byte back until the blob is verified; here the download
+        // can be watched to its commit.
+        let Via::App(app) = self.via else {
+            return Ok(n);
+        };
+        if let Some(FillState::Failed(e)) = app.inflight.settled(digest).await {
             return Err(io_error(what)(std::io::Error::other(format!(
                 "not cached: {e}"
             ))));
@@ -220,14 +327,23 @@ impl Client<'_> {
 
 /// Fetches one blob unless the cache has it. `Ok(true)` when it was downloaded.
 async fn blob(client: &Client<'_>, d: &Descriptor, progress: &Progress) -> Result<bool, String> {
-    let store = &client.app.store;
-    let cached = store
-        .blob_len(&d.digest)
-        .await
-        .map_err(|e| format!("blob {}: {e}", d.digest))?;
+    // Only a local cache can be asked what it holds; a server is asked for every blob.
+    let cached = match client.via {
+        Via::App(app) => {
+            let len = app
+                .store
+                .blob_len(&d.digest)
+                .await
+                .map_err(|e| format!("blob {}: {e}", d.digest))?;
+            if len.is_some() {
+                app.store.note_use(&d.digest).await;
+            }
+            len
+        }
+        Via::Server(_) => None,
+    };
     let fetched = match cached {
         Some(len) => {
-            store.note_use(&d.digest).await;
             progress.bytes(len);
             false
         }
@@ -264,7 +380,29 @@ pub async fn image(
     jobs: usize,
 ) -> Result<Summary, AirgapError> {
     let r = name.resolve(&app.routing)?;
-    let query = match &r.ns {
+    image_via(
+        Via::App(app),
+        name,
+        r.request_name,
+        r.ns,
+        r.reference,
+        platforms,
+        jobs,
+    )
+    .await
+}
+
+/// Prefetches one image sent as `request_name` (with `ns=`) through `via`.
+async fn image_via(
+    via: Via<'_>,
+    name: &ImageName,
+    request_name: Repository,
+    ns: Option<String>,
+    reference: Reference,
+    platforms: &[PlatformFilter],
+    jobs: usize,
+) -> Result<Summary, AirgapError> {
+    let query = match &ns {
         Some(ns) => format!(
             "?{}",
             url::form_urlencoded::Serializer::new(String::new())
@@ -274,11 +412,11 @@ pub async fn image(
         None => String::new(),
     };
     let client = Client {
-        app,
-        name: r.request_name.clone(),
+        via,
+        name: request_name,
         query,
     };
-    let top = client.manifest(&r.reference).await?;
+    let top = client.manifest(&reference).await?;
     let mut summary = Summary {
         digest: Some(top.digest.clone()),
         manifests: 1,

@@ -25,6 +25,12 @@ pub struct Progress {
     drawn: Mutex<Option<Instant>>,
 }
 
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.line())
+    }
+}
+
 impl Progress {
     /// Progress of `label` over `blobs_total` blobs of `bytes_total` bytes; live when stderr is
     /// a terminal.

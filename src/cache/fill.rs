@@ -202,7 +202,13 @@ async fn run(
         upstream.blob(repository, &digest),
     )
     .await
-    .map_err(|_| FillError::Upstream(UpstreamError::Timeout))??;
+    .map_err(|_| {
+        FillError::Upstream(UpstreamError::Timeout(format!(
+            "{}: no answer to the blob request within {}",
+            upstream.name,
+            crate::units::HumanDuration(upstream.exchange_deadline)
+        )))
+    })??;
     let len = content_length(resp.headers());
     if let Some(len) = len.filter(|l| !store.admits(*l)) {
         return Err(FillError::TooLarge(len));
@@ -213,7 +219,13 @@ async fn run(
     loop {
         let first = tokio::time::timeout(upstream.read_idle, body.frame())
             .await
-            .map_err(|_| FillError::Upstream(UpstreamError::Timeout))?;
+            .map_err(|_| {
+                FillError::Upstream(UpstreamError::Timeout(format!(
+                    "{}: the blob body stalled for {} (timeouts.read_idle)",
+                    upstream.name,
+                    crate::units::HumanDuration(upstream.read_idle)
+                )))
+            })?;
         let mut batch = Vec::new();
         let mut size = 0;
         let mut ended = false;
@@ -227,9 +239,10 @@ async fn run(
                     break;
                 }
                 Some(Err(e)) => {
-                    return Err(FillError::Upstream(UpstreamError::Unreachable(
-                        e.to_string(),
-                    )));
+                    return Err(FillError::Upstream(UpstreamError::Unreachable(format!(
+                        "{}: the connection broke mid-body: {e}",
+                        upstream.name
+                    ))));
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {

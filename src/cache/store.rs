@@ -122,6 +122,8 @@ pub struct GcReport {
     pub bytes: u64,
     /// Files kept.
     pub kept: u64,
+    /// Tag records removed because their manifest is gone.
+    pub tags: u64,
 }
 
 /// How often a digest's last-use time is written at most.
@@ -630,6 +632,7 @@ impl BlobStore for FsStore {
 
     async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport> {
         let roots = [self.root.join("blobs"), self.root.join("manifests")];
+        let root = self.root.clone();
         let budget = self.budget.clone();
         let hot = self.hot_manifests.clone();
         tokio::task::spawn_blocking(move || {
@@ -649,6 +652,7 @@ impl BlobStore for FsStore {
             for root in roots {
                 gc_walk(&root, cutoff, &mut report, &removed)?;
             }
+            report.tags = super::dangling::remove_dangling_tags(&root)?;
             Ok(report)
         })
         .await

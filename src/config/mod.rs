@@ -13,7 +13,9 @@ use url::Url;
 use crate::units::{ByteSize, HumanDuration};
 
 mod auth;
+mod redact;
 pub use auth::{AuthConfig, Permission, RuleConfig, TokenConfig};
+pub use redact::REDACTED;
 
 /// Docker Hub's registry endpoint.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -189,6 +191,11 @@ pub struct RetryConfig {
     pub attempts: u32,
     /// Wait before the second try; doubled for each further one.
     pub backoff: HumanDuration,
+    /// Wait after an upstream is marked down (or failing) before its `/v2/` is probed;
+    /// doubled after each probe that finds it still unwell.
+    pub probe_backoff: HumanDuration,
+    /// Longest wait between two probes of an unwell upstream.
+    pub probe_backoff_max: HumanDuration,
 }
 
 /// One upstream registry.
@@ -487,6 +494,8 @@ impl Default for RetryConfig {
         RetryConfig {
             attempts: 3,
             backoff: HumanDuration(std::time::Duration::from_millis(200)),
+            probe_backoff: HumanDuration(std::time::Duration::from_secs(5)),
+            probe_backoff_max: HumanDuration(std::time::Duration::from_secs(60)),
         }
     }
 }
@@ -688,6 +697,15 @@ impl Config {
         }
         if self.retry.backoff.0 > std::time::Duration::from_secs(60) {
             return Err(invalid("retry.backoff", "must be at most 1m"));
+        }
+        if self.retry.probe_backoff.0.is_zero() {
+            return Err(invalid("retry.probe_backoff", "must be more than 0s"));
+        }
+        if self.retry.probe_backoff_max.0 < self.retry.probe_backoff.0 {
+            return Err(invalid(
+                "retry.probe_backoff_max",
+                "must be at least retry.probe_backoff",
+            ));
         }
         if let Some(a) = self.admin_listen {
             let l = self.listen;
@@ -897,6 +915,11 @@ mod tests {
             ("[cache]\nmax_manifest_size = 0", "cache.max_manifest_size"),
             ("[retry]\nattempts = 0", "retry.attempts"),
             ("[retry]\nbackoff = \"2h\"", "retry.backoff"),
+            ("[retry]\nprobe_backoff = \"0s\"", "retry.probe_backoff"),
+            (
+                "[retry]\nprobe_backoff = \"10s\"\nprobe_backoff_max = \"5s\"",
+                "retry.probe_backoff_max",
+            ),
             ("[cache]\ngc_max_age = \"5s\"", "cache.gc_max_age"),
             ("[cache]\nmax_size = \"10KiB\"", "cache.max_size"),
             ("[cache]\nhigh_watermark = 1.5", "cache.high_watermark"),

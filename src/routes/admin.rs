@@ -175,6 +175,8 @@ pub async fn readiness(app: &Arc<App>) -> (bool, serde_json::Value) {
                 "last_error": h.last_error.as_ref().map(|(_, e)| e),
                 "last_error_unix": h.last_error.as_ref().and_then(|(t, _)| unix(*t)),
                 "last_error_age_seconds": h.last_error.as_ref().map(|(t, _)| age(*t)),
+                "last_checked_unix": h.last_checked.and_then(unix),
+                "last_checked_age_seconds": h.last_checked.map(age),
             })
         })
         .collect();
@@ -250,6 +252,7 @@ pub fn status_view(app: &Arc<App>) -> StatusView {
                     state: if u.offline { "offline" } else { h.state() },
                     last_success: h.last_success,
                     last_error: h.last_error,
+                    last_checked: h.last_checked,
                 }
             })
             .collect(),

@@ -32,6 +32,8 @@ pub struct HttpClient {
     inner: Client<HttpsConnector<HttpConnector>, Body>,
     response_timeout: Duration,
     retry: RetryConfig,
+    /// The upstream's configured name, put in front of every error this client reports.
+    label: Arc<str>,
 }
 
 /// Errors building a client (start-up only).
@@ -94,7 +96,20 @@ impl HttpClient {
             inner,
             response_timeout,
             retry,
+            label: Arc::from(""),
         })
+    }
+
+    /// This client, naming upstream `name` in the errors it reports.
+    pub fn named(mut self, name: &str) -> Self {
+        self.label = Arc::from(name);
+        self
+    }
+
+    /// Why a request to `url` got no answer, naming the upstream, its host and the cause.
+    fn unreachable(&self, url: &Url, e: &hyper_util::client::legacy::Error) -> UpstreamError {
+        let cause = super::cause::classify(e);
+        UpstreamError::Unreachable(super::cause::describe(&self.label, url, &cause))
     }
 
     /// Sends one bodiless request and waits for the response headers, retrying connection
@@ -124,13 +139,23 @@ impl HttpClient {
             );
             let result = tokio::time::timeout(self.response_timeout, self.inner.request(req)).await;
             match result {
-                Err(_) => return Err(UpstreamError::Timeout),
+                Err(_) => {
+                    return Err(UpstreamError::Timeout(super::cause::named(
+                        &self.label,
+                        format_args!(
+                            "no answer within {} (timeouts.response)",
+                            crate::units::HumanDuration(self.response_timeout)
+                        ),
+                    )));
+                }
                 Ok(Ok(resp)) => return Ok(resp),
                 Ok(Err(e)) => {
                     let retryable = e.is_connect();
                     if !retryable || attempt >= self.retry.attempts {
-                        tracing::debug!(error = %e, host = url.host_str().unwrap_or(""), attempt, "upstream request failed");
-                        return Err(UpstreamError::Unreachable(e.to_string()));
+                        let error = self.unreachable(url, &e);
+                        let host = url.host_str().unwrap_or_default();
+                        tracing::debug!(%error, host, attempt, "upstream request failed");
+                        return Err(error);
                     }
                     let base = self
                         .retry
@@ -138,7 +163,7 @@ impl HttpClient {
                         .0
                         .saturating_mul(1 << (attempt - 1).min(16));
                     let jitter = base.mul_f64(rand::random::<f64>() / 2.0);
-                    tracing::debug!(error = %e, attempt, "upstream connection failed; retrying");
+                    tracing::debug!(error = %self.unreachable(url, &e), attempt, "upstream connection failed; retrying");
                     tokio::time::sleep(base + jitter).await;
                 }
             }
@@ -172,7 +197,7 @@ impl HttpClient {
         self.inner
             .request(req)
             .await
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))
+            .map_err(|e| self.unreachable(url, &e))
     }
 
     /// Sends a GET or HEAD and follows redirects. `Authorization` goes only to `url`'s own
@@ -240,6 +265,7 @@ mod tests {
             RetryConfig {
                 attempts,
                 backoff: HumanDuration(Duration::from_secs(1)),
+                ..RetryConfig::default()
             },
         )
         .unwrap()

@@ -114,15 +114,18 @@ where
         }
         SdkError::TimeoutError(_) => {
             warn!(operation, "ECR API did not answer in time");
-            UpstreamError::Timeout
+            UpstreamError::Timeout(format!("ECR API {operation} did not answer in time"))
         }
         SdkError::DispatchFailure(d) if d.is_timeout() => {
             warn!(operation, error = %DisplayErrorContext(&err), "ECR API did not answer in time");
-            UpstreamError::Timeout
+            UpstreamError::Timeout(format!("ECR API {operation} did not answer in time"))
         }
         SdkError::DispatchFailure(d) if d.is_io() => {
             warn!(operation, error = %DisplayErrorContext(&err), "ECR API unreachable");
-            UpstreamError::Unreachable(format!("ECR API: {}", DisplayErrorContext(&err)))
+            UpstreamError::Unreachable(format!(
+                "ECR API {operation}: {}",
+                super::cause::classify(&err)
+            ))
         }
         SdkError::DispatchFailure(_) => {
             // Loading or assuming credentials failed before anything was sent.

@@ -2,12 +2,14 @@
 //! hands back manifests (read whole, size-capped) or blob responses (streamed).
 
 pub mod auth;
+pub mod cause;
 pub mod client;
 #[cfg(feature = "ecr")]
 pub mod ecr;
 #[cfg(not(feature = "ecr"))]
 #[path = "ecr_off.rs"]
 pub mod ecr;
+pub mod probe;
 pub mod push;
 pub mod stats;
 
@@ -84,7 +86,8 @@ impl Upstream {
             global.timeouts.response.0,
             global.retry.clone(),
         )
-        .map_err(|e| wrap(Box::new(e)))?;
+        .map_err(|e| wrap(Box::new(e)))?
+        .named(&cfg.name);
         let password = cfg
             .resolve_password(&cfg.name)
             .map_err(|e| wrap(Box::new(e)))?;
@@ -328,8 +331,9 @@ impl Upstream {
         let body = if head {
             Bytes::new()
         } else {
-            let body =
-                read_capped(resp.into_body(), self.max_manifest_size, self.read_idle).await?;
+            let body = read_capped(resp.into_body(), self.max_manifest_size, self.read_idle)
+                .await
+                .map_err(|e| e.at(&self.name))?;
             if declared.is_some_and(|n| n != body.len() as u64) {
                 return Err(UpstreamError::Invalid(
                     "manifest body does not match Content-Length".into(),
@@ -454,7 +458,9 @@ impl Upstream {
             .get(header::LINK)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = read_capped(resp.into_body(), self.max_manifest_size, self.read_idle).await?;
+        let body = read_capped(resp.into_body(), self.max_manifest_size, self.read_idle)
+            .await
+            .map_err(|e| e.at(&self.name))?;
         Ok((body, link))
     }
 }
@@ -488,10 +494,19 @@ where
     loop {
         let frame = tokio::time::timeout(idle, body.frame())
             .await
-            .map_err(|_| UpstreamError::Timeout)?;
+            .map_err(|_| {
+                UpstreamError::Timeout(format!(
+                    "the body stalled for {} (timeouts.read_idle)",
+                    crate::units::HumanDuration(idle)
+                ))
+            })?;
         match frame {
             None => return Ok(buf.freeze()),
-            Some(Err(e)) => return Err(UpstreamError::Unreachable(e.to_string())),
+            Some(Err(e)) => {
+                return Err(UpstreamError::Unreachable(format!(
+                    "the connection broke mid-body: {e}"
+                )));
+            }
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
                     if buf.len() as u64 + data.len() as u64 > cap {

@@ -25,6 +25,8 @@ pub struct Health {
     pub reachable: Option<bool>,
     /// Status of the last answer.
     pub last_status: Option<u16>,
+    /// When it was last asked anything: a client's request or a health probe.
+    pub last_checked: Option<SystemTime>,
 }
 
 impl Health {
@@ -36,6 +38,11 @@ impl Health {
             (Some(true), Some(s)) if crate::error::failing_status(s) => "failing",
             (Some(true), _) => "up",
         }
+    }
+
+    /// Down or failing: worth probing until it answers again.
+    pub fn is_unwell(&self) -> bool {
+        matches!(self.state(), "down" | "failing")
     }
 }
 
@@ -71,6 +78,10 @@ pub struct UpstreamStats {
     // Written after each upstream exchange; read by /readyz and the status page. Held only
     // to copy or replace the record, never across an `.await`.
     health: Mutex<Health>,
+    // Woken when an exchange leaves the upstream unwell, for its health probe. `notify_one`
+    // keeps one permit when nobody waits yet, so a mark made before the probe task started
+    // waiting is not lost.
+    unwell: tokio::sync::Notify,
 }
 
 impl fmt::Debug for UpstreamStats {
@@ -104,6 +115,7 @@ impl UpstreamStats {
             blob_bytes,
             manifest_bytes,
             health: Mutex::new(Health::default()),
+            unwell: tokio::sync::Notify::new(),
         }
     }
 
@@ -125,13 +137,14 @@ impl UpstreamStats {
         self.latency.observe(took.as_secs_f64());
         let label = match outcome {
             Ok(s) => status_class(s),
-            Err(UpstreamError::Timeout) => "timeout",
+            Err(UpstreamError::Timeout(_)) => "timeout",
             Err(UpstreamError::Unreachable(_)) => "unreachable",
             Err(_) => "invalid",
         };
         self.requests[index_of(&REQUEST_OUTCOMES, label)].inc();
         let now = SystemTime::now();
         let mut h = lock(&self.health);
+        h.last_checked = Some(now);
         match outcome {
             Ok(s) => {
                 h.reachable = Some(true);
@@ -145,11 +158,20 @@ impl UpstreamStats {
             Err(e) => {
                 // An invalid answer (bad redirect) still came from a reachable upstream.
                 let reachable =
-                    !matches!(e, UpstreamError::Timeout | UpstreamError::Unreachable(_));
+                    !matches!(e, UpstreamError::Timeout(_) | UpstreamError::Unreachable(_));
                 h.reachable = Some(reachable);
                 h.last_error = Some((now, e.to_string()));
             }
         }
+        if h.is_unwell() {
+            self.unwell.notify_one();
+        }
+    }
+
+    /// Waits until an exchange has left this upstream down or failing (at once when one
+    /// has since the last wait).
+    pub async fn marked_unwell(&self) {
+        self.unwell.notified().await;
     }
 
     /// Counts body bytes of a blob received from this upstream.
@@ -195,13 +217,16 @@ mod tests {
         assert_eq!(s.health().state(), "unknown");
         s.exchange(Duration::from_millis(5), Ok(200));
         assert_eq!(s.health().state(), "up");
-        s.exchange(Duration::from_millis(5), Err(&UpstreamError::Timeout));
+        s.exchange(
+            Duration::from_millis(5),
+            Err(&UpstreamError::Timeout("hub: slow".into())),
+        );
         let h = s.health();
         assert_eq!((h.state(), h.reachable), ("down", Some(false)));
         assert!(h.last_success.is_some());
         assert_eq!(
             h.last_error.map(|(_, e)| e).as_deref(),
-            Some("upstream timed out")
+            Some("upstream timed out: hub: slow")
         );
         s.exchange(Duration::from_millis(5), Ok(503));
         assert_eq!(s.health().state(), "failing");
