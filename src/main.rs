@@ -180,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
     app.start_health_probes();
     // Operator requests are short and hold nothing: the admin listener stops with the process.
     let admin = admin.map(|l| {
-        tokio::spawn(regcache::routes::admin::serve(
+        tokio::spawn(regcache::server::serve_admin(
             l,
             app.clone(),
             std::future::pending(),

@@ -479,7 +479,7 @@ async fn with_admin_listen_the_operator_endpoints_leave_the_registry_listener() 
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(regcache::routes::admin::serve(
+    let server = tokio::spawn(regcache::server::serve_admin(
         admin,
         proxy.app.clone(),
         async {

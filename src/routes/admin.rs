@@ -2,26 +2,17 @@
 //! writable, upstream health reported) and the status page at `/`. They are served on the
 //! registry listener, or on a plain-HTTP listener of their own when `admin_listen` is set.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use http::{HeaderValue, Method, Response, StatusCode, header};
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::app::App;
 use crate::body::{self, Body};
 use crate::cache::inflight::FillState;
 use crate::error::Error;
 use crate::metrics::{CacheKind, CacheResult};
-use crate::router::RouteError;
 use crate::status::{self, DownloadView, StatusView, UpstreamView};
 
 /// Longest a readiness write to the cache may take before the cache counts as unusable.
@@ -260,54 +251,6 @@ pub fn status_view(app: &Arc<App>) -> StatusView {
         top: crate::flight::lock(&m.pulls).top(status::SHOWN),
         history: m.history(),
     }
-}
-
-/// Serves the operator endpoints alone on `listener` (plain HTTP) until `shutdown`
-/// resolves; any other path is a `404`.
-pub async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that never finishes its request head is dropped.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    tokio::pin!(shutdown);
-    while let Some((stream, peer)) =
-        crate::server::accept(&listener, shutdown.as_mut(), "admin accept failed").await
-    {
-        let app = app.clone();
-        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-            let app = app.clone();
-            async move {
-                let head = req.method() == Method::HEAD;
-                let resp = match Endpoint::parse(req.method(), req.uri().path()) {
-                    Some(e) => answer(&app, e, head).await,
-                    None => Error::Route(RouteError::NotFound).into_response(head),
-                };
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        // One task per connection; it ends when the client closes or on shutdown.
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "admin connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    // Operator requests are short; do not hold shutdown up for them.
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
-    Ok(())
 }
 
 #[cfg(test)]

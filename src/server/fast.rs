@@ -22,24 +22,12 @@ use crate::app::App;
 use crate::body::Body;
 use crate::cache::reader::{FileRange, TailBody};
 use crate::cache::tail::Part;
+use crate::server::Limits;
+use crate::server::edge::{self, Answer};
+use crate::server::http1::{self, HeadNote, Length, Read};
 
 /// Largest body of known length sent in the same write as its head.
 const SMALL_BODY: u64 = 64 * 1024;
-
-/// Limits of the loop.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Largest request head (request line and headers).
-    pub max_head: usize,
-    /// Most header fields in a request head (more: hyper answers 431).
-    pub max_headers: usize,
-    /// Time allowed to receive a whole request head, counted from when the connection
-    /// starts waiting for it (as hyper's `header_read_timeout`).
-    pub head_timeout: Duration,
-    /// Time an idle keep-alive connection is kept (the shorter of the two applies while
-    /// waiting for the next head).
-    pub idle_timeout: Duration,
-}
 
 /// How a connection left the loop.
 pub enum Outcome {
@@ -101,17 +89,17 @@ impl AsyncWrite for Rewind {
     }
 }
 
-/// What the parser made of the bytes at the head of the buffer.
+/// What the loop makes of the bytes at the front of its buffer.
 #[derive(Debug, PartialEq)]
 enum Head {
     /// More bytes are needed.
     Partial,
     /// Not for this loop: hyper serves it (and answers malformed input with a 400).
     Hyper,
-    /// Ambiguous message framing (both `Content-Length` and `Transfer-Encoding`, or two
-    /// different lengths): the shape of a request-smuggling attempt, answered 400 and closed.
-    Smuggling(&'static str),
-    /// A bodiless GET/HEAD this loop serves; `len` bytes of the buffer are its head.
+    /// Ambiguous message framing ([`http1::ambiguous`]): the shape of a request-smuggling
+    /// attempt, answered 400 and closed whatever the method.
+    Smuggling(Method, &'static str),
+    /// A bodiless GET/HEAD this loop serves.
     Simple(Box<Simple>),
 }
 
@@ -124,71 +112,54 @@ struct Simple {
     close: bool,
     // Bytes of the buffer the head takes.
     len: usize,
+    note: HeadNote,
 }
 
-const MAX_HEADERS: usize = 100;
-
-/// Parses one request head. Pure: the edge of the loop.
+/// Reads one request head with the one head reader and sorts it. Pure.
 fn parse_head(buf: &[u8], max_headers: usize) -> Head {
-    if buf.starts_with(b"PRI ") {
-        return Head::Hyper;
+    http1::read_head(buf, max_headers, |read| match read {
+        Read::Partial => Head::Partial,
+        Read::Unreadable => Head::Hyper,
+        Read::Head(h) => sort(&h),
+    })
+}
+
+fn sort(h: &http1::Head<'_, '_>) -> Head {
+    if let Some(why) = http1::ambiguous(&h.note) {
+        // httparse lets only token bytes through, which every `Method` takes.
+        let method = Method::from_bytes(h.method.as_bytes()).unwrap_or_default();
+        return Head::Smuggling(method, why);
     }
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut raw);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Head::Partial,
-        Err(_) => return Head::Hyper,
-    };
-    if req.headers.len() > max_headers {
-        return Head::Hyper;
-    }
-    let lengths: Vec<&[u8]> = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .map(|h| h.value.trim_ascii())
-        .collect();
-    let chunked = req
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-    if chunked && !lengths.is_empty() {
-        return Head::Smuggling("Content-Length and Transfer-Encoding together");
-    }
-    if lengths.windows(2).any(|w| w[0] != w[1]) {
-        return Head::Smuggling("different Content-Length values");
-    }
-    let method = match req.method {
-        Some("GET") => Method::GET,
-        Some("HEAD") => Method::HEAD,
+    let method = match h.method {
+        "GET" => Method::GET,
+        "HEAD" => Method::HEAD,
         _ => return Head::Hyper,
     };
-    if req.version != Some(1) {
+    // HTTP/1.0 and request bodies (a length other than 0, chunked) are hyper's.
+    if h.minor != 1 || !matches!(h.note.length, Length::Absent | Length::Known(0)) {
         return Head::Hyper;
     }
-    let Some(Ok(target)) = req
-        .path
-        .filter(|p| p.starts_with('/'))
-        .map(str::parse::<http::Uri>)
-    else {
+    // Origin form only; `*` and absolute forms are hyper's.
+    if !h.target.starts_with('/') {
+        return Head::Hyper;
+    }
+    let Ok(target) = h.target.parse::<http::Uri>() else {
         return Head::Hyper;
     };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut headers = HeaderMap::with_capacity(h.fields.len());
     let mut close = false;
-    for h in req.headers.iter() {
-        let Ok(name) = header::HeaderName::from_bytes(h.name.as_bytes()) else {
+    for f in h.fields {
+        let Ok(name) = header::HeaderName::from_bytes(f.name.as_bytes()) else {
             return Head::Hyper;
         };
-        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+        let Ok(value) = HeaderValue::from_bytes(f.value) else {
             return Head::Hyper;
         };
         match name {
             // A body, or a protocol change: hyper's job, with its own framing checks.
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return Head::Hyper,
-            header::CONTENT_LENGTH if h.value != b"0" => return Head::Hyper,
             header::CONNECTION
-                if h.value
+                if f.value
                     .split(|b| *b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")) =>
             {
@@ -203,7 +174,8 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Head {
         target,
         headers,
         close,
-        len,
+        len: h.len,
+        note: h.note,
     }))
 }
 
@@ -254,20 +226,18 @@ pub async fn serve(
                 Ok(Err(e)) => return Err(e),
             }
         };
-        if let Head::Smuggling(why) = head {
-            tracing::info!(%peer, why, "malformed request refused");
-            refuse(
-                stream,
-                crate::error::Error::Malformed(why).into_response(false),
-            )
-            .await;
-            return Ok(Outcome::Closed);
-        }
-        let Head::Simple(simple) = head else {
-            return Ok(Outcome::Handoff(Rewind {
-                pre: buf.freeze(),
-                stream,
-            }));
+        let simple = match head {
+            Head::Simple(simple) => simple,
+            Head::Smuggling(method, why) => {
+                refuse(stream, edge::refusal(peer, &method, why)).await;
+                return Ok(Outcome::Closed);
+            }
+            Head::Partial | Head::Hyper => {
+                return Ok(Outcome::Handoff(Rewind {
+                    pre: buf.freeze(),
+                    stream,
+                }));
+            }
         };
         let Simple {
             method,
@@ -275,23 +245,24 @@ pub async fn serve(
             headers,
             close,
             len,
+            note,
         } = *simple;
-        let note = crate::server::http1::HeadNote::of_head(&buf[..len]);
         buf.advance(len);
         let mut req = Request::new(Empty::<Bytes>::new());
-        *req.method_mut() = method.clone();
+        *req.method_mut() = method;
         *req.uri_mut() = target;
         *req.headers_mut() = headers;
-        // The same framing rules as on hyper's path (bare LF, Host once).
-        if let Err(why) = crate::server::http1::check(&req, Some(note)) {
-            tracing::info!(%peer, %method, why, "malformed request refused");
-            let resp = crate::error::Error::Malformed(why).into_response(method == Method::HEAD);
-            refuse(stream, resp).await;
-            return Ok(Outcome::Closed);
-        }
-        req.extensions_mut().insert(crate::access::ClientAddr(peer));
-        let resp = app.handle(req).await;
-        let keep = write_response(&mut stream, resp, method == Method::HEAD, close).await?;
+        let head = req.method() == Method::HEAD;
+        // The same edge step as on hyper's path (framing rules, client address).
+        let (resp, last) = match edge::answer(&app, req, Some(note), peer).await {
+            Answer::Served { response, close } => (response, close),
+            Answer::Refused(response) => {
+                refuse(stream, response).await;
+                return Ok(Outcome::Closed);
+            }
+        };
+        let close = close || last;
+        let keep = write_response(&mut stream, resp, head, close).await?;
         if close || !keep || *stopping.borrow() {
             let _ = stream.shutdown().await;
             return Ok(Outcome::Closed);
@@ -505,6 +476,8 @@ async fn send_file(
 mod tests {
     use super::*;
 
+    const MAX_HEADERS: usize = 100;
+
     fn simple(raw: &[u8]) -> (Method, http::Uri, HeaderMap, bool, usize) {
         match parse_head(raw, MAX_HEADERS) {
             Head::Simple(s) => (s.method, s.target, s.headers, s.close, s.len),
@@ -552,12 +525,21 @@ mod tests {
             parse_head(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", MAX_HEADERS),
             Head::Partial
         );
+        // More fields than `[limits]` allows: hyper answers 431.
+        let many = format!("GET /v2/ HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(9));
+        assert_eq!(parse_head(many.as_bytes(), 8), Head::Hyper);
+        assert!(matches!(parse_head(many.as_bytes(), 9), Head::Simple(_)));
         for raw in [
             &b"GET /v2/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\n"[..],
             b"GET /v2/ HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"PATCH /v2/a/blobs/uploads/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
         ] {
-            assert!(matches!(parse_head(raw, MAX_HEADERS), Head::Smuggling(_)));
+            assert!(matches!(parse_head(raw, MAX_HEADERS), Head::Smuggling(..)));
         }
+        // Served here, so that the edge step refuses it with the same rule as hyper's path.
+        let Head::Simple(s) = parse_head(b"GET /v2/ HTTP/1.1\nHost: x\n\n", MAX_HEADERS) else {
+            panic!("bare LF")
+        };
+        assert!(s.note.bare_lf);
     }
 }
