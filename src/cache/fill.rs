@@ -160,16 +160,26 @@ pub fn spawn(
                     upstream = %upstream.name,
                     "blob not cached; its clients are served straight from the upstream"
                 );
-                upstream.stats().download_ended(Some(&error));
+                upstream.stats().download_ended(Some(failure_of(&error)));
                 guard.fail(error);
             }
             Err(error) => {
                 tracing::warn!(%error, %digest, upstream = %upstream.name, "blob download failed");
-                upstream.stats().download_ended(Some(&error));
+                upstream.stats().download_ended(Some(failure_of(&error)));
                 guard.fail(error);
             }
         }
     });
+}
+
+fn failure_of(e: &FillError) -> crate::upstream::stats::DownloadFailure {
+    use crate::upstream::stats::DownloadFailure as F;
+    match e {
+        FillError::Upstream(_) => F::Upstream,
+        FillError::DigestMismatch(_) => F::DigestMismatch,
+        FillError::Io(_) | FillError::TooLarge(_) => F::NotCached,
+        FillError::Aborted => F::Aborted,
+    }
 }
 
 fn io_err(e: std::io::Error) -> FillError {
