@@ -7,6 +7,7 @@ pub mod fill;
 pub mod hasher;
 pub mod inflight;
 pub mod reader;
+pub mod source;
 pub mod store;
 pub mod tags;
 pub mod tail;
