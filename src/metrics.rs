@@ -96,16 +96,7 @@ pub fn result_of_error(e: &Error) -> Option<CacheResult> {
     matches!(e, Error::Upstream(..) | Error::Offline(_)).then_some(CacheResult::Miss)
 }
 
-/// `1xx` … `5xx`.
-pub fn status_class(status: u16) -> &'static str {
-    match status / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    }
-}
+pub use crate::upstream::stats::status_class;
 
 /// A bounded label for an error a request ended in.
 pub fn error_reason(e: &Error) -> &'static str {

@@ -11,16 +11,16 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::error::UpstreamError;
+use super::source::SourceError;
 use crate::flight::lock;
 use crate::reference::Digest;
 
 /// Why a download ended without committing anything.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FillError {
-    /// The upstream failed or refused.
+    /// The byte source failed, refused or answered wrongly.
     #[error(transparent)]
-    Upstream(#[from] UpstreamError),
+    Source(#[from] SourceError),
     /// The bytes did not hash to the digest.
     #[error("content does not match digest {0}")]
     DigestMismatch(String),
@@ -36,7 +36,7 @@ pub enum FillError {
 }
 
 impl FillError {
-    /// A local failure (disk full, write error, no room): the upstream is fine, so clients
+    /// A local failure (disk full, write error, no room): the source is fine, so clients
     /// can still be served straight from it, without caching.
     pub fn is_local(&self) -> bool {
         matches!(self, FillError::Io(_) | FillError::TooLarge(_))
@@ -46,11 +46,11 @@ impl FillError {
 /// Progress of one download, as every reader sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FillState {
-    /// Waiting for the upstream's response headers.
+    /// Waiting for the source's answer.
     Connecting,
     /// Bytes are arriving; the first `written` are in the staged file.
     Streaming {
-        /// `Content-Length` from upstream, when sent.
+        /// The blob's length, when the source said.
         len: Option<u64>,
         /// Bytes written to the staged file so far.
         written: u64,
@@ -288,7 +288,7 @@ impl LeaderGuard {
         self.fill.state.send_replace(state);
     }
 
-    /// The upstream answered with `len` bytes (if it said): bytes start arriving, written
+    /// The source answered with `len` bytes (if it said): bytes start arriving, written
     /// through the returned handle.
     pub fn streaming(&self, len: Option<u64>) -> Progress {
         self.publish(FillState::Streaming { len, written: 0 });

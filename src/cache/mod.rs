@@ -10,6 +10,7 @@ pub mod hasher;
 pub mod inflight;
 pub mod lock;
 pub mod reader;
+pub mod source;
 pub mod store;
 pub mod tags;
 pub mod tail;

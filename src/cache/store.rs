@@ -77,6 +77,9 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn blob_len(&self, digest: &Digest) -> io::Result<Option<u64>>;
     /// Opens a committed blob at `offset`.
     async fn open_blob(&self, digest: &Digest, offset: u64) -> io::Result<Option<BlobRead>>;
+    /// A committed blob as an open local file and its size, in one step (one open, one stat
+    /// of the open file), or `None` when absent.
+    async fn open_blob_file(&self, digest: &Digest) -> io::Result<Option<(std::fs::File, u64)>>;
     /// Takes a staged file whose content has been verified to hash to `digest` and synced.
     async fn commit_blob(&self, digest: &Digest, staged: &Path) -> io::Result<()>;
     /// A committed manifest.
@@ -513,6 +516,19 @@ impl BlobStore for FsStore {
             reader: Box::pin(tokio::fs::File::from_std(f)),
             file: Some(file),
         }))
+    }
+
+    async fn open_blob_file(&self, digest: &Digest) -> io::Result<Option<(std::fs::File, u64)>> {
+        let path = self.blob_path(digest);
+        tokio::task::spawn_blocking(move || {
+            let Some(f) = absent(std::fs::File::open(path))? else {
+                return Ok(None);
+            };
+            let len = f.metadata()?.len();
+            Ok(Some((f, len)))
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     async fn commit_blob(&self, digest: &Digest, staged: &Path) -> io::Result<()> {

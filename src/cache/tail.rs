@@ -5,7 +5,7 @@
 //! late joiner catches up from disk and a slow client only slows itself.
 //!
 //! When the download fails for a local reason (disk full, write error, a blob larger than the
-//! cache), a tail reader given a [`Refetch`] carries on straight from the upstream from where
+//! cache), a tail reader given a fallback [`ByteSource`] carries on straight from it from where
 //! it was, so its client still gets the whole body; a reader of a whole blob hashes what it
 //! sent and holds back its last chunk until the digest matches.
 
@@ -13,13 +13,13 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::Stream;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
 use super::hasher::Hasher;
 use super::inflight::{Fill, FillState};
+use super::source::{ByteSource, SourceBytes};
 use super::store::BlobStore;
 
 /// Bytes read per chunk.
@@ -28,25 +28,8 @@ const CHUNK: u64 = 256 * 1024;
 /// usually sent over TLS.
 const FILE_CHUNK: u64 = 1024 * 1024;
 
-type Reader = Pin<Box<dyn AsyncRead + Send>>;
-
 /// A stream of body bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
-
-/// Fetches a blob's bytes from `start` on straight from its source, bypassing the cache.
-#[async_trait::async_trait]
-pub trait Refetch: Send + Sync {
-    /// The bytes from `start` to the end of the blob.
-    async fn from(&self, start: u64) -> io::Result<ByteStream>;
-}
-
-// Where a tail reader reads: a local file read at absolute offsets (the staged file of the
-// download, or the committed blob when the backend has it as a file), or a committed blob
-// as a stream positioned at the reader's start.
-enum Source {
-    File(Arc<std::fs::File>),
-    Stored(Reader),
-}
 
 /// Part of a body: bytes, or a range of a local file the caller can send as it is (with
 /// `sendfile(2)`), read from the page cache by the kernel.
@@ -64,29 +47,13 @@ pub enum Part {
     },
 }
 
-// A reader that has left the cache for the upstream.
+// A reader that has left the cache for its fallback source.
 struct Direct {
-    stream: ByteStream,
+    stream: SourceBytes,
     // Set when the reader serves the whole blob: everything sent so far is in it.
     hasher: Option<Hasher>,
     held: Option<Bytes>,
     finished: bool,
-}
-
-/// Streams `remaining` bytes from `reader`; ends with an error if the file is shorter.
-pub fn read_stream(reader: Reader, remaining: u64) -> impl Stream<Item = io::Result<Bytes>> + Send {
-    futures_util::stream::unfold((reader, remaining), |(mut reader, remaining)| async move {
-        if remaining == 0 {
-            return None;
-        }
-        match read_chunk(&mut reader, remaining.min(CHUNK)).await {
-            Ok(b) => {
-                let left = remaining - b.len() as u64;
-                Some((Ok(b), (reader, left)))
-            }
-            Err(e) => Some((Err(e), (reader, 0))),
-        }
-    })
 }
 
 /// Streams `len` bytes of `file` from `offset` with positional reads on the blocking pool,
@@ -112,18 +79,6 @@ pub fn file_stream(
     })
 }
 
-async fn read_chunk<R: AsyncRead + Unpin>(reader: &mut R, want: u64) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(want as usize);
-    let n = (&mut *reader).take(want).read_buf(&mut buf).await?;
-    if n == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "blob file shorter than expected",
-        ));
-    }
-    Ok(buf.freeze())
-}
-
 /// Follows one download from `start` up to `end` (exclusive; `None`: to the end).
 pub struct Tail {
     fill: Arc<Fill>,
@@ -131,9 +86,10 @@ pub struct Tail {
     store: Arc<dyn BlobStore>,
     pos: u64,
     end: Option<u64>,
-    reader: Option<Source>,
+    // The staged file, or the committed blob's file, read at absolute offsets.
+    file: Option<Arc<std::fs::File>>,
     done: bool,
-    fallback: Option<(std::sync::Arc<dyn Refetch>, bool)>,
+    fallback: Option<(Arc<dyn ByteSource>, bool)>,
     direct: Option<Direct>,
     // The blob's length once the download was seen verified.
     verified: Option<u64>,
@@ -149,7 +105,7 @@ impl Tail {
             store,
             pos: start,
             end,
-            reader: None,
+            file: None,
             done: false,
             fallback: None,
             direct: None,
@@ -159,7 +115,7 @@ impl Tail {
 
     /// Lets the reader go on from `source` when the download fails locally. `whole`: this
     /// reader serves the entire blob, so it verifies the digest of what it sends.
-    pub fn with_fallback(mut self, source: Arc<dyn Refetch>, whole: bool) -> Self {
+    pub fn with_fallback(mut self, source: Arc<dyn ByteSource>, whole: bool) -> Self {
         // Called before any read, so `pos` is still the start.
         self.fallback = Some((source, whole && self.pos == 0));
         self
@@ -184,23 +140,20 @@ impl Tail {
 
     // Opens the staged file, or the committed blob if it has been committed already. Done
     // before the first byte is sent, also one taken from memory: a reader that falls back
-    // to the upstream hashes what it sent from this file, which stays readable even if the
+    // to its source hashes what it sent from this file, which stays readable even if the
     // failed download's name for it is gone.
     async fn open(&mut self) -> io::Result<()> {
-        if self.reader.is_none() {
+        if self.file.is_none() {
             let staged = self.fill.staged.clone();
             let opened = tokio::task::spawn_blocking(move || std::fs::File::open(staged))
                 .await
                 .map_err(io::Error::other)?;
-            let reader = match opened {
-                Ok(f) => Source::File(Arc::new(f)),
+            let file = match opened {
+                Ok(f) => f,
                 // Committed (renamed away) before we opened it: read the stored blob.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    match self.store.open_blob(&self.fill.digest, self.pos).await? {
-                        Some(b) => match b.file {
-                            Some(f) => Source::File(Arc::new(f)),
-                            None => Source::Stored(b.reader),
-                        },
+                    match self.store.open_blob_file(&self.fill.digest).await? {
+                        Some((f, _)) => f,
                         None => {
                             return Err(io::Error::other(
                                 "download vanished before it could be read",
@@ -210,26 +163,23 @@ impl Tail {
                 }
                 Err(e) => return Err(e),
             };
-            self.reader = Some(reader);
+            self.file = Some(Arc::new(file));
         }
         Ok(())
     }
 
-    // Up to `want` bytes from `self.pos` of the open source, from memory while the download
+    // Up to `want` bytes from `self.pos` of the open file, from memory while the download
     // still holds them (`fresh`), else from the file.
     async fn read(&mut self, want: u64, fresh: bool) -> io::Result<Bytes> {
-        match self.reader.as_mut() {
-            Some(Source::File(f)) => {
-                if fresh {
-                    if let Some(b) = self.fill.recent(self.pos, self.pos + want) {
-                        return Ok(b);
-                    }
-                }
-                read_at(f.clone(), self.pos, want).await
+        let Some(f) = &self.file else {
+            return Err(io::Error::other("reader missing"));
+        };
+        if fresh {
+            if let Some(b) = self.fill.recent(self.pos, self.pos + want) {
+                return Ok(b);
             }
-            Some(Source::Stored(r)) => read_chunk(r, want).await,
-            None => Err(io::Error::other("reader missing")),
         }
+        read_at(f.clone(), self.pos, want).await
     }
 
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
@@ -251,8 +201,8 @@ impl Tail {
             if self.end.is_some_and(|e| self.pos >= e) {
                 return Ok(None);
             }
-            // `None`: the disk could not take the blob, so this reader goes on from the
-            // upstream (once the state is no longer borrowed).
+            // `None`: the disk could not take the blob, so this reader goes on from its
+            // fallback source (once the state is no longer borrowed).
             let readable = match &*self.rx.borrow_and_update() {
                 _ if self.verified.is_some() => self.verified.map(|len| (len, true)),
                 FillState::Connecting => Some((0, false)),
@@ -267,7 +217,7 @@ impl Tail {
                 }
                 FillState::Failed(e) if e.is_local() && self.fallback.is_some() => {
                     tracing::debug!(error = %e, digest = %self.fill.digest, pos = self.pos,
-                        "continuing straight from the upstream");
+                        "continuing straight from the source");
                     None
                 }
                 FillState::Failed(e) => return Err(io::Error::other(e.to_string())),
@@ -282,8 +232,8 @@ impl Tail {
                     Ok(()) => {}
                     // Nothing sent yet and the file is gone: the download's fsync or commit
                     // failed, or its blob went again (evicted) right after the commit. Once
-                    // the download has ended, go on from the upstream.
-                    Err(e) if self.reader.is_none() && self.fallback.is_some() => {
+                    // the download has ended, go on from the fallback source.
+                    Err(e) if self.file.is_none() && self.fallback.is_some() => {
                         if matches!(*self.rx.borrow(), FillState::Verified { .. }) {
                             self.rx
                                 .changed()
@@ -293,13 +243,13 @@ impl Tail {
                             continue;
                         }
                         tracing::debug!(error = %e, digest = %self.fill.digest,
-                            "cached copy gone before it was read; continuing from the upstream");
+                            "cached copy gone before it was read; continuing from the source");
                         self.go_direct().await?;
                         return Ok(self.next_direct().await?.map(Part::Bytes));
                     }
                     Err(e) => return Err(e),
                 }
-                if let (true, Some(Source::File(file))) = (files, &self.reader) {
+                if let (true, Some(file)) = (files, &self.file) {
                     let part = Part::File {
                         file: file.clone(),
                         offset: self.pos,
@@ -340,7 +290,7 @@ impl Tail {
             // the failed download's name for it is gone).
             // A failed download was never committed, so that is always the staged file.
             if self.pos > 0 {
-                let Some(Source::File(f)) = &self.reader else {
+                let Some(f) = &self.file else {
                     return Err(io::Error::other("sent bytes without their file"));
                 };
                 hash_prefix(f, self.pos, &mut h).await?;
@@ -349,9 +299,14 @@ impl Tail {
         } else {
             None
         };
-        self.reader = None;
+        self.file = None;
+        let stream = source
+            .open(&self.fill.digest, self.pos)
+            .await
+            .and_then(|opened| opened.skip_to(self.pos))
+            .map_err(io::Error::other)?;
         self.direct = Some(Direct {
-            stream: source.from(self.pos).await?,
+            stream,
             hasher,
             held: None,
             finished: false,
@@ -372,21 +327,26 @@ impl Tail {
             let next = if remaining == Some(0) {
                 None
             } else {
-                d.stream.next().await.transpose()?
+                d.stream
+                    .next()
+                    .await
+                    .transpose()
+                    .map_err(io::Error::other)?
             };
             let Some(mut b) = next else {
                 d.finished = true;
                 if remaining.is_some_and(|r| r > 0) {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        "upstream body shorter than the blob",
+                        "source body shorter than the blob",
                     ));
                 }
                 if let Some(h) = d.hasher.take() {
                     let actual = h.finish();
                     if actual != self.fill.digest {
                         tracing::warn!(digest = %self.fill.digest, %actual,
-                            "upstream sent a blob that does not match its digest");
+                            source = self.fallback.as_ref().map_or("", |(s, _)| s.name()),
+                            "source sent a blob that does not match its digest");
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             "blob does not match its digest",
@@ -473,6 +433,7 @@ async fn read_at(file: Arc<std::fs::File>, offset: u64, want: u64) -> io::Result
 mod tests {
     use super::*;
     use crate::cache::inflight::{InFlight, Join, LeaderGuard, RECENT_BYTES};
+    use crate::cache::source::fake::Fake;
     use crate::cache::store::FsStore;
     use crate::reference::Digest;
     use futures_util::StreamExt;
@@ -515,17 +476,6 @@ mod tests {
             out.extend_from_slice(&b?);
         }
         Ok(out)
-    }
-
-    /// Upstream stand-in for the fallback.
-    struct Source(Bytes);
-
-    #[async_trait::async_trait]
-    impl Refetch for Source {
-        async fn from(&self, start: u64) -> io::Result<ByteStream> {
-            let rest = self.0.slice(start as usize..);
-            Ok(Box::pin(futures_util::stream::iter([Ok(rest)])))
-        }
     }
 
     #[tokio::test]
@@ -613,7 +563,58 @@ mod tests {
         let t = Tail::new(fill.clone(), s.store.clone(), 0, None);
         assert!(read_all(t).await.is_err(), "without a fallback: an error");
         let t = Tail::new(fill, s.store.clone(), 0, None)
-            .with_fallback(Arc::new(Source(data.clone())), true);
+            .with_fallback(Arc::new(Fake::new(data.clone())), true);
         assert_eq!(read_all(t).await.unwrap(), data);
+    }
+
+    /// A reader that sent part of a download the disk then failed, continued from `fallback`.
+    async fn continued_from(fallback: Fake) -> (io::Result<Vec<u8>>, Vec<u8>, Vec<u64>) {
+        let s = setup(3000).await;
+        let fill = s.guard.fill().clone();
+        let mut progress = s.guard.streaming(Some(3000));
+        append(&fill.staged, &s.data[..1200]);
+        progress.written(&[Bytes::from(s.data[..1200].to_vec())]);
+        let fallback = Arc::new(fallback);
+        let mut t =
+            Tail::new(fill.clone(), s.store.clone(), 0, None).with_fallback(fallback.clone(), true);
+        let mut got = t.next_chunk().await.unwrap().unwrap().to_vec();
+        assert_eq!(got.len(), 1199, "the last byte written waits for more");
+        s.guard
+            .fail(crate::cache::inflight::FillError::Io("disk full".into()));
+        let rest = read_all(t).await.map(|rest| {
+            got.extend_from_slice(&rest);
+            got
+        });
+        (rest, s.data, fallback.opened())
+    }
+
+    #[tokio::test]
+    async fn a_fallback_answering_from_zero_is_skipped_to_where_the_reader_was() {
+        let data = setup(3000).await.data;
+        let mut source = Fake::new(data.clone());
+        source.from_zero = true;
+        let (read, data, opened) = continued_from(source).await;
+        assert_eq!(read.unwrap(), data);
+        assert_eq!(opened, vec![1199]);
+    }
+
+    #[tokio::test]
+    async fn a_fallback_with_wrong_or_missing_bytes_ends_in_an_error() {
+        let data = setup(3000).await.data;
+        let mut wrong = data.clone();
+        wrong[2500] ^= 1;
+        let (read, ..) = continued_from(Fake::new(wrong)).await;
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let mut broken = Fake::new(data.clone());
+        broken.fault = crate::cache::source::fake::Fault::FailAt(2000);
+        let (read, ..) = continued_from(broken).await;
+        assert!(
+            read.is_err(),
+            "a source error mid-stream reaches the client"
+        );
+        let mut short = Fake::new(data);
+        short.fault = crate::cache::source::fake::Fault::EndAt(2000);
+        let (read, ..) = continued_from(short).await;
+        assert!(read.is_err(), "a short body never ends cleanly");
     }
 }

@@ -11,12 +11,15 @@ use crate::app::App;
 use crate::body::{self, Body, set_header as set};
 use crate::cache::fill;
 use crate::cache::inflight::{FillError, FillState, Join};
-use crate::cache::tail::{ByteStream, Refetch, SharedTail, Tail, file_stream, read_stream};
+use crate::cache::reader::{FileRange, TailBody};
+use crate::cache::source::{ByteSource, SourceError, SourceStream, Timeouts};
+use crate::cache::tail::{SharedTail, Tail, file_stream};
 use crate::error::{Error, Kind, UpstreamError};
 use crate::metrics::{CacheResult, mark};
 use crate::range::{self, RangeSpec};
 use crate::reference::{Digest, Repository};
 use crate::upstream::Upstream;
+use crate::upstream::stats::DownloadFailure;
 
 fn blob_headers(r: &mut Response<Body>, digest: &Digest, len: u64) {
     r.headers_mut()
@@ -65,7 +68,7 @@ fn blob_response(
 
 fn fill_error(e: FillError) -> Error {
     match e {
-        FillError::Upstream(u) => Error::Upstream(Kind::Blob, u),
+        FillError::Source(e) => Error::Upstream(Kind::Blob, upstream_error(e)),
         FillError::DigestMismatch(got) => Error::Upstream(
             Kind::Blob,
             UpstreamError::Invalid(format!("blob content hashed to {got}")),
@@ -76,40 +79,92 @@ fn fill_error(e: FillError) -> Error {
     }
 }
 
-/// A blob straight from its upstream, for clients of a download the disk could not take.
-struct Straight {
+/// The upstream's error as the cache's byte sources name it.
+fn source_error(e: UpstreamError) -> SourceError {
+    match e {
+        UpstreamError::Status(404) => SourceError::NotFound,
+        UpstreamError::Status(s) => SourceError::Status(s),
+        UpstreamError::Auth(why) => SourceError::Refused { status: 401, why },
+        UpstreamError::Denied(why) => SourceError::Refused { status: 403, why },
+        UpstreamError::Unreachable(why) => SourceError::Unreachable(why),
+        UpstreamError::Timeout(why) => SourceError::Timeout(why),
+        UpstreamError::Invalid(why) => SourceError::Invalid(why),
+    }
+}
+
+/// Back to the upstream's error, answered to clients as before the download (the inverse of
+/// [`source_error`]).
+fn upstream_error(e: SourceError) -> UpstreamError {
+    match e {
+        SourceError::NotFound => UpstreamError::Status(404),
+        SourceError::Status(s) => UpstreamError::Status(s),
+        SourceError::Refused { status: 403, why } => UpstreamError::Denied(why),
+        SourceError::Refused { why, .. } => UpstreamError::Auth(why),
+        SourceError::Unreachable(why) => UpstreamError::Unreachable(why),
+        SourceError::Timeout(why) => UpstreamError::Timeout(why),
+        SourceError::Invalid(why) => UpstreamError::Invalid(why),
+    }
+}
+
+/// How the downloads counter names a download's end.
+fn download_failure(e: &FillError) -> DownloadFailure {
+    match e {
+        FillError::Source(_) => DownloadFailure::Upstream,
+        FillError::DigestMismatch(_) => DownloadFailure::DigestMismatch,
+        FillError::Io(_) | FillError::TooLarge(_) => DownloadFailure::NotCached,
+        FillError::Aborted => DownloadFailure::Aborted,
+    }
+}
+
+/// One repository's blobs at an upstream registry, as the cache's byte source: read by the
+/// download that fills the cache, and by clients served straight from the upstream when the
+/// disk cannot take a blob. Counts the blob bytes received.
+struct UpstreamSource {
     upstream: Arc<Upstream>,
     repository: Repository,
-    digest: Digest,
 }
 
 #[async_trait::async_trait]
-impl Refetch for Straight {
-    async fn from(&self, start: u64) -> std::io::Result<ByteStream> {
-        use futures_util::StreamExt;
-        let (resp, mut skip) = self
-            .upstream
-            .blob_from(&self.repository, &self.digest, start)
-            .await
-            .map_err(std::io::Error::other)?;
-        let stats = self.upstream.stats().clone();
-        let bytes = resp.into_body().into_data_stream().filter_map(move |r| {
-            if let Ok(b) = &r {
-                stats.fetched_blob(b.len() as u64);
-            }
-            let out = match r {
-                Ok(mut b) if skip > 0 => {
-                    let n = skip.min(b.len() as u64);
-                    skip -= n;
-                    let rest = b.split_off(n as usize);
-                    (!rest.is_empty()).then_some(Ok(rest))
-                }
-                other => Some(other),
-            };
-            std::future::ready(out)
-        });
-        Ok(Box::pin(bytes))
+impl ByteSource for UpstreamSource {
+    fn name(&self) -> &str {
+        &self.upstream.name
     }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            open: self.upstream.exchange_deadline,
+            idle: self.upstream.read_idle,
+        }
+    }
+
+    async fn open(&self, digest: &Digest, from: u64) -> Result<SourceStream, SourceError> {
+        use futures_util::StreamExt;
+        let answer = self
+            .upstream
+            .blob(&self.repository, digest, from)
+            .await
+            .map_err(source_error)?;
+        let stats = self.upstream.stats().clone();
+        let bytes = answer.body.into_data_stream().map(move |r| match r {
+            Ok(b) => {
+                stats.fetched_blob(b.len() as u64);
+                Ok(b)
+            }
+            Err(e) => Err(SourceError::Unreachable(e.to_string())),
+        });
+        Ok(SourceStream {
+            total_len: answer.total,
+            offset: answer.offset,
+            bytes: Box::pin(bytes),
+        })
+    }
+}
+
+fn source(upstream: &Arc<Upstream>, repository: &Repository) -> Arc<dyn ByteSource> {
+    Arc::new(UpstreamSource {
+        upstream: upstream.clone(),
+        repository: repository.clone(),
+    })
 }
 
 /// `GET|HEAD /v2/<name>/blobs/<digest>`, with single `Range` support on cached blobs and on
@@ -124,30 +179,27 @@ pub async fn blob(
     head: bool,
     client: Option<std::net::IpAddr>,
 ) -> Result<Response<Body>, Error> {
-    if let Some(total) = app.store.blob_len(digest).await? {
-        let (status, start, len) = plan(range, total)?;
-        app.store.note_use(digest).await;
-        if head {
+    if head {
+        if let Some(total) = app.store.blob_len(digest).await? {
+            let (status, start, len) = plan(range, total)?;
+            app.store.note_use(digest).await;
             return Ok(mark(
                 blob_response(digest, total, status, start, len, body::empty()),
                 CacheResult::Hit,
             ));
         }
-        // Gone between the two calls (garbage collection): fetched again below.
-        if let Some(b) = app.store.open_blob(digest, start).await? {
-            let Some(file) = b.file else {
-                let stream = read_stream(b.reader, len);
-                let r = blob_response(digest, total, status, start, len, body::stream(stream));
-                return Ok(mark(r, CacheResult::Hit));
-            };
-            // A local file: the plain-HTTP loop sends it with sendfile; other connections
-            // read it chunk by chunk.
-            let range = crate::cache::reader::FileRange::new(file, start, len);
-            let stream = file_stream(range.file.clone(), start, len);
-            let mut r = blob_response(digest, total, status, start, len, body::stream(stream));
-            r.extensions_mut().insert(range);
-            return Ok(mark(r, CacheResult::Hit));
-        }
+    } else if let Some((file, total)) = app.store.open_blob_file(digest).await? {
+        // One blocking trip: the file opened once and its length read from the open file,
+        // so the range is planned on exactly what is sent.
+        let (status, start, len) = plan(range, total)?;
+        app.store.note_use(digest).await;
+        // The plain-HTTP loop sends the range with sendfile; other connections read it chunk
+        // by chunk from the same open file.
+        let range = FileRange::new(file, start, len);
+        let stream = file_stream(range.file.clone(), start, len);
+        let mut r = blob_response(digest, total, status, start, len, body::stream(stream));
+        r.extensions_mut().insert(range);
+        return Ok(mark(r, CacheResult::Hit));
     }
     let up = &app.upstreams[upstream];
     if up.offline {
@@ -190,18 +242,17 @@ pub async fn blob(
             }
             Join::Leader(guard) => {
                 let f = guard.fill().clone();
-                fill::spawn(guard, app.store.clone(), up.clone(), repo.clone());
+                let stats = up.stats().clone();
+                fill::spawn(guard, app.store.clone(), source(up, repo), move |outcome| {
+                    stats.download_ended(outcome.err().map(download_failure));
+                });
                 f
             }
         };
         (fill, slot)
     };
     let mut rx = fill.subscribe();
-    let direct: Arc<dyn Refetch> = Arc::new(Straight {
-        upstream: up.clone(),
-        repository: repo.clone(),
-        digest: digest.clone(),
-    });
+    let direct = source(up, repo);
     // Headers go out as soon as the upstream has answered (or, for a range on a download of
     // unknown length, once the length is known).
     let total = {
@@ -262,7 +313,6 @@ pub async fn blob(
     );
     let body = body::hold(body::stream(tail.clone().into_stream()), slot);
     let mut r = blob_response(digest, total, status, start, len, body);
-    r.extensions_mut()
-        .insert(crate::cache::reader::TailBody::new(tail, len));
+    r.extensions_mut().insert(TailBody::new(tail, len));
     Ok(mark(r, result))
 }

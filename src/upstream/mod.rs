@@ -349,91 +349,76 @@ impl Upstream {
         })
     }
 
-    /// Starts a blob download (GET, redirects followed). Any status but 200 is an error.
+    /// A blob's bytes from byte `start` on (GET, redirects followed; `Range: bytes=start-`
+    /// when `start > 0`). The answer may start at 0 when the upstream ignored the range:
+    /// `offset` says where its body starts. Any other status than 200 (or 206 to a range) is
+    /// an error.
     pub async fn blob(
         &self,
         repo: &Repository,
         digest: &Digest,
-    ) -> Result<Response<Body>, UpstreamError> {
-        let resp = self
-            .request(
-                &Method::GET,
-                repo,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                HeaderMap::new(),
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(UpstreamError::Status(resp.status().as_u16()));
-        }
-        Ok(resp)
-    }
-
-    /// Fetches a blob from byte `start` on, for a client the cache cannot store it for: a
-    /// `Range` request when `start > 0`. Returns the response and how many leading bytes of
-    /// its body to skip (all of `start` when the upstream ignored the range).
-    pub async fn blob_from(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
         start: u64,
-    ) -> Result<(Response<Body>, u64), UpstreamError> {
-        if start == 0 {
-            return Ok((self.blob(repo, digest).await?, 0));
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::RANGE,
-            http::HeaderValue::from_str(&format!("bytes={start}-"))
-                .map_err(|e| UpstreamError::Invalid(e.to_string()))?,
-        );
-        let resp = self
-            .request(
-                &Method::GET,
-                repo,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                headers,
-            )
-            .await?;
-        match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {
-                let from = resp
-                    .headers()
-                    .get(http::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if from != Some(start) {
-                    return Err(UpstreamError::Invalid(
-                        "range answer does not start where asked".into(),
-                    ));
-                }
-                Ok((resp, 0))
-            }
-            StatusCode::OK => Ok((resp, start)),
-            s => Err(UpstreamError::Status(s.as_u16())),
-        }
+    ) -> Result<BlobAnswer, UpstreamError> {
+        self.blob_exchange(&Method::GET, repo, digest, start).await
     }
 
-    /// Asks whether a blob exists and how large it is (HEAD).
+    /// Asks whether a blob exists and how large it is (HEAD): the same exchange as
+    /// [`Upstream::blob`], without a body.
     pub async fn blob_size(
         &self,
         repo: &Repository,
         digest: &Digest,
     ) -> Result<Option<u64>, UpstreamError> {
-        let resp = self
-            .request(
-                &Method::HEAD,
-                repo,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                HeaderMap::new(),
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(UpstreamError::Status(resp.status().as_u16()));
+        Ok(self
+            .blob_exchange(&Method::HEAD, repo, digest, 0)
+            .await?
+            .total)
+    }
+
+    async fn blob_exchange(
+        &self,
+        method: &Method,
+        repo: &Repository,
+        digest: &Digest,
+        start: u64,
+    ) -> Result<BlobAnswer, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        if start > 0 {
+            headers.insert(
+                header::RANGE,
+                HeaderValue::from_str(&format!("bytes={start}-"))
+                    .map_err(|e| UpstreamError::Invalid(e.to_string()))?,
+            );
         }
-        Ok(content_length(resp.headers()))
+        let resp = self
+            .request(method, repo, &format!("/v2/{repo}/blobs/{digest}"), headers)
+            .await?;
+        let (parts, body) = resp.into_parts();
+        match parts.status {
+            StatusCode::OK => Ok(BlobAnswer {
+                total: content_length(&parts.headers),
+                offset: 0,
+                body,
+            }),
+            StatusCode::PARTIAL_CONTENT if start > 0 => {
+                let Some((from, total)) = content_range(&parts.headers) else {
+                    return Err(UpstreamError::Invalid(
+                        "range answer without a valid Content-Range".into(),
+                    ));
+                };
+                if from != start {
+                    return Err(UpstreamError::Invalid(
+                        "range answer does not start where asked".into(),
+                    ));
+                }
+                Ok(BlobAnswer {
+                    total,
+                    offset: from,
+                    body,
+                })
+            }
+            s => Err(UpstreamError::Status(s.as_u16())),
+        }
     }
 
     /// Lists tags, passing `query` (`n`, `last`) through. Returns the body and `Link` header.
@@ -463,6 +448,29 @@ impl Upstream {
             .map_err(|e| e.at(&self.name))?;
         Ok((body, link))
     }
+}
+
+/// A blob answer from the upstream: where its body starts and how long the whole blob is.
+pub struct BlobAnswer {
+    /// Size of the whole blob, when the upstream said.
+    pub total: Option<u64>,
+    /// Offset in the blob of the body's first byte: 0, or the start asked for when the
+    /// upstream honoured the range.
+    pub offset: u64,
+    /// The body; empty for HEAD.
+    pub body: Body,
+}
+
+/// First byte and total size (`None` for `*`) of a `Content-Range: bytes a-b/total` header.
+fn content_range(h: &HeaderMap) -> Option<(u64, Option<u64>)> {
+    let v = h.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let (range, total) = v.strip_prefix("bytes ")?.split_once('/')?;
+    let from = range.split_once('-')?.0.trim().parse().ok()?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((from, total))
 }
 
 /// `Content-Length` as a number, when present and well-formed.
@@ -517,6 +525,27 @@ where
                     buf.extend_from_slice(&data);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_gives_the_first_byte_and_the_total() {
+        let mut h = HeaderMap::new();
+        let cases = [
+            ("bytes 100-199/1000", Some((100, Some(1000)))),
+            ("bytes 5-9/*", Some((5, None))),
+            ("bytes */1000", None),
+            ("items 1-2/3", None),
+            ("bytes 1-2/x", None),
+        ];
+        for (value, want) in cases {
+            h.insert(header::CONTENT_RANGE, HeaderValue::from_static(value));
+            assert_eq!(content_range(&h), want, "{value}");
         }
     }
 }

@@ -9,10 +9,8 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::cache::inflight::FillError;
 use crate::error::UpstreamError;
 use crate::flight::lock;
-use crate::metrics::status_class;
 
 /// One upstream's health as seen from the requests regcache sent it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,6 +64,42 @@ pub const DOWNLOAD_OUTCOMES: [&str; 5] = [
     "not_cached",
     "aborted",
 ];
+
+/// `1xx` … `5xx`.
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Why a blob download ended without committing anything, as the downloads counter sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadFailure {
+    /// The upstream failed, refused or sent a wrong answer.
+    Upstream,
+    /// The bytes did not hash to the digest.
+    DigestMismatch,
+    /// The disk could not take the blob; its clients were served straight from the upstream.
+    NotCached,
+    /// The download task ended without finishing (panic or shutdown).
+    Aborted,
+}
+
+impl DownloadFailure {
+    /// The outcome label, one of [`DOWNLOAD_OUTCOMES`].
+    pub fn label(self) -> &'static str {
+        match self {
+            DownloadFailure::Upstream => "upstream_error",
+            DownloadFailure::DigestMismatch => "digest_mismatch",
+            DownloadFailure::NotCached => "not_cached",
+            DownloadFailure::Aborted => "aborted",
+        }
+    }
+}
 
 /// Counters and health of one upstream. Cheap to update: every metric is pre-labelled.
 pub struct UpstreamStats {
@@ -190,14 +224,8 @@ impl UpstreamStats {
     }
 
     /// Counts a blob download that ended: `None` committed, or why it did not.
-    pub fn download_ended(&self, failure: Option<&FillError>) {
-        let outcome = match failure {
-            None => "complete",
-            Some(FillError::Upstream(_)) => "upstream_error",
-            Some(FillError::DigestMismatch(_)) => "digest_mismatch",
-            Some(FillError::Io(_) | FillError::TooLarge(_)) => "not_cached",
-            Some(FillError::Aborted) => "aborted",
-        };
+    pub fn download_ended(&self, failure: Option<DownloadFailure>) {
+        let outcome = failure.map_or("complete", DownloadFailure::label);
         self.downloads[index_of(&DOWNLOAD_OUTCOMES, outcome)].inc();
     }
 
