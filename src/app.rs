@@ -8,16 +8,32 @@ use moka::sync::Cache;
 
 use crate::access::Access;
 use crate::cache::inflight::InFlight;
+use crate::cache::store::StoredManifest;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
 use crate::cache::tags::TagEntry;
 use crate::config::Config;
 use crate::error::UpstreamError;
 use crate::flight::Flight;
 use crate::metrics::Metrics;
+use crate::reference::{Digest, Repository};
 use crate::rewrite::RoutingTable;
-use crate::routes::manifests::{Fetched, ManifestKey};
-use crate::routes::push::Uploads;
 use crate::upstream::Upstream;
+
+pub mod uploads;
+
+pub use uploads::Uploads;
+
+/// Key for coalescing manifest fetches: upstream, repository, reference, accepted types.
+pub type ManifestKey = (usize, Repository, String, u8);
+
+/// A manifest fetched and verified, shared by coalesced callers.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Its digest.
+    pub digest: Digest,
+    /// The manifest.
+    pub manifest: StoredManifest,
+}
 
 /// Everything a request needs; immutable after start-up except for the caches inside.
 pub struct App {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::Response;
 
 use super::manifest_response;
-use crate::app::App;
+use crate::app::{App, Fetched, ManifestKey};
 use crate::body::Body;
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
@@ -14,18 +14,6 @@ use crate::error::{Error, Kind, UpstreamError};
 use crate::media::{self, Accept};
 use crate::metrics::{CacheResult, mark};
 use crate::reference::{Digest, Reference, Repository, Tag};
-
-/// Key for coalescing manifest fetches: upstream, repository, reference, accepted types.
-pub type ManifestKey = (usize, Repository, String, u8);
-
-/// A manifest fetched and verified, shared by coalesced callers.
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    /// Its digest.
-    pub digest: Digest,
-    /// The manifest.
-    pub manifest: StoredManifest,
-}
 
 /// `GET|HEAD /v2/<name>/manifests/<reference>`.
 pub async fn manifest(

@@ -4,7 +4,6 @@
 //! to the cache, so a pull right after a push is a cache hit.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -14,9 +13,9 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use url::Url;
 
 use crate::app::App;
+use crate::app::uploads::{SharedSpool, Spool, Taken, Upload, UploadState};
 use crate::body::{self, Body, set_header as set};
 use crate::cache::hasher::Hasher;
 use crate::cache::store::StoredManifest;
@@ -32,108 +31,12 @@ const FORWARDED: [HeaderName; 3] = [
     header::CONTENT_LENGTH,
     header::CONTENT_RANGE,
 ];
-/// An upload nobody touches for this long is forgotten (its local copy deleted).
-const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
-
-/// The local copy of an upload, hashed as the bytes pass through.
-struct Spool {
-    path: PathBuf,
-    file: std::fs::File,
-    hasher: Hasher,
-    broken: bool,
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        // Committed spools have been renamed away; this removes every other one.
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// A spool shared by the request body that fills it and the code that commits it.
-type SharedSpool = Arc<Mutex<Option<Spool>>>;
-
-/// Where an upload stands upstream, and its local copy.
-struct UploadState {
-    location: Url,
-    spool: SharedSpool,
-}
-
-/// One upload regcache handed out an id for.
-pub struct Upload {
-    upstream: usize,
-    repo: Repository,
-    client_name: Repository,
-    // Taken out while a request works on the upload and put back after, so two requests can
-    // never interleave on it; the lock itself is held only for the take and the put.
-    state: Mutex<Option<UploadState>>,
-}
-
-/// An upload's state taken out for one request, so two requests never interleave on it.
-/// Dropped without `finish` or `put_back` (an error, or the client going away mid-request),
-/// it puts the state back as it was.
-struct Taken {
-    upload: Arc<Upload>,
-    original: Option<UploadState>,
-}
-
-impl Taken {
-    /// Takes the upload's state; also returns where it stood upstream and its local copy.
-    fn new(upload: Arc<Upload>) -> Option<(Self, Url, SharedSpool)> {
-        let state = lock(&upload.state).take()?;
-        let (location, spool) = (state.location.clone(), state.spool.clone());
-        Some((
-            Taken {
-                original: Some(state),
-                upload,
-            },
-            location,
-            spool,
-        ))
-    }
-
-    /// The upload is complete or cancelled: nothing to put back.
-    fn finish(&mut self) {
-        self.original = None;
-    }
-
-    /// Puts back an updated state.
-    fn put_back(&mut self, state: UploadState) {
-        self.original = None;
-        *lock(&self.upload.state) = Some(state);
-    }
-}
-
-impl Drop for Taken {
-    fn drop(&mut self) {
-        if let Some(state) = self.original.take() {
-            *lock(&self.upload.state) = Some(state);
-        }
-    }
-}
-
-/// The uploads under way, forgotten after an hour without use.
-pub struct Uploads {
-    sessions: moka::sync::Cache<String, Arc<Upload>>,
-}
-
-impl Default for Uploads {
-    fn default() -> Self {
-        Uploads {
-            sessions: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(UPLOAD_IDLE)
-                .build(),
-        }
-    }
-}
-
 /// A request body that copies every chunk into a spool (hash + local file) on its way
 /// upstream. Writes are plain page-cache writes of one network frame each; the spool is
 /// fsynced only at commit, on a blocking thread.
 struct Tee {
     inner: Body,
-    spool: Arc<Mutex<Option<Spool>>>,
+    spool: SharedSpool,
 }
 
 impl HttpBody for Tee {
@@ -228,7 +131,7 @@ async fn passthrough(resp: Response<Body>, idle: Duration) -> Error {
 }
 
 /// Commits a spool whose content hashes to `digest`; otherwise drops it.
-async fn commit_spool(app: &App, spool: &Arc<Mutex<Option<Spool>>>, digest: &Digest) {
+async fn commit_spool(app: &App, spool: &SharedSpool, digest: &Digest) {
     let Some(mut s) = lock(spool).take() else {
         return;
     };
