@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::Response;
 
-use super::manifest_response;
+use super::{Target, manifest_response};
 use crate::app::{App, Fetched, ManifestKey};
 use crate::body::Body;
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
@@ -18,12 +18,12 @@ use crate::reference::{Digest, Reference, Repository, Tag};
 /// `GET|HEAD /v2/<name>/manifests/<reference>`.
 pub async fn manifest(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
+    target: &Target,
     reference: &Reference,
     accept: &Accept,
     head: bool,
 ) -> Result<Response<Body>, Error> {
+    let (upstream, repo) = (target.upstream(), target.repository());
     match reference {
         Reference::Digest(d) => {
             let (m, result) = match app.store.manifest(d).await? {

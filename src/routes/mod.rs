@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use http::{HeaderValue, Request, Response, header};
 
-use crate::access::{ClientAddr, Denied, Need, SERVICE, TOKEN_PATH};
+use crate::access::{Caller, ClientAddr, Denied, Need, SERVICE, TOKEN_PATH};
 use crate::access_log::RequestRecord;
 use crate::app::App;
 use crate::body::{self, Body, set_header as set};
@@ -16,7 +16,8 @@ use crate::cache::store::StoredManifest;
 use crate::error::Error;
 use crate::media::Accept;
 use crate::metrics::CacheKind;
-use crate::reference::{Digest, Reference};
+use crate::reference::{Digest, Reference, Repository};
+use crate::rewrite;
 use crate::router::{self, Route};
 
 pub mod admin;
@@ -56,6 +57,83 @@ pub(crate) fn manifest_response(
         r.headers_mut().insert(header::WARNING, STALE);
     }
     r
+}
+
+/// A registry request resolved once: the upstream it goes to, the repository's name there,
+/// and the name the client used. The reference (tag, digest, upload id) stays with the route.
+pub struct Target {
+    /// The repository as the client wrote it: access rules match it, and the `Location`s
+    /// and `Link`s sent back use it.
+    pub name: Repository,
+    /// The upstream (its index in the configuration) and the repository's name there.
+    pub routed: rewrite::Target,
+}
+
+impl Target {
+    /// Index of the upstream in the configuration.
+    pub fn upstream(&self) -> usize {
+        self.routed.upstream
+    }
+
+    /// The repository's name at the upstream.
+    pub fn repository(&self) -> &Repository {
+        &self.routed.repository
+    }
+}
+
+/// The access a route asks of its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asks {
+    /// Pull.
+    Pull,
+    /// Push.
+    Push,
+    /// A blob `HEAD`: a client that may push is asking whether the upstream repository has
+    /// the blob; any other client needs pull and is answered from the cache.
+    PushOrPull,
+}
+
+/// What `route` asks of the client.
+fn asks(route: &Route, head: bool) -> Asks {
+    match route {
+        Route::Blob { .. } if head => Asks::PushOrPull,
+        Route::Base | Route::Manifest { .. } | Route::Blob { .. } | Route::TagsList { .. } => {
+            Asks::Pull
+        }
+        Route::UploadStart { .. } | Route::Upload { .. } | Route::ManifestPut { .. } => Asks::Push,
+    }
+}
+
+/// The repository a route names, as the client wrote it (none for the base route).
+fn repository_of(route: &Route) -> Option<&Repository> {
+    match route {
+        Route::Base => None,
+        Route::Manifest { name, .. }
+        | Route::Blob { name, .. }
+        | Route::UploadStart { name, .. }
+        | Route::Upload { name, .. }
+        | Route::ManifestPut { name, .. }
+        | Route::TagsList { name, .. } => Some(name),
+    }
+}
+
+/// Checks that the client may do what the route asks on `target`, and returns the access
+/// granted: for [`Asks::PushOrPull`], push when the client may push, else pull.
+async fn grant(caller: &Caller<'_>, asks: Asks, target: &Target) -> Result<Need, Denied> {
+    let need = match asks {
+        Asks::Pull => Need::Pull,
+        Asks::Push => Need::Push,
+        Asks::PushOrPull
+            if caller
+                .permits(Need::Push, &target.name, &target.routed)
+                .await =>
+        {
+            return Ok(Need::Push);
+        }
+        Asks::PushOrPull => Need::Pull,
+    };
+    caller.require(need, &target.name, &target.routed).await?;
+    Ok(need)
 }
 
 impl App {
@@ -234,42 +312,39 @@ impl App {
             .or_else(|| req.uri().authority().map(|a| a.as_str()));
         // The client's `Authorization` is read only by the access checks and never
         // forwarded: upstream requests are built from scratch with regcache's own credentials.
-        // Each route is checked against the upstream and repository it is routed to.
         let caller = self.access.caller(req.headers(), client);
         let head = parsed.head;
+        let Some(name) = repository_of(&parsed.route) else {
+            return self.base(&caller, head).await;
+        };
+        let target = Target {
+            routed: self.routing.resolve(name, host, parsed.ns.as_deref())?,
+            name: name.clone(),
+        };
+        let upstream = &self.upstreams[target.upstream()].name;
+        record.upstream = Some(upstream.clone());
+        // Checked once, against the upstream and repository the request is routed to.
+        let granted = grant(&caller, asks(&parsed.route, head), &target).await?;
+        if let Route::Manifest {
+            reference: Reference::Tag(_),
+            ..
+        } = &parsed.route
+        {
+            *pulled = Some(format!("{upstream}/{}", target.repository()));
+        }
         match parsed.route {
-            Route::Base => {
-                if self.access.challenges() {
-                    // So that `docker login` checks the password and `docker push` sends a
-                    // token; clients without credentials get an anonymous token from the
-                    // realm and pull with it where that is allowed.
-                    caller.identify().await?;
-                }
-                Ok(body::json("{}", head))
-            }
-            Route::Manifest { name, reference } => {
-                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                record.upstream = Some(self.upstreams[t.upstream].name.clone());
-                caller.require(Need::Pull, &name, &t).await?;
-                if matches!(reference, Reference::Tag(_)) {
-                    *pulled = Some(format!(
-                        "{}/{}",
-                        self.upstreams[t.upstream].name, t.repository
-                    ));
-                }
+            // Answered above: it names no repository.
+            Route::Base => self.base(&caller, head).await,
+            Route::Manifest { reference, .. } => {
                 let accept = Accept::from_headers(req.headers());
-                manifests::manifest(self, t.upstream, &t.repository, &reference, &accept, head)
-                    .await
+                manifests::manifest(self, &target, &reference, &accept, head).await
             }
-            Route::Blob { name, digest } => {
-                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                record.upstream = Some(self.upstreams[t.upstream].name.clone());
-                if head && caller.permits(Need::Push, &name, &t).await {
-                    // A pushing client asks whether the upstream repository has the blob;
-                    // the cache cannot answer that.
-                    return push::blob_exists(self, t.upstream, &t.repository, &digest).await;
-                }
-                caller.require(Need::Pull, &name, &t).await?;
+            Route::Blob { digest, .. } if granted == Need::Push => {
+                // A pushing client asks whether the upstream repository has the blob; the
+                // cache cannot answer that.
+                push::blob_exists(self, &target, &digest).await
+            }
+            Route::Blob { digest, .. } => {
                 let range = req
                     .headers()
                     .get(header::RANGE)
@@ -280,8 +355,8 @@ impl App {
                 let client = client.map(|c| c.0.ip());
                 blobs::blob(
                     self,
-                    t.upstream,
-                    &t.repository,
+                    target.upstream(),
+                    target.repository(),
                     &digest,
                     range.as_deref(),
                     head,
@@ -290,80 +365,71 @@ impl App {
                 .await
             }
             Route::UploadStart {
-                name,
                 mount,
                 from,
                 digest,
+                ..
             } => {
-                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                record.upstream = Some(self.upstreams[t.upstream].name.clone());
-                caller.require(Need::Push, &name, &t).await?;
-                // A mount source is only passed on when it lives on the same upstream and the
-                // client may pull it; otherwise the client uploads the blob.
-                let source = match (mount, from) {
-                    (Some(d), Some(from)) => self
-                        .routing
-                        .resolve(&from, host, parsed.ns.as_deref())
-                        .ok()
-                        .filter(|f| f.upstream == t.upstream)
-                        .map(|f| (d, from, f)),
-                    _ => None,
-                };
-                let mount = match source {
-                    Some((d, from, f)) if caller.permits(Need::Pull, &from, &f).await => {
-                        Some((d, f.repository))
+                let mount = match (mount, from) {
+                    (Some(d), Some(from)) => {
+                        self.mount_source(&caller, &target, d, from, host, parsed.ns.as_deref())
+                            .await
                     }
                     _ => None,
                 };
-                push::start(
+                push::start(self, &target, mount, digest, req.headers(), body).await
+            }
+            Route::Upload { id, digest, .. } => {
+                push::continue_upload(
                     self,
-                    t.upstream,
-                    &t.repository,
-                    &name,
-                    mount,
+                    req.method(),
+                    &target,
+                    &id,
                     digest,
                     req.headers(),
                     body,
                 )
                 .await
             }
-            Route::Upload { name, id, digest } => {
-                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                record.upstream = Some(self.upstreams[t.upstream].name.clone());
-                caller.require(Need::Push, &name, &t).await?;
-                push::continue_upload(self, req.method(), &name, &id, digest, req.headers(), body)
-                    .await
+            Route::ManifestPut { reference, .. } => {
+                push::put_manifest(self, &target, &reference, req.headers(), body).await
             }
-            Route::ManifestPut { name, reference } => {
-                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                record.upstream = Some(self.upstreams[t.upstream].name.clone());
-                caller.require(Need::Push, &name, &t).await?;
-                push::put_manifest(
-                    self,
-                    t.upstream,
-                    &t.repository,
-                    &name,
-                    &reference,
-                    req.headers(),
-                    body,
-                )
-                .await
-            }
-            Route::TagsList { name, n, last } => {
-                let t = self.routing.resolve(&name, host, parsed.ns.as_deref())?;
-                record.upstream = Some(self.upstreams[t.upstream].name.clone());
-                caller.require(Need::Pull, &name, &t).await?;
-                tags::tags(
-                    self,
-                    t.upstream,
-                    &t.repository,
-                    &name,
-                    parsed.ns.as_deref(),
-                    n,
-                    last,
-                )
-                .await
+            Route::TagsList { n, last, .. } => {
+                tags::tags(self, &target, parsed.ns.as_deref(), n, last).await
             }
         }
+    }
+
+    /// `GET /v2/`: the API version check.
+    async fn base(&self, caller: &Caller<'_>, head: bool) -> Result<Response<Body>, Error> {
+        if self.access.challenges() {
+            // So that `docker login` checks the password and `docker push` sends a token;
+            // clients without credentials get an anonymous token from the realm and pull
+            // with it where that is allowed.
+            caller.identify().await?;
+        }
+        Ok(body::json("{}", head))
+    }
+
+    /// The source of a cross-repository mount, passed on only when it lives on the same
+    /// upstream as `target` and the client may pull it; otherwise the client uploads the blob.
+    async fn mount_source(
+        &self,
+        caller: &Caller<'_>,
+        target: &Target,
+        digest: Digest,
+        from: Repository,
+        host: Option<&str>,
+        ns: Option<&str>,
+    ) -> Option<(Digest, Repository)> {
+        let source = self
+            .routing
+            .resolve(&from, host, ns)
+            .ok()
+            .filter(|f| f.upstream == target.upstream())?;
+        caller
+            .permits(Need::Pull, &from, &source)
+            .await
+            .then_some((digest, source.repository))
     }
 }

@@ -22,6 +22,7 @@ use crate::cache::store::StoredManifest;
 use crate::error::{Error, Kind, UpstreamError};
 use crate::flight::lock;
 use crate::reference::{Algorithm, Digest, Reference, Repository};
+use crate::routes::Target;
 use crate::upstream::Upstream;
 use crate::upstream::push::PushTarget;
 
@@ -216,17 +217,15 @@ async fn push_creating(
 }
 
 /// `POST /v2/<name>/blobs/uploads/`.
-#[allow(clippy::too_many_arguments)]
 pub async fn start(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
-    client_name: &Repository,
+    target: &Target,
     mount: Option<(Digest, Repository)>,
     digest: Option<Digest>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, Error> {
+    let (upstream, repo, client_name) = (target.upstream(), target.repository(), &target.name);
     let up = &app.upstreams[upstream];
     if up.offline {
         return Err(Error::Offline(Kind::Blob));
@@ -331,12 +330,13 @@ pub async fn start(
 pub async fn continue_upload(
     app: &Arc<App>,
     method: &Method,
-    client_name: &Repository,
+    target: &Target,
     id: &str,
     digest: Option<Digest>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, Error> {
+    let client_name = &target.name;
     let upload = app.uploads.sessions.get(id).ok_or(Error::UploadUnknown)?;
     if upload.client_name != *client_name {
         return Err(Error::UploadUnknown);
@@ -417,14 +417,13 @@ pub async fn continue_upload(
 /// sent upstream and, once accepted, stored by digest.
 pub async fn put_manifest(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
-    client_name: &Repository,
+    target: &Target,
     reference: &Reference,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, Error> {
-    let up = &app.upstreams[upstream];
+    let (repo, client_name) = (target.repository(), &target.name);
+    let up = &app.upstreams[target.upstream()];
     if up.offline {
         return Err(Error::Offline(Kind::Manifest));
     }
@@ -495,11 +494,11 @@ pub async fn put_manifest(
 /// repository there has the blob (the cache cannot answer that for a push).
 pub async fn blob_exists(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
+    target: &Target,
     digest: &Digest,
 ) -> Result<Response<Body>, Error> {
-    let up = &app.upstreams[upstream];
+    let repo = target.repository();
+    let up = &app.upstreams[target.upstream()];
     if up.offline {
         return Err(Error::Offline(Kind::Blob));
     }
