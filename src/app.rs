@@ -47,6 +47,11 @@ pub struct App {
     pub(crate) tags: Cache<TagKey, TagEntry>,
     /// Coalesces concurrent fetches of one manifest (small, held in memory briefly).
     pub(crate) manifest_flight: Flight<ManifestKey, Fetched, UpstreamError>,
+    /// Coalesces the revalidating `HEAD`s of a stale tag, keyed like the manifest flight: one
+    /// upstream `HEAD` per tag and accepted types at a time, whatever the number of clients
+    /// (Docker Hub counts each `HEAD` against the pull limit's request budget). The value is
+    /// the digest the upstream named, if any.
+    pub(crate) tag_checks: Flight<ManifestKey, Option<Digest>, UpstreamError>,
     /// The number in the next request id this process makes up.
     pub(crate) next_request_id: AtomicU64,
     /// Tells this process's request ids from those of earlier runs.
@@ -115,6 +120,7 @@ impl App {
             store,
             inflight,
             manifest_flight: Flight::default(),
+            tag_checks: Flight::default(),
             next_request_id: AtomicU64::new(1),
             request_id_prefix: format!("{:08x}", rand::random::<u32>()),
             metrics,
@@ -163,6 +169,12 @@ impl App {
     /// A client has all of a blob once it is verified, a moment before it is committed.
     pub async fn downloads_settled(&self) {
         self.inflight.drained().await;
+    }
+
+    /// Requests waiting on the revalidation of a stale tag under way (one upstream `HEAD`
+    /// each tag, however many requests wait on it).
+    pub fn tag_checks_waiting(&self) -> usize {
+        self.tag_checks.waiting()
     }
 
     /// Uncached blob downloads `client` has under way.

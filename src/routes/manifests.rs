@@ -159,7 +159,7 @@ enum Revalidation {
 
 /// Asks the upstream with a `HEAD` whether `tag` still points at `cached`: a `HEAD` does not
 /// count against Docker Hub's pull limit, and when it fails the cached answer is served
-/// rather than spending a `GET`.
+/// rather than spending a `GET`. Concurrent revalidations of one tag share one `HEAD`.
 async fn revalidate(
     app: &Arc<App>,
     target: &Target,
@@ -167,22 +167,29 @@ async fn revalidate(
     accept: &Accept,
     cached: &Digest,
 ) -> Revalidation {
-    let up = &app.upstreams[target.upstream()];
+    let up = app.upstreams[target.upstream()].clone();
+    let repo = target.repository().clone();
     let reference = Reference::Tag(tag.clone());
-    match up
-        .manifest(
-            target.repository(),
-            &reference,
-            &accept.upstream_value(),
-            true,
-        )
-        .await
-    {
-        Ok(f) => match f.digest {
-            Some(d) if d == *cached => Revalidation::Confirmed,
-            Some(d) => Revalidation::Moved(d),
-            None => Revalidation::NoDigest,
-        },
+    let key: ManifestKey = (
+        target.upstream(),
+        repo.clone(),
+        reference.to_string(),
+        accept.key(),
+    );
+    let accept_value = accept.upstream_value();
+    // The answer is not kept (`None`): the tag entry records the confirmation, and a check
+    // after this one asks the upstream again.
+    let named = app
+        .tag_checks
+        .get(key, move || async move {
+            let f = up.manifest(&repo, &reference, &accept_value, true).await?;
+            Ok((f.digest, None))
+        })
+        .await;
+    match named {
+        Ok(Some(d)) if d == *cached => Revalidation::Confirmed,
+        Ok(Some(d)) => Revalidation::Moved(d),
+        Ok(None) => Revalidation::NoDigest,
         Err(UpstreamError::Status(404)) => Revalidation::Gone,
         Err(e) => Revalidation::Failed(e),
     }
