@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use http::Response;
+use http::{HeaderValue, Response, header};
 
-use super::{Target, manifest_response};
+use super::{DOCKER_CONTENT_DIGEST, STALE, Target};
 use crate::app::{App, Fetched, ManifestKey};
-use crate::body::Body;
+use crate::body::{self, Body, set_header as set};
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
 use crate::error::{Error, Kind, UpstreamError};
@@ -372,4 +372,29 @@ async fn cached_tag(
         }
     }
     Ok(None)
+}
+
+/// A manifest answer: `Content-Type`, `Content-Length`, `Docker-Content-Digest`, `ETag`, and a
+/// `Warning` when it is served stale.
+fn manifest_response(
+    m: &StoredManifest,
+    digest: &Digest,
+    head: bool,
+    stale: bool,
+) -> Response<Body> {
+    let len = m.body.len();
+    let mut r = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(m.body.clone())
+    });
+    set(&mut r, header::CONTENT_TYPE, &m.media_type);
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    set(&mut r, DOCKER_CONTENT_DIGEST, &digest.to_string());
+    set(&mut r, header::ETAG, &format!("\"{digest}\""));
+    if stale {
+        r.headers_mut().insert(header::WARNING, STALE);
+    }
+    r
 }

@@ -1,7 +1,6 @@
-//! Registry routes: `App::handle` (the request pipeline: route → resolve upstream → check
-//! access → route function → error mapping → access log), and one function per route, each
-//! shaping its HTTP answer (`Content-Type`, `Content-Length`, `Docker-Content-Digest`,
-//! `ETag`) from validated names.
+//! Registry routes: `App::handle`, the request pipeline (parse → resolve once into a
+//! [`Target`] → check access once → route function → error mapping → access log), and the
+//! route modules, one function per route, each shaping its HTTP answer from validated names.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,8 +10,7 @@ use http::{HeaderValue, Request, Response, header};
 use crate::access::{Caller, ClientAddr, Denied, Need, SERVICE, TOKEN_PATH};
 use crate::access_log::RequestRecord;
 use crate::app::App;
-use crate::body::{self, Body, set_header as set};
-use crate::cache::store::StoredManifest;
+use crate::body::{self, Body};
 use crate::error::Error;
 use crate::media::Accept;
 use crate::metrics::CacheKind;
@@ -25,39 +23,18 @@ pub mod blobs;
 pub mod manifests;
 pub mod push;
 pub mod tags;
+mod token;
 
 /// The request id header, taken from the client when sane and always sent back.
 const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
+/// The digest of a manifest or blob answer.
 pub(crate) const DOCKER_CONTENT_DIGEST: header::HeaderName =
     header::HeaderName::from_static("docker-content-digest");
 
 /// Marks an answer served from the cache after the upstream could not confirm it.
 pub(crate) const STALE: HeaderValue =
     HeaderValue::from_static("110 regcache \"Response is Stale\"");
-
-pub(crate) fn manifest_response(
-    m: &StoredManifest,
-    digest: &Digest,
-    head: bool,
-    stale: bool,
-) -> Response<Body> {
-    let len = m.body.len();
-    let mut r = Response::new(if head {
-        body::empty()
-    } else {
-        body::full(m.body.clone())
-    });
-    set(&mut r, header::CONTENT_TYPE, &m.media_type);
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    set(&mut r, DOCKER_CONTENT_DIGEST, &digest.to_string());
-    set(&mut r, header::ETAG, &format!("\"{digest}\""));
-    if stale {
-        r.headers_mut().insert(header::WARNING, STALE);
-    }
-    r
-}
 
 /// A registry request resolved once: the upstream it goes to, the repository's name there,
 /// and the name the client used. The reference (tag, digest, upload id) stays with the route.
@@ -215,44 +192,6 @@ impl App {
         // Counts the request and writes its access-log line once the body has been sent.
         self.metrics
             .finish(record, cache_result, error_reason, resp)
-    }
-
-    /// The absolute URL of regcache's token endpoint as this client reaches regcache.
-    fn token_realm(&self, host: Option<&HeaderValue>) -> String {
-        let scheme = if self.config.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let host = host
-            .and_then(|v| v.to_str().ok())
-            .filter(|h| {
-                !h.is_empty()
-                    && h.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-            })
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.config.listen.to_string());
-        format!("{scheme}://{host}{TOKEN_PATH}")
-    }
-
-    /// `GET /auth/token`: tokens for Docker-style clients, limited to the scope granted (see
-    /// [`Access::issue`]).
-    async fn token(
-        self: &Arc<Self>,
-        headers: &http::HeaderMap,
-        query: Option<&str>,
-        client: Option<ClientAddr>,
-    ) -> Result<Response<Body>, Error> {
-        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-        let token = self.access.issue(headers, client, query, host).await?;
-        let payload = serde_json::json!({
-            "token": token,
-            "access_token": token,
-            "expires_in": crate::access::TOKEN_LIFETIME.as_secs(),
-        })
-        .to_string();
-        Ok(body::json(payload, false))
     }
 
     /// Routes one request, noting in `record` what it was for (route, cache kind, upstream)
