@@ -1,5 +1,6 @@
 //! The access log: one `regcache::access_log` event per request, written when its response
-//! body ends or is dropped, by a body wrapper that also counts the bytes it lets through.
+//! body ends or is dropped, by a body wrapper that also counts the bytes it lets through;
+//! and the record of a request (route, cache lookup, upstream) that metrics count from.
 
 use std::io;
 use std::pin::Pin;
@@ -14,7 +15,57 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::body::Body;
-use crate::metrics::CacheKind;
+
+/// What a cache lookup was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheKind {
+    /// A manifest by digest.
+    Manifest,
+    /// A blob.
+    Blob,
+    /// A manifest by tag (the tag's answer).
+    Tag,
+}
+
+impl CacheKind {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheKind::Manifest => "manifest",
+            CacheKind::Blob => "blob",
+            CacheKind::Tag => "tag",
+        }
+    }
+
+    /// Every kind, in display order.
+    pub const ALL: [CacheKind; 3] = [CacheKind::Tag, CacheKind::Manifest, CacheKind::Blob];
+}
+
+/// How a cache lookup ended. Handlers put it in the extensions of the response they answer
+/// with (the metrics module's `mark`); `App::handle` counts it and writes it to the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    /// Served from the cache.
+    Hit,
+    /// Fetched from the upstream (also when joining a download under way).
+    Miss,
+    /// Served from the cache because the upstream could not confirm it.
+    Stale,
+}
+
+impl CacheResult {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+        }
+    }
+
+    /// Every result, in display order.
+    pub const ALL: [CacheResult; 3] = [CacheResult::Hit, CacheResult::Miss, CacheResult::Stale];
+}
 
 /// What `App::handle` learnt about one request, for its metrics and access-log line.
 #[derive(Debug)]

@@ -98,6 +98,17 @@ where
         fut.await.map(|(v, _)| v)
     }
 
+    /// Callers waiting on fetches under way, over every key.
+    pub fn waiting(&self) -> usize {
+        lock(&self.slots)
+            .values()
+            .filter_map(|s| s.pending.as_ref())
+            // Each waiting caller holds a clone of the shared future; the slot holds one more.
+            .filter_map(|(_, p)| p.strong_count())
+            .map(|n| n.saturating_sub(1))
+            .sum()
+    }
+
     /// Forgets the cached value for `key` if `rejected` says it is the one that was refused,
     /// so the next `get` fetches anew (a value already replaced is kept).
     pub fn invalidate(&self, key: &K, rejected: impl Fn(&V) -> bool) {
@@ -170,9 +181,14 @@ mod tests {
                 .await
             }));
         }
+        // The fetch sleeps, so every caller has joined it before it ends.
+        while flight.waiting() < 20 {
+            tokio::task::yield_now().await;
+        }
         for t in tasks {
             assert_eq!(t.await.unwrap(), Ok(7));
         }
+        assert_eq!(flight.waiting(), 0);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         tokio::time::advance(Duration::from_secs(59)).await;
         let c = calls.clone();

@@ -18,6 +18,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::access_log::{Metered, RequestRecord};
+// The lookup kinds and results belong to the request record; routes name them from here too.
+pub use crate::access_log::{CacheKind, CacheResult};
 use crate::body::Body;
 use crate::cache::inflight::{FillState, InFlight};
 use crate::cache::store::BlobStore;
@@ -29,57 +31,6 @@ use crate::upstream::stats::{DOWNLOAD_OUTCOMES, REQUEST_OUTCOMES, UpstreamStats}
 
 /// `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// What a cache lookup was for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CacheKind {
-    /// A manifest by digest.
-    Manifest,
-    /// A blob.
-    Blob,
-    /// A manifest by tag (the tag's answer).
-    Tag,
-}
-
-impl CacheKind {
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            CacheKind::Manifest => "manifest",
-            CacheKind::Blob => "blob",
-            CacheKind::Tag => "tag",
-        }
-    }
-
-    /// Every kind, in display order.
-    pub const ALL: [CacheKind; 3] = [CacheKind::Tag, CacheKind::Manifest, CacheKind::Blob];
-}
-
-/// How a cache lookup ended. Handlers put it in the extensions of the response they answer
-/// with (see [`mark`]); `App::handle` counts it and writes it to the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CacheResult {
-    /// Served from the cache.
-    Hit,
-    /// Fetched from the upstream (also when joining a download under way).
-    Miss,
-    /// Served from the cache because the upstream could not confirm it.
-    Stale,
-}
-
-impl CacheResult {
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "hit",
-            CacheResult::Miss => "miss",
-            CacheResult::Stale => "stale",
-        }
-    }
-
-    /// Every result, in display order.
-    pub const ALL: [CacheResult; 3] = [CacheResult::Hit, CacheResult::Miss, CacheResult::Stale];
-}
 
 /// Marks a handler's answer with how its cache lookup ended.
 pub fn mark(mut resp: Response<Body>, result: CacheResult) -> Response<Body> {

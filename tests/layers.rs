@@ -77,9 +77,6 @@ const SIDEWAYS: &[(&str, &str)] = &[
 /// the change that fixes it; the test fails on an edge not listed anywhere, and also when a
 /// listed edge is gone (so this list only shrinks).
 const KNOWN: &[(&str, &str)] = &[
-    ("access_log", "metrics"),
-    ("app", "routes"),
-    ("app", "hints"),
     ("config", "access"),
     ("config", "cache"),
     ("config", "reference"),

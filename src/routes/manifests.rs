@@ -1,189 +1,265 @@
 //! `GET|HEAD /v2/<name>/manifests/<reference>`: manifests by digest from the cache, by tag
-//! through the tag answers with their TTL and stale serving.
+//! through the pull-through policy, one named step each: the cached answer, whether it may
+//! be served unchecked (TTL, immutable tags, offline), its revalidation with a `HEAD`, what
+//! follows from it (confirmed, stale, moved, gone), and the fetch with its stale fallback.
 
 use std::sync::Arc;
 
-use http::Response;
+use http::{HeaderValue, Response, header};
 
-use super::manifest_response;
-use crate::app::App;
-use crate::body::Body;
+use super::{DOCKER_CONTENT_DIGEST, STALE, Target};
+use crate::app::{App, Fetched, ManifestKey};
+use crate::body::{self, Body, set_header as set};
 use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
 use crate::error::{Error, Kind, UpstreamError};
 use crate::media::{self, Accept};
 use crate::metrics::{CacheResult, mark};
 use crate::reference::{Digest, Reference, Repository, Tag};
-
-/// Key for coalescing manifest fetches: upstream, repository, reference, accepted types.
-pub type ManifestKey = (usize, Repository, String, u8);
-
-/// A manifest fetched and verified, shared by coalesced callers.
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    /// Its digest.
-    pub digest: Digest,
-    /// The manifest.
-    pub manifest: StoredManifest,
-}
+use crate::upstream::Upstream;
 
 /// `GET|HEAD /v2/<name>/manifests/<reference>`.
 pub async fn manifest(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
+    target: &Target,
     reference: &Reference,
     accept: &Accept,
     head: bool,
 ) -> Result<Response<Body>, Error> {
     match reference {
-        Reference::Digest(d) => {
-            let (m, result) = match app.store.manifest(d).await? {
-                Some(m) => {
-                    app.store.note_use(d).await;
-                    (m, CacheResult::Hit)
-                }
-                None if app.upstreams[upstream].offline => {
-                    return Err(Error::Offline(Kind::Manifest));
-                }
-                None => (
-                    fetch_manifest(app, upstream, repo, reference, accept, Some(d))
-                        .await?
-                        .manifest,
-                    CacheResult::Miss,
-                ),
-            };
-            if !accept.accepts(&m.media_type) {
-                return Err(Error::ManifestNotAccepted(m.media_type));
-            }
-            Ok(mark(manifest_response(&m, d, head, false), result))
-        }
-        Reference::Tag(tag) => manifest_by_tag(app, upstream, repo, tag, accept, head).await,
+        Reference::Digest(d) => manifest_by_digest(app, target, d, accept, head).await,
+        Reference::Tag(tag) => manifest_by_tag(app, target, tag, accept, head).await,
     }
 }
 
+/// A manifest by digest: from the cache, else fetched (a digest never changes meaning).
+async fn manifest_by_digest(
+    app: &Arc<App>,
+    target: &Target,
+    digest: &Digest,
+    accept: &Accept,
+    head: bool,
+) -> Result<Response<Body>, Error> {
+    let (m, result) = match app.store.manifest(digest).await? {
+        Some(m) => {
+            app.store.note_use(digest).await;
+            (m, CacheResult::Hit)
+        }
+        None if app.upstreams[target.upstream()].offline => {
+            return Err(Error::Offline(Kind::Manifest));
+        }
+        None => {
+            let reference = Reference::Digest(digest.clone());
+            let fetched = fetch_manifest(app, target, &reference, accept, Some(digest)).await?;
+            (fetched.manifest, CacheResult::Miss)
+        }
+    };
+    if !accept.accepts(&m.media_type) {
+        return Err(Error::ManifestNotAccepted(m.media_type));
+    }
+    Ok(served(&m, digest, head, result))
+}
+
+/// A manifest by tag: the cached answer while it may be served unchecked, else revalidated
+/// with a `HEAD`; fetched when the cache has nothing for this client or the tag moved.
 async fn manifest_by_tag(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
+    target: &Target,
     tag: &Tag,
     accept: &Accept,
     head: bool,
 ) -> Result<Response<Body>, Error> {
-    let up = &app.upstreams[upstream];
+    let up = &app.upstreams[target.upstream()];
     let key = TagKey {
         upstream: up.name.clone(),
-        repository: repo.clone(),
+        repository: target.repository().clone(),
         tag: tag.clone(),
         accept: accept.key(),
     };
-    let known = match app.tags.get(&key) {
-        Some(e) => Some(e),
-        None => {
-            let entry = app.store.tag(&key).await?.map(|record| TagEntry {
-                record,
-                checked: None,
-            });
-            // Kept in memory as unconfirmed: served as is only when offline or immutable.
-            if let Some(e) = &entry {
-                app.tags.insert(key.clone(), e.clone());
-            }
-            entry
+    if let Some((entry, m)) = cached_answer(app, &key, accept).await? {
+        let digest = entry.record.digest.clone();
+        app.store.note_use(&digest).await;
+        if may_serve_unchecked(up, &entry, tag) {
+            return Ok(served(&m, &digest, head, CacheResult::Hit));
         }
-    };
-    if let Some(entry) = known {
-        let cached = app
-            .store
-            .manifest(&entry.record.digest)
-            .await?
-            // The tag key covers the six manifest types; an answer of any other type is
-            // checked against this client's own list.
-            .filter(|m| accept.accepts(&m.media_type));
-        if let Some(m) = cached {
-            let digest = entry.record.digest.clone();
-            // Fresh, a tag configured as immutable, or no upstream to ask: served as it is.
-            app.store.note_use(&digest).await;
-            if entry.is_fresh(up.tag_ttl) || up.is_immutable_tag(tag.as_str()) || up.offline {
-                return Ok(mark(
-                    manifest_response(&m, &digest, head, false),
-                    CacheResult::Hit,
-                ));
-            }
-            // Revalidate with a HEAD: it does not count against Docker Hub's pull limit, and
-            // when it fails the cached answer is served rather than spending a GET.
-            let reference = Reference::Tag(tag.clone());
-            match up
-                .manifest(repo, &reference, &accept.upstream_value(), true)
-                .await
-            {
-                Ok(f) if f.digest.as_ref() == Some(&digest) => {
-                    app.tags.insert(key, TagEntry::confirmed(entry.record));
-                    return Ok(mark(
-                        manifest_response(&m, &digest, head, false),
-                        CacheResult::Hit,
-                    ));
-                }
-                Ok(f) if f.digest.is_none() => {
-                    // Without a digest the HEAD cannot confirm anything; a GET would spend
-                    // pull quota while a cached answer exists.
-                    tracing::warn!(tag = %tag, repository = %repo, stale = true, "revalidation HEAD carried no digest; serving the cached answer");
-                    return Ok(mark(
-                        manifest_response(&m, &digest, head, true),
-                        CacheResult::Stale,
-                    ));
-                }
-                Ok(f) => {
-                    tracing::info!(tag = %tag, repository = %repo, old = %digest, new = ?f.digest.as_ref().map(ToString::to_string), "tag moved upstream");
-                    if let Some(new) = f.digest {
-                        if let Some(m) = app.store.manifest(&new).await? {
-                            if accept.accepts(&m.media_type) {
-                                remember_tag(app, key, &new, &m.media_type).await;
-                                return Ok(mark(
-                                    manifest_response(&m, &new, head, false),
-                                    CacheResult::Hit,
-                                ));
-                            }
-                        }
-                    }
-                }
-                Err(UpstreamError::Status(404)) => {
-                    app.tags.invalidate(&key);
-                    if let Err(e) = app.store.remove_tag(&key).await {
-                        tracing::warn!(error = %e, "cannot remove tag record");
-                    }
-                    return Err(Error::Upstream(Kind::Manifest, UpstreamError::Status(404)));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "tag revalidation failed; serving the cached answer");
-                    return Ok(mark(
-                        manifest_response(&m, &digest, head, true),
-                        CacheResult::Stale,
-                    ));
-                }
-            }
+        let check = revalidate(app, target, tag, accept, &digest).await;
+        if let Some(r) =
+            after_revalidation(app, key.clone(), entry, &m, check, accept, head).await?
+        {
+            return Ok(r);
         }
     }
     if up.offline {
-        return cached_tag(app, &up.name, repo, tag, accept, head, false)
+        return cached_tag(app, &up.name, target.repository(), tag, accept, head, false)
             .await?
             .map(|r| mark(r, CacheResult::Hit))
             .ok_or(Error::Offline(Kind::Manifest));
     }
-    let fetched = match fetch_manifest(
-        app,
-        upstream,
-        repo,
-        &Reference::Tag(tag.clone()),
-        accept,
-        None,
-    )
-    .await
-    {
+    fetch_tag(app, target, key, accept, head).await
+}
+
+/// An answer from the cache (`Stale` marks it as not confirmed by the upstream).
+fn served(m: &StoredManifest, digest: &Digest, head: bool, result: CacheResult) -> Response<Body> {
+    let stale = result == CacheResult::Stale;
+    mark(manifest_response(m, digest, head, stale), result)
+}
+
+/// The tag's answer the cache holds for this accept key, if this client accepts its
+/// manifest. An answer read from disk is kept in memory as unconfirmed: it is served as it is
+/// only when offline or immutable.
+async fn cached_answer(
+    app: &App,
+    key: &TagKey,
+    accept: &Accept,
+) -> Result<Option<(TagEntry, StoredManifest)>, Error> {
+    let entry = match app.tags.get(key) {
+        Some(e) => e,
+        None => {
+            let Some(record) = app.store.tag(key).await? else {
+                return Ok(None);
+            };
+            let e = TagEntry {
+                record,
+                checked: None,
+            };
+            app.tags.insert(key.clone(), e.clone());
+            e
+        }
+    };
+    let cached = app
+        .store
+        .manifest(&entry.record.digest)
+        .await?
+        // The tag key covers the six manifest types; an answer of any other type is checked
+        // against this client's own list.
+        .filter(|m| accept.accepts(&m.media_type));
+    Ok(cached.map(|m| (entry, m)))
+}
+
+/// Whether a cached tag answer is served without asking the upstream: it is fresh, the tag
+/// is configured as immutable, or there is no upstream to ask.
+fn may_serve_unchecked(up: &Upstream, entry: &TagEntry, tag: &Tag) -> bool {
+    entry.is_fresh(up.tag_ttl) || up.is_immutable_tag(tag.as_str()) || up.offline
+}
+
+/// What the upstream said about a cached tag answer past its TTL.
+#[derive(Debug)]
+enum Revalidation {
+    /// The tag still points at the cached digest.
+    Confirmed,
+    /// The `HEAD` carried no digest: it confirms nothing.
+    NoDigest,
+    /// The tag points at another digest now.
+    Moved(Digest),
+    /// The tag is gone upstream (a `404` from a healthy upstream).
+    Gone,
+    /// The upstream could not answer.
+    Failed(UpstreamError),
+}
+
+/// Asks the upstream with a `HEAD` whether `tag` still points at `cached`: a `HEAD` does not
+/// count against Docker Hub's pull limit, and when it fails the cached answer is served
+/// rather than spending a `GET`. Concurrent revalidations of one tag share one `HEAD`.
+async fn revalidate(
+    app: &Arc<App>,
+    target: &Target,
+    tag: &Tag,
+    accept: &Accept,
+    cached: &Digest,
+) -> Revalidation {
+    let up = app.upstreams[target.upstream()].clone();
+    let repo = target.repository().clone();
+    let reference = Reference::Tag(tag.clone());
+    let key: ManifestKey = (
+        target.upstream(),
+        repo.clone(),
+        reference.to_string(),
+        accept.key(),
+    );
+    let accept_value = accept.upstream_value();
+    // The answer is not kept (`None`): the tag entry records the confirmation, and a check
+    // after this one asks the upstream again.
+    let named = app
+        .tag_checks
+        .get(key, move || async move {
+            let f = up.manifest(&repo, &reference, &accept_value, true).await?;
+            Ok((f.digest, None))
+        })
+        .await;
+    match named {
+        Ok(Some(d)) if d == *cached => Revalidation::Confirmed,
+        Ok(Some(d)) => Revalidation::Moved(d),
+        Ok(None) => Revalidation::NoDigest,
+        Err(UpstreamError::Status(404)) => Revalidation::Gone,
+        Err(e) => Revalidation::Failed(e),
+    }
+}
+
+/// The answer after a revalidation: the cached one (confirmed, or stale when the upstream
+/// could not confirm it), the manifest the tag moved to when the cache has it, or `None`
+/// when the manifest has to be fetched.
+async fn after_revalidation(
+    app: &App,
+    key: TagKey,
+    entry: TagEntry,
+    m: &StoredManifest,
+    check: Revalidation,
+    accept: &Accept,
+    head: bool,
+) -> Result<Option<Response<Body>>, Error> {
+    let digest = &entry.record.digest;
+    let (tag, repo) = (&key.tag, &key.repository);
+    match check {
+        Revalidation::Confirmed => {
+            let r = served(m, digest, head, CacheResult::Hit);
+            app.tags.insert(key, TagEntry::confirmed(entry.record));
+            Ok(Some(r))
+        }
+        Revalidation::NoDigest => {
+            // A GET would spend pull quota while a cached answer exists.
+            tracing::warn!(tag = %tag, repository = %repo, stale = true, "revalidation HEAD carried no digest; serving the cached answer");
+            Ok(Some(served(m, digest, head, CacheResult::Stale)))
+        }
+        Revalidation::Moved(new) => {
+            tracing::info!(tag = %tag, repository = %repo, old = %digest, new = %new, "tag moved upstream");
+            match app.store.manifest(&new).await? {
+                Some(m) if accept.accepts(&m.media_type) => {
+                    remember_tag(app, key, &new, &m.media_type).await;
+                    Ok(Some(served(&m, &new, head, CacheResult::Hit)))
+                }
+                _ => Ok(None),
+            }
+        }
+        Revalidation::Gone => {
+            app.tags.invalidate(&key);
+            if let Err(e) = app.store.remove_tag(&key).await {
+                tracing::warn!(error = %e, "cannot remove tag record");
+            }
+            Err(Error::Upstream(Kind::Manifest, UpstreamError::Status(404)))
+        }
+        Revalidation::Failed(e) => {
+            tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "tag revalidation failed; serving the cached answer");
+            Ok(Some(served(m, digest, head, CacheResult::Stale)))
+        }
+    }
+}
+
+/// Fetches the tag's manifest and remembers the answer. When the upstream is unhealthy,
+/// what the cache has for this tag under another client's `Accept` is better than an error,
+/// if this client accepts its type.
+async fn fetch_tag(
+    app: &Arc<App>,
+    target: &Target,
+    key: TagKey,
+    accept: &Accept,
+    head: bool,
+) -> Result<Response<Body>, Error> {
+    let reference = Reference::Tag(key.tag.clone());
+    let fetched = match fetch_manifest(app, target, &reference, accept, None).await {
         Ok(f) => f,
-        // The upstream is unhealthy: what the cache has for this tag under another client's
-        // Accept is better than an error, if this client accepts its type.
         Err(Error::Upstream(_, e)) if e.is_unhealthy() => {
-            return match cached_tag(app, &up.name, repo, tag, accept, head, true).await? {
+            let (tag, repo) = (&key.tag, &key.repository);
+            return match cached_tag(app, &key.upstream, repo, tag, accept, head, true).await? {
                 Some(r) => {
                     tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "upstream unhealthy; serving a cached answer for the tag");
                     Ok(mark(r, CacheResult::Stale))
@@ -197,8 +273,10 @@ async fn manifest_by_tag(
         return Err(Error::ManifestNotAccepted(fetched.manifest.media_type));
     }
     remember_tag(app, key, &fetched.digest, &fetched.manifest.media_type).await;
-    Ok(mark(
-        manifest_response(&fetched.manifest, &fetched.digest, head, false),
+    Ok(served(
+        &fetched.manifest,
+        &fetched.digest,
+        head,
         CacheResult::Miss,
     ))
 }
@@ -217,12 +295,12 @@ async fn remember_tag(app: &App, key: TagKey, digest: &Digest, media_type: &str)
 /// GETs a manifest upstream (one fetch per key at a time), verifies it and stores it.
 async fn fetch_manifest(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
+    target: &Target,
     reference: &Reference,
     accept: &Accept,
     expected: Option<&Digest>,
 ) -> Result<Fetched, Error> {
+    let (upstream, repo) = (target.upstream(), target.repository());
     let up = app.upstreams[upstream].clone();
     let key: ManifestKey = (upstream, repo.clone(), reference.to_string(), accept.key());
     let (repo2, reference2, accept_value, expected2) = (
@@ -294,4 +372,29 @@ async fn cached_tag(
         }
     }
     Ok(None)
+}
+
+/// A manifest answer: `Content-Type`, `Content-Length`, `Docker-Content-Digest`, `ETag`, and a
+/// `Warning` when it is served stale.
+fn manifest_response(
+    m: &StoredManifest,
+    digest: &Digest,
+    head: bool,
+    stale: bool,
+) -> Response<Body> {
+    let len = m.body.len();
+    let mut r = Response::new(if head {
+        body::empty()
+    } else {
+        body::full(m.body.clone())
+    });
+    set(&mut r, header::CONTENT_TYPE, &m.media_type);
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    set(&mut r, DOCKER_CONTENT_DIGEST, &digest.to_string());
+    set(&mut r, header::ETAG, &format!("\"{digest}\""));
+    if stale {
+        r.headers_mut().insert(header::WARNING, STALE);
+    }
+    r
 }

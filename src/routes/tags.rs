@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use http::{Response, header};
 
-use super::STALE;
+use super::{STALE, Target};
 use crate::app::App;
 use crate::body::{self, Body, set_header as set};
 use crate::error::{Error, Kind, UpstreamError};
@@ -14,14 +14,13 @@ use crate::reference::Repository;
 /// is rewritten to the name the client used.
 pub async fn tags(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
-    client_name: &Repository,
+    target: &Target,
     ns: Option<&str>,
     n: Option<u32>,
     last: Option<String>,
 ) -> Result<Response<Body>, Error> {
-    let up = &app.upstreams[upstream];
+    let repo = target.repository();
+    let up = &app.upstreams[target.upstream()];
     let query = {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         if let Some(n) = n {
@@ -49,7 +48,7 @@ pub async fn tags(
         return cached_tags(app, &up.name, repo, n, last.as_deref(), up.offline).await;
     };
     let mut r = body::json(body, false);
-    if let Some(link) = link.and_then(|l| next_page_link(&l, client_name, ns)) {
+    if let Some(link) = link.and_then(|l| next_page_link(&l, &target.name, ns)) {
         set(&mut r, header::LINK, &link);
     }
     Ok(r)

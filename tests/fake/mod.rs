@@ -58,6 +58,8 @@ struct State {
     manifests: Mutex<HashMap<String, (String, Bytes)>>,
     auth: Mutex<Option<AuthMode>>,
     gate: Mutex<Option<Arc<Semaphore>>>,
+    // Manifest `HEAD` answers wait for one permit each.
+    head_gate: Mutex<Option<Arc<Semaphore>>>,
     corrupt: AtomicBool,
     down: AtomicBool,
     redirect_to: Mutex<Option<String>>,
@@ -215,6 +217,13 @@ impl FakeUpstream {
     pub fn gate(&self) -> Arc<Semaphore> {
         let s = Arc::new(Semaphore::new(0));
         *self.state.gate.lock().unwrap() = Some(s.clone());
+        s
+    }
+
+    /// Manifest `HEAD` answers then wait for one permit each.
+    pub fn gate_manifest_heads(&self) -> Arc<Semaphore> {
+        let s = Arc::new(Semaphore::new(0));
+        *self.state.head_gate.lock().unwrap() = Some(s.clone());
         s
     }
 
@@ -430,6 +439,12 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
         return r;
     }
     if let Some((_, reference)) = rest.rsplit_once("/manifests/") {
+        let gate = st.head_gate.lock().unwrap().clone();
+        if let (true, Some(g)) = (head, gate) {
+            if let Ok(p) = g.acquire().await {
+                p.forget();
+            }
+        }
         let found = if reference.starts_with("sha256:") {
             st.manifests.lock().unwrap().get(reference).cloned()
         } else {

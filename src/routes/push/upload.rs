@@ -1,139 +1,34 @@
-//! Push through the proxy: upload start, chunked `PATCH`, monolithic and closing `PUT`,
-//! cross-repository mount and manifest `PUT`, streamed to the upstream with `Location`
-//! headers rewritten to regcache's own paths. Pushed blobs and manifests are written through
-//! to the cache, so a pull right after a push is a cache hit.
+//! Blob uploads through the proxy: upload start (with mount or monolithic), chunked
+//! `PATCH`, closing `PUT`, status `GET` and `DELETE`. The bytes are copied into a spool on
+//! their way upstream and the spool is committed to the cache once its digest checks out.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use url::Url;
 
+use super::{answer, forwarded, passthrough, push_creating, upstream_err};
 use crate::app::App;
+use crate::app::uploads::{SharedSpool, Spool, Taken, Upload, UploadState};
 use crate::body::{self, Body, set_header as set};
 use crate::cache::hasher::Hasher;
-use crate::cache::store::StoredManifest;
 use crate::error::{Error, Kind, UpstreamError};
 use crate::flight::lock;
-use crate::reference::{Algorithm, Digest, Reference, Repository};
-use crate::upstream::Upstream;
+use crate::reference::{Algorithm, Digest, Repository};
+use crate::routes::Target;
 use crate::upstream::push::PushTarget;
-
-/// Headers of a client's push request passed on to the upstream.
-const FORWARDED: [HeaderName; 3] = [
-    header::CONTENT_TYPE,
-    header::CONTENT_LENGTH,
-    header::CONTENT_RANGE,
-];
-/// An upload nobody touches for this long is forgotten (its local copy deleted).
-const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
-
-/// The local copy of an upload, hashed as the bytes pass through.
-struct Spool {
-    path: PathBuf,
-    file: std::fs::File,
-    hasher: Hasher,
-    broken: bool,
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        // Committed spools have been renamed away; this removes every other one.
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// A spool shared by the request body that fills it and the code that commits it.
-type SharedSpool = Arc<Mutex<Option<Spool>>>;
-
-/// Where an upload stands upstream, and its local copy.
-struct UploadState {
-    location: Url,
-    spool: SharedSpool,
-}
-
-/// One upload regcache handed out an id for.
-pub struct Upload {
-    upstream: usize,
-    repo: Repository,
-    client_name: Repository,
-    // Taken out while a request works on the upload and put back after, so two requests can
-    // never interleave on it; the lock itself is held only for the take and the put.
-    state: Mutex<Option<UploadState>>,
-}
-
-/// An upload's state taken out for one request, so two requests never interleave on it.
-/// Dropped without `finish` or `put_back` (an error, or the client going away mid-request),
-/// it puts the state back as it was.
-struct Taken {
-    upload: Arc<Upload>,
-    original: Option<UploadState>,
-}
-
-impl Taken {
-    /// Takes the upload's state; also returns where it stood upstream and its local copy.
-    fn new(upload: Arc<Upload>) -> Option<(Self, Url, SharedSpool)> {
-        let state = lock(&upload.state).take()?;
-        let (location, spool) = (state.location.clone(), state.spool.clone());
-        Some((
-            Taken {
-                original: Some(state),
-                upload,
-            },
-            location,
-            spool,
-        ))
-    }
-
-    /// The upload is complete or cancelled: nothing to put back.
-    fn finish(&mut self) {
-        self.original = None;
-    }
-
-    /// Puts back an updated state.
-    fn put_back(&mut self, state: UploadState) {
-        self.original = None;
-        *lock(&self.upload.state) = Some(state);
-    }
-}
-
-impl Drop for Taken {
-    fn drop(&mut self) {
-        if let Some(state) = self.original.take() {
-            *lock(&self.upload.state) = Some(state);
-        }
-    }
-}
-
-/// The uploads under way, forgotten after an hour without use.
-pub struct Uploads {
-    sessions: moka::sync::Cache<String, Arc<Upload>>,
-}
-
-impl Default for Uploads {
-    fn default() -> Self {
-        Uploads {
-            sessions: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(UPLOAD_IDLE)
-                .build(),
-        }
-    }
-}
 
 /// A request body that copies every chunk into a spool (hash + local file) on its way
 /// upstream. Writes are plain page-cache writes of one network frame each; the spool is
 /// fsynced only at commit, on a blocking thread.
 struct Tee {
     inner: Body,
-    spool: Arc<Mutex<Option<Spool>>>,
+    spool: SharedSpool,
 }
 
 impl HttpBody for Tee {
@@ -198,37 +93,8 @@ fn new_spool(app: &App, label: &str) -> Option<Spool> {
     }
 }
 
-fn forwarded(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for name in FORWARDED {
-        if let Some(v) = headers.get(&name) {
-            out.insert(name, v.clone());
-        }
-    }
-    out
-}
-
-fn upstream_err(e: UpstreamError) -> Error {
-    Error::Upstream(Kind::Blob, e)
-}
-
-/// An upstream answer that is not the success a push step expects: passed back intact.
-async fn passthrough(resp: Response<Body>, idle: Duration) -> Error {
-    let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body =
-        crate::upstream::read_capped(resp.into_body(), crate::upstream::MAX_ERROR_BODY, idle)
-            .await
-            .unwrap_or_default();
-    Error::Passthrough(status, content_type, body)
-}
-
 /// Commits a spool whose content hashes to `digest`; otherwise drops it.
-async fn commit_spool(app: &App, spool: &Arc<Mutex<Option<Spool>>>, digest: &Digest) {
+async fn commit_spool(app: &App, spool: &SharedSpool, digest: &Digest) {
     let Some(mut s) = lock(spool).take() else {
         return;
     };
@@ -257,15 +123,6 @@ async fn commit_spool(app: &App, spool: &Arc<Mutex<Option<Spool>>>, digest: &Dig
     }
 }
 
-fn answer(status: StatusCode, location: &str) -> Response<Body> {
-    let mut r = Response::new(body::empty());
-    *r.status_mut() = status;
-    set(&mut r, header::LOCATION, location);
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-    r
-}
-
 /// Copies the headers a client needs from an upstream upload answer.
 fn copy_upload_headers(from: &HeaderMap, to: &mut Response<Body>) {
     for name in [header::RANGE, crate::routes::DOCKER_CONTENT_DIGEST] {
@@ -275,55 +132,16 @@ fn copy_upload_headers(from: &HeaderMap, to: &mut Response<Body>) {
     }
 }
 
-/// Whether an upstream 404 means the repository does not exist (as opposed to, say, an
-/// unknown upload or blob).
-fn says_repository_missing(e: &Error) -> bool {
-    match e {
-        Error::Passthrough(404, _, body) => {
-            let text = String::from_utf8_lossy(body);
-            text.contains("NAME_UNKNOWN") || text.contains("RepositoryNotFound")
-        }
-        _ => false,
-    }
-}
-
-/// Sends a push request whose body (if any) is small and held whole, so it can be sent again:
-/// when the upstream is ECR with repository creation on and says the repository does not
-/// exist, creates it and sends the request once more.
-async fn push_creating(
-    up: &Upstream,
-    method: &Method,
-    repo: &Repository,
-    target: &PushTarget,
-    headers: HeaderMap,
-    body: Option<Bytes>,
-) -> Result<Response<Body>, Error> {
-    let send =
-        |headers: HeaderMap| up.push(method, repo, target, headers, body.clone().map(body::full));
-    let resp = send(headers.clone()).await.map_err(upstream_err)?;
-    if resp.status() == StatusCode::NOT_FOUND && up.creates_repositories() {
-        let err = passthrough(resp, up.read_idle).await;
-        if !says_repository_missing(&err) {
-            return Err(err);
-        }
-        up.create_repository(repo).await.map_err(upstream_err)?;
-        return send(headers).await.map_err(upstream_err);
-    }
-    Ok(resp)
-}
-
 /// `POST /v2/<name>/blobs/uploads/`.
-#[allow(clippy::too_many_arguments)]
 pub async fn start(
     app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
-    client_name: &Repository,
+    target: &Target,
     mount: Option<(Digest, Repository)>,
     digest: Option<Digest>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, Error> {
+    let (upstream, repo, client_name) = (target.upstream(), target.repository(), &target.name);
     let up = &app.upstreams[upstream];
     if up.offline {
         return Err(Error::Offline(Kind::Blob));
@@ -428,12 +246,13 @@ pub async fn start(
 pub async fn continue_upload(
     app: &Arc<App>,
     method: &Method,
-    client_name: &Repository,
+    target: &Target,
     id: &str,
     digest: Option<Digest>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, Error> {
+    let client_name = &target.name;
     let upload = app.uploads.sessions.get(id).ok_or(Error::UploadUnknown)?;
     if upload.client_name != *client_name {
         return Err(Error::UploadUnknown);
@@ -506,120 +325,6 @@ pub async fn continue_upload(
             set(&mut r, HeaderName::from_static("docker-upload-uuid"), id);
             Ok(r)
         }
-        _ => Err(passthrough(resp, up.read_idle).await),
-    }
-}
-
-/// `PUT /v2/<name>/manifests/<reference>`: the manifest (small, size-capped) is read whole,
-/// sent upstream and, once accepted, stored by digest.
-pub async fn put_manifest(
-    app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
-    client_name: &Repository,
-    reference: &Reference,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response<Body>, Error> {
-    let up = &app.upstreams[upstream];
-    if up.offline {
-        return Err(Error::Offline(Kind::Manifest));
-    }
-    let max = app.config.cache.max_manifest_size.0;
-    let bytes = crate::upstream::read_capped(body, max, up.read_idle)
-        .await
-        .map_err(|_| {
-            Error::ManifestInvalid(format!(
-                "manifest missing, unreadable or larger than {max} bytes"
-            ))
-        })?;
-    let media_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .or_else(|| crate::media::sniff(&bytes))
-        .ok_or_else(|| Error::ManifestInvalid("no Content-Type and no mediaType".into()))?;
-    let digest = Digest::sha256(&bytes);
-    if let Reference::Digest(d) = reference {
-        if *d != Digest::of(d.algorithm(), &bytes) {
-            return Err(Error::ManifestInvalid(
-                "body does not match the digest in the path".into(),
-            ));
-        }
-    }
-    let target = PushTarget::Path(format!("/v2/{repo}/manifests/{reference}"));
-    let mut h = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&media_type) {
-        h.insert(header::CONTENT_TYPE, v);
-    }
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    let resp = push_creating(up, &Method::PUT, repo, &target, h, Some(bytes.clone())).await?;
-    if resp.status() != StatusCode::CREATED {
-        return Err(passthrough(resp, up.read_idle).await);
-    }
-    if let Reference::Tag(tag) = reference {
-        // Every cached answer for this tag, whatever Accept it was for, is now out of date.
-        for accept in 0..(1u8 << crate::media::MANIFEST_TYPES.len()) {
-            app.tags.invalidate(&crate::cache::store::TagKey {
-                upstream: up.name.clone(),
-                repository: repo.clone(),
-                tag: tag.clone(),
-                accept,
-            });
-        }
-    }
-    let manifest = StoredManifest {
-        media_type,
-        body: bytes,
-    };
-    if let Err(e) = app.store.put_manifest(&digest, &manifest).await {
-        tracing::warn!(error = %e, %digest, "cannot cache a pushed manifest");
-    }
-    let mut r = answer(
-        StatusCode::CREATED,
-        &format!("/v2/{client_name}/manifests/{digest}"),
-    );
-    set(
-        &mut r,
-        crate::routes::DOCKER_CONTENT_DIGEST,
-        &digest.to_string(),
-    );
-    Ok(r)
-}
-
-/// `HEAD /v2/<name>/blobs/<digest>` from a pushing client: asks the upstream whether the
-/// repository there has the blob (the cache cannot answer that for a push).
-pub async fn blob_exists(
-    app: &Arc<App>,
-    upstream: usize,
-    repo: &Repository,
-    digest: &Digest,
-) -> Result<Response<Body>, Error> {
-    let up = &app.upstreams[upstream];
-    if up.offline {
-        return Err(Error::Offline(Kind::Blob));
-    }
-    let target = PushTarget::Path(format!("/v2/{repo}/blobs/{digest}"));
-    let resp = up
-        .push(&Method::HEAD, repo, &target, HeaderMap::new(), None)
-        .await
-        .map_err(upstream_err)?;
-    match resp.status() {
-        StatusCode::OK => {
-            let mut r = Response::new(body::empty());
-            for name in [header::CONTENT_LENGTH, crate::routes::DOCKER_CONTENT_DIGEST] {
-                if let Some(v) = resp.headers().get(&name) {
-                    r.headers_mut().insert(name, v.clone());
-                }
-            }
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            Ok(r)
-        }
-        StatusCode::NOT_FOUND => Err(Error::BlobUnknown),
         _ => Err(passthrough(resp, up.read_idle).await),
     }
 }
