@@ -207,6 +207,17 @@ pub fn check<B>(req: &Request<B>, note: Option<HeadNote>) -> Result<bool, &'stat
 }
 
 #[cfg(test)]
+impl HeadNote {
+    /// A head with no body framing and nothing odd about it, for tests to build on.
+    pub(crate) const PLAIN: HeadNote = HeadNote {
+        length: Length::Absent,
+        transfer_encoding: false,
+        bare_lf: false,
+        last: false,
+    };
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -247,13 +258,6 @@ mod tests {
         }
     }
 
-    const PLAIN: HeadNote = HeadNote {
-        length: Length::Absent,
-        transfer_encoding: false,
-        bare_lf: false,
-        last: false,
-    };
-
     #[test]
     fn a_head_is_read_and_what_follows_left() {
         let raw = b"GET /v2/a/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nAccept: a\r\nAccept: b\r\n\r\nGET /next";
@@ -265,7 +269,7 @@ mod tests {
                 minor: 1,
                 fields: 3,
                 rest: b"GET /next".to_vec(),
-                note: PLAIN,
+                note: HeadNote::PLAIN,
             }
         );
         // Empty lines before the request line are skipped (RFC 9112 section 2.2).
@@ -324,54 +328,54 @@ mod tests {
     #[test]
     fn framing_is_noted() {
         let table: &[(&[u8], HeadNote)] = &[
-            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PLAIN),
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", HeadNote::PLAIN),
             (
                 b"PUT / HTTP/1.1\r\ncontent-length:  12 \r\n\r\n",
                 HeadNote {
                     length: Length::Known(12),
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
                 HeadNote {
                     length: Length::Known(5),
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
                 HeadNote {
                     length: Length::Differing,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"PUT / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
                 HeadNote {
                     length: Length::Unreadable,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"PUT / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
                 HeadNote {
                     length: Length::Unreadable,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: x\r\nContent-Length: 6\r\n\r\n",
                 HeadNote {
                     length: Length::Unreadable,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"PUT / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
                 HeadNote {
                     length: Length::Unreadable,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
@@ -379,28 +383,28 @@ mod tests {
                 HeadNote {
                     length: Length::Known(5),
                     transfer_encoding: true,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"GET / HTTP/1.1\nHost: x\r\n\r\n",
                 HeadNote {
                     bare_lf: true,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"GET / HTTP/1.1\r\nHost: x\n\n",
                 HeadNote {
                     bare_lf: true,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
             (
                 b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
                 HeadNote {
                     bare_lf: true,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 },
             ),
         ];
@@ -414,35 +418,35 @@ mod tests {
         let both = HeadNote {
             length: Length::Known(0),
             transfer_encoding: true,
-            ..PLAIN
+            ..HeadNote::PLAIN
         };
         assert!(ambiguous(&both).is_some());
         let differing = HeadNote {
             length: Length::Differing,
-            ..PLAIN
+            ..HeadNote::PLAIN
         };
         assert!(ambiguous(&differing).is_some());
         for fine in [
-            PLAIN,
+            HeadNote::PLAIN,
             HeadNote {
                 length: Length::Known(3),
-                ..PLAIN
+                ..HeadNote::PLAIN
             },
             HeadNote {
                 transfer_encoding: true,
-                ..PLAIN
+                ..HeadNote::PLAIN
             },
             // Not a length at all: hyper answers it, nothing is read after it.
             HeadNote {
                 length: Length::Unreadable,
-                ..PLAIN
+                ..HeadNote::PLAIN
             },
         ] {
             assert_eq!(ambiguous(&fine), None, "{fine:?}");
         }
         assert_eq!(both.body_len(), None);
         assert_eq!(differing.body_len(), None);
-        assert_eq!(PLAIN.body_len(), Some(0));
+        assert_eq!(HeadNote::PLAIN.body_len(), Some(0));
     }
 
     fn req(version: Version, headers: &[(&str, &str)]) -> Request<()> {
@@ -456,14 +460,14 @@ mod tests {
     #[test]
     fn checks() {
         let h11 = Version::HTTP_11;
-        let ok = Some(PLAIN);
+        let ok = Some(HeadNote::PLAIN);
         assert_eq!(check(&req(h11, &[("host", "a")]), ok), Ok(false));
         assert_eq!(check(&req(Version::HTTP_10, &[]), ok), Ok(false));
         assert_eq!(check(&req(Version::HTTP_2, &[]), None), Ok(false));
         let last = Some(HeadNote {
             last: true,
             transfer_encoding: true,
-            ..PLAIN
+            ..HeadNote::PLAIN
         });
         assert_eq!(
             check(
@@ -474,7 +478,7 @@ mod tests {
         );
         let te = Some(HeadNote {
             transfer_encoding: true,
-            ..PLAIN
+            ..HeadNote::PLAIN
         });
         let refused = [
             (req(h11, &[("host", "a")]), None),
@@ -502,14 +506,14 @@ mod tests {
                 req(h11, &[("host", "a")]),
                 Some(HeadNote {
                     bare_lf: true,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 }),
             ),
             (
                 req(h11, &[("host", "a")]),
                 Some(HeadNote {
                     length: Length::Differing,
-                    ..PLAIN
+                    ..HeadNote::PLAIN
                 }),
             ),
             (

@@ -430,13 +430,6 @@ mod tests {
         whole
     }
 
-    const PLAIN: HeadNote = HeadNote {
-        length: Length::Absent,
-        transfer_encoding: false,
-        bare_lf: false,
-        last: false,
-    };
-
     #[test]
     fn heads_and_bodies_of_known_length_are_followed() {
         let input = b"\r\nGET /v2/ HTTP/1.1\r\nHost: a\r\n\r\n\
@@ -444,10 +437,10 @@ mod tests {
             HEAD /y HTTP/1.1\r\nHost: a\r\n\r\n";
         let cl = HeadNote {
             length: Length::Known(16),
-            ..PLAIN
+            ..HeadNote::PLAIN
         };
         // The body "GET / HTTP/1.1\r\n"-looking bytes are skipped, not taken for a head.
-        assert_eq!(each_step(input), vec![PLAIN, cl, PLAIN]);
+        assert_eq!(each_step(input), vec![HeadNote::PLAIN, cl, HeadNote::PLAIN]);
     }
 
     #[test]
