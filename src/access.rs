@@ -24,6 +24,9 @@ use limit::FailedLogins;
 use policy::Policy;
 use token::{Claims, Grant, Signer};
 
+/// Why a request was refused; defined beside the error mapping, which answers it.
+pub use crate::error::Denied;
+
 /// The address of the client a request came from; the server puts it in every request's
 /// extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,24 +49,6 @@ impl Need {
             Need::Push => "push",
         }
     }
-}
-
-/// Why a request was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
-    /// Push is switched off on this proxy.
-    #[error("push is not enabled on this proxy")]
-    PushDisabled,
-    /// No credentials, or wrong ones: answered 401 with a challenge pointing at regcache's
-    /// token endpoint.
-    #[error("authentication required")]
-    Unauthenticated,
-    /// Valid credentials without the permission: answered 403.
-    #[error("{0} is not allowed to do this")]
-    Forbidden(String),
-    /// Too many failed logins from the client's address: answered 429 with `Retry-After`.
-    #[error("too many failed logins from this address; retry in {}s", .0.as_secs())]
-    TooManyFailures(Duration),
 }
 
 /// Who a request comes from.
