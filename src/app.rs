@@ -10,6 +10,7 @@ use moka::sync::Cache;
 use crate::access::{Access, ClientAddr, Denied, Need, SERVICE, TOKEN_PATH};
 use crate::access_log::RequestRecord;
 use crate::body::{self, Body};
+use crate::cache::budget::Limits;
 use crate::cache::inflight::InFlight;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
 use crate::cache::tags::TagEntry;
@@ -77,7 +78,7 @@ pub enum StartError {
 impl App {
     /// Opens the cache and builds the upstreams from a validated configuration.
     pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
-        let store = FsStore::open_limited(&config.cache_dir, config.cache.limits())
+        let store = FsStore::open_limited(&config.cache_dir, Limits::from_config(&config.cache))
             .await
             .map_err(|source| StartError::Cache {
                 path: config.cache_dir.display().to_string(),
