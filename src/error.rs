@@ -8,7 +8,6 @@ use serde_json::json;
 use crate::body::{self, Body};
 use crate::reference::ParseError;
 use crate::rewrite::RewriteError;
-use crate::router::RouteError;
 
 /// What was being fetched when an upstream failed; picks the OCI "unknown" code for a 404.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +29,30 @@ impl Kind {
             Kind::Tags => "NAME_UNKNOWN",
         }
     }
+}
+
+/// Why a request line was refused (the router's parse errors, defined here so the mapping
+/// below needs nothing from the router).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No such route.
+    #[error("unknown route")]
+    NotFound,
+    /// The route exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The route is part of the API but not offered here (push, catalog, delete).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// A name, tag or digest in the path is malformed.
+    #[error(transparent)]
+    Invalid(#[from] ParseError),
+    /// A query parameter is malformed.
+    #[error("invalid query parameter {0}")]
+    Query(&'static str),
+    /// An upload id that regcache never handed out.
+    #[error("upload unknown")]
+    UploadUnknown,
 }
 
 /// Why an upstream exchange failed.
