@@ -282,14 +282,14 @@ impl Budget {
             None => refs,
         };
         ix.bytes += size;
-        // Its file is written now: its time on disk is this use.
-        let stamped = self.hour();
+        // Its first use writes its time again: the file's own time need not be now (a
+        // commit can rename a file staged earlier).
         ix.lru.push(
             key,
             Entry {
                 size,
                 refs,
-                stamped,
+                stamped: 0,
             },
         );
         match self.limits {
@@ -718,9 +718,11 @@ mod tests {
         assert_eq!(b.flush(), vec![blob(1)]);
         b.touch(&d(1));
         assert!(b.flush().is_empty(), "noted twice in one hour");
-        // The manifest was written just now; its layers were not.
         b.touch(&d(4));
-        assert_eq!(b.flush(), vec![blob(2), blob(3)]);
+        assert_eq!(
+            b.flush(),
+            vec![blob(2), blob(3), (EntryKind::Manifest, d(4))]
+        );
         // As if the hour had turned since blob 1 was noted.
         lock(&b.index).lru.peek_mut(&blob(1)).unwrap().stamped = 0;
         b.touch(&d(1));
