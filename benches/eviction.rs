@@ -1,9 +1,11 @@
-//! Eviction cost: what a bounded cache pays per committed entry, at growing cache sizes, and
-//! how long the background count of the cache takes at start-up. The per-commit cost must
-//! not grow with the number of entries. `cargo bench --bench eviction` runs up to 100,000
-//! entries on disk (1,000,000 in memory); under `cargo test --benches` a smoke size.
+//! Eviction cost: what a bounded cache pays per committed entry and per cache hit, at growing
+//! cache sizes, and how long the background count of the cache takes at start-up. Neither the
+//! per-commit nor the per-hit cost may grow with the number of entries. `cargo bench --bench
+//! eviction` runs up to 100,000 entries on disk (1,000,000 in memory); under `cargo test
+//! --benches` a smoke size.
 
 use std::path::Path;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use regcache::cache::budget::{Budget, EntryKind, Limits};
@@ -32,6 +34,59 @@ fn in_memory(entries: u64, ops: u64) -> f64 {
         b.touch(&keys[n / 2]);
     }
     started.elapsed().as_nanos() as f64 / ops as f64
+}
+
+/// Images the hit rows cycle through, and the layers of each.
+const HOT_IMAGES: u64 = 64;
+const LAYERS: u64 = 10;
+
+/// Nanoseconds per cache hit as the request path records it (`touch`), with `entries` blobs
+/// in the index, from `threads` threads at once, each hit on another image than the one
+/// before: `manifests` true touches one of 64 manifests (each one a use of its ten layers
+/// too), false one of 640 blobs spread over the index. Per thread: wall time / its hits.
+fn hits(entries: u64, threads: usize, per_thread: u64, manifests: bool) -> f64 {
+    let b = Arc::new(Budget::new(Some(Limits {
+        max: u64::MAX,
+        high: u64::MAX,
+        low: u64::MAX / 2,
+    })));
+    b.load(Vec::new());
+    for i in 0..entries {
+        b.admit((EntryKind::Blob, digest(i)), 1, None);
+    }
+    let spread = (entries / (HOT_IMAGES * LAYERS)).max(1);
+    let layer = |image: u64, l: u64| digest(((image * LAYERS + l) * spread) % entries);
+    let hot: Vec<Digest> = if manifests {
+        (0..HOT_IMAGES)
+            .map(|m| {
+                let refs: Arc<[Digest]> = (0..LAYERS).map(|l| layer(m, l)).collect();
+                let d = digest(u64::MAX - m);
+                b.admit((EntryKind::Manifest, d.clone()), 1, Some(refs));
+                d
+            })
+            .collect()
+    } else {
+        (0..HOT_IMAGES * LAYERS)
+            .map(|i| layer(i / LAYERS, i % LAYERS))
+            .collect()
+    };
+    let start = Barrier::new(threads + 1);
+    let started = std::thread::scope(|s| {
+        for t in 0..threads {
+            let (b, hot, start) = (&b, &hot, &start);
+            s.spawn(move || {
+                start.wait();
+                for n in 0..per_thread {
+                    let i = (n as usize * 7 + t * 13) % hot.len();
+                    std::hint::black_box(b.touch(&hot[i]));
+                }
+            });
+        }
+        start.wait();
+        Instant::now()
+    });
+    // The scope has joined every thread: this is until the last one finished.
+    started.elapsed().as_nanos() as f64 / per_thread as f64
 }
 
 fn fill_dir(root: &Path, entries: u64) {
@@ -98,6 +153,21 @@ fn main() {
             "eviction: in memory, {n:>9} entries: {:.0} ns per admit+touch",
             in_memory(n, 200_000.min(n * 10))
         );
+    }
+    let hit_ops = if full { 2_000_000 } else { 20_000 };
+    for &n in memory_sizes {
+        for manifests in [true, false] {
+            let what = if manifests {
+                "manifest hit (+10 layers)"
+            } else {
+                "blob hit"
+            };
+            let one = hits(n, 1, hit_ops, manifests);
+            let two = hits(n, 2, hit_ops / 2, manifests);
+            println!(
+                "eviction: hits, {n:>9} entries: {one:.0} ns per {what}, 1 thread; {two:.0} ns, 2 threads at once"
+            );
+        }
     }
     let disk_sizes: &[u64] = if full {
         &[1_000, 10_000, 100_000]

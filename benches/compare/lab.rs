@@ -10,14 +10,17 @@ use anyhow::{Context, ensure};
 use rand::RngCore;
 
 use crate::clients;
-use crate::report::{DISTRIBUTION, NGINX_PROXY, NGINX_STATIC, REGCACHE};
+use crate::report::{
+    DISTRIBUTION, NGINX_PROXY, NGINX_STATIC, REGCACHE, REGCACHE_MAX_SIZE, REGCACHE_UNBOUNDED,
+};
 use crate::servers::{self, Nginx, Procs, Regcache};
 use crate::support::registry::{ProxyUpstream, Registry, RegistryOptions};
 use crate::support::token::{TokenServer, TokenServerConfig};
 
 /// The upstream login every cache uses (and the bench, for its tokens).
-const LOGIN: (&str, &str) = ("bench", "bench-secret");
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const LOGIN: (&str, &str) = ("bench", "bench-secret");
+/// The image manifest type every bench image uses.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A server under test as its clients reach it, and its processes (none for the upstream).
 #[derive(Debug, Clone)]
@@ -50,6 +53,8 @@ pub struct Lab {
     pub plain: Vec<Server>,
     /// regcache and nginx static over TLS.
     pub tls: Vec<Server>,
+    /// regcache without `cache.max_size`, for the manifest rows.
+    pub unbounded: Server,
     /// The certificate HTTPS clients trust.
     pub cert: PathBuf,
     /// The image in every cache.
@@ -62,6 +67,7 @@ pub struct Lab {
     pub pull: String,
     _regcache: Regcache,
     _regcache_tls: Regcache,
+    _regcache_unbounded: Regcache,
     _distribution: Registry,
     _nginx_proxy: Nginx,
     _nginx_static: Nginx,
@@ -104,12 +110,18 @@ impl Lab {
         let upstream = Registry::start(tokens.registry_auth())
             .await
             .context("upstream docker-registry")?;
-        let repos = ["bench/hit", "bench/cold", "bench/herd"];
+        let repos: Vec<&str> = ["bench/hit", "bench/cold", "bench/herd"]
+            .into_iter()
+            .chain(crate::layers::REPOS.map(|(_, repo)| repo))
+            .collect();
         let token = |actions: &'static str| {
-            let scopes = repos.map(|r| format!("repository:{r}:{actions}"));
+            let scopes: Vec<String> = repos
+                .iter()
+                .map(|r| format!("repository:{r}:{actions}"))
+                .collect();
             let (http, realm, service) = (http.clone(), tokens.realm(), tokens.service());
             async move {
-                let scopes = scopes.each_ref().map(String::as_str);
+                let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
                 clients::token(&http, &realm, service, &scopes, LOGIN).await
             }
         };
@@ -122,16 +134,27 @@ impl Lab {
         let (cert, key) = servers::self_signed_cert(d)?;
 
         let bin = Path::new(env!("CARGO_BIN_EXE_regcache"));
-        let regcache = Regcache::start(bin, &d.join("regcache"), &upstream.url(), LOGIN, None)
+        let max = Some(REGCACHE_MAX_SIZE);
+        let regcache = Regcache::start(bin, &d.join("regcache"), &upstream.url(), LOGIN, max, None)
             .context("regcache")?;
         let regcache_tls = Regcache::start(
             bin,
             &d.join("regcache-tls"),
             &upstream.url(),
             LOGIN,
+            max,
             Some((&cert, &key)),
         )
         .context("regcache with TLS")?;
+        let regcache_unbounded = Regcache::start(
+            bin,
+            &d.join("regcache-unbounded"),
+            &upstream.url(),
+            LOGIN,
+            None,
+            None,
+        )
+        .context("regcache without max_size")?;
         let distribution = Registry::start_with(RegistryOptions {
             proxy: Some(ProxyUpstream {
                 remote_url: upstream.url(),
@@ -188,8 +211,14 @@ impl Lab {
             },
         ];
 
+        let unbounded = Server {
+            column: REGCACHE_UNBOUNDED,
+            url: regcache_unbounded.url.clone(),
+            procs: Some(regcache_unbounded.procs),
+        };
+
         // Fill every cache with the image and check what each serves.
-        for srv in &plain {
+        for srv in plain.iter().chain([&unbounded]) {
             warm(&http, srv, &image)
                 .await
                 .with_context(|| format!("{} does not serve the image", srv.column))?;
@@ -204,6 +233,7 @@ impl Lab {
             caches,
             plain,
             tls,
+            unbounded,
             cert,
             image,
             http,
@@ -211,6 +241,7 @@ impl Lab {
             pull,
             _regcache: regcache,
             _regcache_tls: regcache_tls,
+            _regcache_unbounded: regcache_unbounded,
             _distribution: distribution,
             _nginx_proxy: nginx_proxy,
             _nginx_static: nginx_static,
@@ -225,14 +256,27 @@ impl Lab {
     /// `KEY:` line naming the URI). A run then needs disk for a few blobs at a time, not for
     /// every blob of every round. Anything already gone, or held open, is left alone.
     pub fn forget(&self, digest: &str) {
-        let hex = digest.trim_start_matches("sha256:");
+        self.forget_all(&[digest.to_owned()]);
+    }
+
+    /// [`Lab::forget`] for many digests at once, in one walk of each store.
+    pub fn forget_all(&self, digests: &[String]) {
+        let hexes: Vec<&str> = digests
+            .iter()
+            .map(|d| d.trim_start_matches("sha256:"))
+            .collect();
         for root in [
             self.upstream.storage_dir(),
             self._distribution.storage_dir(),
             self._dir.path(),
         ] {
-            remove_copies(root, hex);
+            remove_copies(root, &hexes);
         }
+    }
+
+    /// The temp dir everything lives in (for clients' scratch space).
+    pub fn scratch(&self) -> &Path {
+        self._dir.path()
     }
 
     /// Empties the per-request logs of regcache and nginx (hundreds of MiB per round at full
@@ -242,6 +286,7 @@ impl Lab {
         for log in [
             "regcache/regcache.log",
             "regcache-tls/regcache.log",
+            "regcache-unbounded/regcache.log",
             "nginx-proxy/access.log",
             "nginx-static/access.log",
         ] {
@@ -258,7 +303,7 @@ impl Lab {
     }
 }
 
-fn remove_copies(dir: &Path, hex: &str) {
+fn remove_copies(dir: &Path, hexes: &[&str]) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -268,15 +313,17 @@ fn remove_copies(dir: &Path, hex: &str) {
             continue;
         };
         if kind.is_dir() {
-            remove_copies(&path, hex);
-        } else if path.to_string_lossy().contains(hex) || nginx_entry_names(&path, hex) {
+            remove_copies(&path, hexes);
+        } else if hexes.iter().any(|h| path.to_string_lossy().contains(h))
+            || nginx_entry_names(&path, hexes)
+        {
             let _ = fs::remove_file(&path);
         }
     }
 }
 
-/// True when `path` is an nginx cache file (32 hex digits) whose header names `hex`.
-fn nginx_entry_names(path: &Path, hex: &str) -> bool {
+/// True when `path` is an nginx cache file (32 hex digits) whose header names one of `hexes`.
+fn nginx_entry_names(path: &Path, hexes: &[&str]) -> bool {
     use std::io::Read;
     let is_cache_name = path
         .file_name()
@@ -286,7 +333,10 @@ fn nginx_entry_names(path: &Path, hex: &str) -> bool {
     is_cache_name
         && fs::File::open(path)
             .and_then(|mut f| f.read(&mut head))
-            .is_ok_and(|n| String::from_utf8_lossy(&head[..n]).contains(hex))
+            .is_ok_and(|n| {
+                let head = String::from_utf8_lossy(&head[..n]);
+                hexes.iter().any(|h| head.contains(h))
+            })
 }
 
 /// Pushes the image `bench/hit:latest` and lays the blob and manifest out as files under

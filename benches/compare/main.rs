@@ -3,8 +3,9 @@
 //!
 //! - the upstream: a real `docker-registry` (distribution 2.8) with Docker-Hub-style bearer
 //!   token auth and a login (the token server of `tests/support/token.rs`);
-//! - **regcache**: the binary cargo builds with this bench (release under `cargo bench`),
-//!   plain and, as a second process, over TLS;
+//! - **regcache**: the binary cargo builds with this bench (release under `cargo bench`), as
+//!   deployed with `cache.max_size = "20GiB"` (so every hit records a use), plain and, as a
+//!   second process, over TLS; a third without `max_size` for the manifest rows;
 //! - **distribution** in proxy mode (`proxy: remoteurl:` with the login, its own storage);
 //! - **nginx `proxy_cache`** in front of the upstream, sending a bearer token this bench
 //!   fetched from the token server;
@@ -15,9 +16,16 @@
 //!   the server's CPU seconds (`/proc/<pid>/stat` utime + stime) per GiB served;
 //! - cached manifest `GET` (`wrk --latency`) and `HEAD` (a small client of this bench: wrk
 //!   4.1 cannot parse `HEAD` answers), by digest and by tag, 32 connections, with Docker's
-//!   `Accept`: requests per second, p50 and p99 latency;
+//!   full six-type `Accept` list: requests per second, p50 and p99 latency;
+//! - many clients: 5,000 keep-alive connections at once (`wrk -t2`) on the manifest by tag,
+//!   regcache and nginx `proxy_cache`: rate, p50, p99, errors and the server's peak RSS
+//!   during the run (the bench raises its open-file limit to the hard limit first);
 //! - a cold miss: one fresh blob from the upstream directly, then through each cache; total
-//!   time, time to the first body byte and the wait for the last chunk;
+//!   time, time to the first body byte, the wait for the last chunk and each cache's CPU
+//!   seconds per GiB, beside the floor (one SHA-256 pass and one copy, timed here);
+//! - an image of 200 small layers (1 KiB – 5 MiB, log-uniform) pushed fresh per server,
+//!   pulled by 16 `skopeo` processes at once, cold and then warm, from the upstream
+//!   directly and through each cache: wall time and requests the upstream saw;
 //! - the thundering herd: 32 and 64 clients released together on one fresh blob per cache,
 //!   every body's SHA-256 checked; upstream `GET`s counted from the upstream's access log;
 //! - at the end, each server's peak RSS (`VmHWM`) and CPU seconds over all rounds.
@@ -30,10 +38,13 @@
 //! `cargo bench --bench compare` runs the full size. Environment: `REGCACHE_BENCH_ROUNDS`
 //! (3), `REGCACHE_BENCH_BLOB_MIB` (256), `REGCACHE_BENCH_CLIENTS` (`1,8,32`),
 //! `REGCACHE_BENCH_HERD` (`32,64`), `REGCACHE_BENCH_CONNS` (32), `REGCACHE_BENCH_SECS` (5,
-//! per manifest run), `REGCACHE_BENCH_ONLY` (all; a comma list of `hits`, `tls`, `manifests`,
-//! `cold`, `herd` to run just those). Under `cargo test --benches` it is a smoke run (1 MiB, 1 round, 1 and 8
-//! clients, a herd of 4, 8 connections for 1 s), or prints `SKIPPED compare: <why>` when a
-//! peer program is missing. It exits non-zero only when a component fails to start (or a
+//! per manifest run), `REGCACHE_BENCH_MANY_CONNS` (5000), `REGCACHE_BENCH_LAYERS` (200),
+//! `REGCACHE_BENCH_PULLERS` (16), `REGCACHE_BENCH_ONLY` (all; a comma list of `hits`, `tls`,
+//! `manifests`, `conns`, `cold`, `layers`, `herd` to run just those). Under `cargo test
+//! --benches` it is a smoke run (1 MiB, 1 round, 1 and 8 clients, a herd of 4, 8 connections
+//! for 1 s, 300 connections at once, an image of 8 layers of 1–64 KiB pulled by 2 clients),
+//! or prints `SKIPPED compare: <why>` when a peer program is missing (`SKIPPED layers` when
+//! only skopeo is). It exits non-zero only when a component fails to start (or a
 //! smoke run hangs); a failed measurement shows as `err`, a slow one is just a figure.
 
 #[path = "../../tests/support/mod.rs"]
@@ -41,6 +52,7 @@ mod support;
 
 mod clients;
 mod lab;
+mod layers;
 mod measure;
 mod report;
 mod servers;
@@ -55,12 +67,12 @@ use anyhow::Context;
 
 use lab::Lab;
 use measure::rotated;
-use report::{REGCACHE, Results};
+use report::{NGINX_PROXY, REGCACHE, Results};
 use support::peers::which;
 
 const PEERS: [&str; 5] = ["docker-registry", "nginx", "wrk", "curl", "openssl"];
 /// A smoke run that takes longer than this has hung somewhere: it fails instead.
-const SMOKE_LIMIT: Duration = Duration::from_secs(180);
+const SMOKE_LIMIT: Duration = Duration::from_secs(300);
 
 /// What to run, from the environment.
 #[derive(Debug)]
@@ -72,6 +84,10 @@ struct Settings {
     herd_clients: Vec<usize>,
     conns: usize,
     wrk_secs: u64,
+    /// Connections of the many-clients run.
+    many_conns: usize,
+    /// The small-layer image and its pullers.
+    layers: layers::Shape,
     /// Measurements to run (`REGCACHE_BENCH_ONLY`); empty: all.
     only: Vec<String>,
 }
@@ -105,6 +121,11 @@ impl Settings {
             } else {
                 (1, 1, &[1, 8], &[4], 8, 1)
             };
+        let (many, layers, max_layer, pullers) = if full {
+            (5000, 200, 5 << 20, 16)
+        } else {
+            (300, 8, 64 << 10, 2)
+        };
         Settings {
             full,
             rounds: env_or("REGCACHE_BENCH_ROUNDS", rounds).max(1),
@@ -113,6 +134,13 @@ impl Settings {
             herd_clients: env_list("REGCACHE_BENCH_HERD", herd),
             conns: env_or("REGCACHE_BENCH_CONNS", conns).max(1),
             wrk_secs: env_or("REGCACHE_BENCH_SECS", secs).max(1),
+            many_conns: env_or("REGCACHE_BENCH_MANY_CONNS", many).max(1),
+            layers: layers::Shape {
+                layers: env_or("REGCACHE_BENCH_LAYERS", layers).max(1),
+                min: 1 << 10,
+                max: max_layer,
+                clients: env_or("REGCACHE_BENCH_PULLERS", pullers).max(1),
+            },
             only: std::env::var("REGCACHE_BENCH_ONLY")
                 .unwrap_or_default()
                 .split(',')
@@ -242,9 +270,23 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
     let mib = s.blob_bytes as f64 / (1024.0 * 1024.0);
     println!(
         "compare: blob {mib:.0} MiB, {} round(s), hit clients {:?}, herd {:?}, \
-         {} connections x {} s per manifest run, regcache {profile} build",
-        s.rounds, s.hit_clients, s.herd_clients, s.conns, s.wrk_secs
+         {} connections x {} s per manifest run, {} at once, image of {} layers x {} pullers, \
+         regcache {profile} build",
+        s.rounds,
+        s.hit_clients,
+        s.herd_clients,
+        s.conns,
+        s.wrk_secs,
+        s.many_conns,
+        s.layers.layers,
+        s.layers.clients
     );
+    // The many-clients run needs a descriptor per connection in wrk and in each server.
+    let files = if s.runs("conns") {
+        servers::raise_open_files(s.many_conns as u64 + 1024)
+    } else {
+        0
+    };
     let lab = Lab::start(s.blob_bytes)
         .await
         .context("a component failed to start")?;
@@ -279,9 +321,26 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
             measure::hits(&mut results, s, &lab, &rotated(&lab.tls, round), true).await;
         }
         if s.runs("manifests") {
-            measure::manifests(&mut results, s, &lab, &plain).await;
+            let mut servers = plain.clone();
+            servers.push(lab.unbounded.clone());
+            measure::manifests(&mut results, s, &lab, &servers).await;
+        }
+        if s.runs("conns") {
+            let servers: Vec<_> = plain
+                .iter()
+                .filter(|srv| [REGCACHE, NGINX_PROXY].contains(&srv.column))
+                .cloned()
+                .collect();
+            measure::many_conns(&mut results, s, &servers, files).await;
         }
         let caches = rotated(&lab.caches, round);
+        if s.runs("layers") {
+            if which("skopeo").is_some() {
+                layers::run(&mut results, s.layers, &lab, &caches, round).await;
+            } else if round == 0 {
+                println!("SKIPPED layers: `skopeo` not found on PATH (Debian package skopeo)");
+            }
+        }
         let mut fetched = Vec::new();
         if s.runs("cold") {
             let cold = measure::cold(&mut results, s, &lab, &caches).await;
@@ -317,7 +376,16 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
     }
     drop(lab);
 
-    let checks = report::checks(&results, &s.hit_clients, &s.herd_clients, s.conns);
+    let checks = report::checks(
+        &results,
+        &report::Targets {
+            hit_clients: &s.hit_clients,
+            herd: &s.herd_clients,
+            conns: s.conns,
+            many_conns: s.many_conns,
+            layers: s.layers.rows(),
+        },
+    );
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_after = loadavg();
     println!(
@@ -363,6 +431,10 @@ async fn run(s: &Settings) -> anyhow::Result<()> {
             "rounds": s.rounds, "blob_mib": mib, "hit_clients": s.hit_clients,
             "herd_clients": s.herd_clients, "manifest_conns": s.conns,
             "manifest_secs": s.wrk_secs, "full": s.full, "only": s.only,
+            "many_conns": s.many_conns, "open_files": files,
+            "layers": s.layers.layers, "layer_bytes": [s.layers.min, s.layers.max],
+            "layer_pullers": s.layers.clients,
+            "regcache_max_size": report::REGCACHE_MAX_SIZE,
         },
         "seconds": started.elapsed().as_secs_f64(),
     });

@@ -59,6 +59,49 @@ impl Procs {
     }
 }
 
+impl Procs {
+    /// Resident memory now in MiB (`VmRSS`), summed over the processes.
+    pub fn rss_mib(self) -> f64 {
+        self.pids()
+            .into_iter()
+            .filter_map(|pid| status_kib(pid, "VmRSS:"))
+            .sum::<u64>() as f64
+            / 1024.0
+    }
+}
+
+/// The soft limit on open files of this process and its children (`/proc/self/limits`),
+/// raised to the hard limit first when it is below `needed` (with `prlimit`, from
+/// util-linux). Servers and clients started afterwards inherit it.
+pub fn raise_open_files(needed: u64) -> u64 {
+    let read = || -> Option<(u64, Option<u64>)> {
+        let limits = fs::read_to_string("/proc/self/limits").ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut f = line["Max open files".len()..].split_whitespace();
+        let soft = f.next()?.parse().ok()?;
+        Some((soft, f.next()?.parse().ok()))
+    };
+    let Some((soft, hard)) = read() else {
+        return 0;
+    };
+    if soft >= needed {
+        return soft;
+    }
+    // `unlimited` hard: ask for what is needed with room to spare.
+    let target = hard.unwrap_or(needed * 2);
+    let _ = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!(
+            "--nofile={target}:{}",
+            hard.map_or("unlimited".into(), |h| h.to_string())
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    read().map_or(soft, |(soft, _)| soft)
+}
+
 /// Fields of `/proc/<pid>/stat` after the `(comm)` field, which may contain spaces.
 /// CPU seconds (user + system) of this process's children that have exited and been waited
 /// for (`cutime` + `cstime` of `/proc/self/stat`): the difference around a run of short-lived
@@ -168,13 +211,15 @@ pub struct Regcache {
 
 impl Regcache {
     /// Starts `binary` with its own cache dir under `dir`, one upstream `up` (the default)
-    /// with the given credentials, and TLS when `tls` names a certificate and key. Waits
-    /// (≤ 30 s) for its `regcache ready` line.
+    /// with the given credentials, `cache.max_size` when given (as deployed: a bounded cache
+    /// tracks every use), and TLS when `tls` names a certificate and key. Waits (≤ 30 s) for
+    /// its `regcache ready` line.
     pub fn start(
         binary: &Path,
         dir: &Path,
         upstream: &str,
         credentials: (&str, &str),
+        max_size: Option<&str>,
         tls: Option<(&Path, &Path)>,
     ) -> anyhow::Result<Regcache> {
         fs::create_dir_all(dir)?;
@@ -185,6 +230,9 @@ impl Regcache {
         // Every bench client comes from 127.0.0.1: the per-address download limit would
         // turn the herd into 429s.
         let _ = write!(cfg, "[limits]\ndownloads_per_client = 10000\n");
+        if let Some(max) = max_size {
+            let _ = write!(cfg, "[cache]\nmax_size = {max:?}\n");
+        }
         if let Some((cert, key)) = tls {
             let _ = write!(cfg, "[tls]\ncert = {cert:?}\nkey = {key:?}\n");
         }
@@ -257,12 +305,16 @@ impl Drop for Nginx {
 
 /// The common head of both nginx configurations: one worker per core, logs in `dir`, every
 /// temp path in `dir`, sendfile, and an access log line per request like the other servers.
+/// Each worker may hold all the connections of the many-clients run (and its upstream ones).
 fn nginx_head(dir: &Path) -> String {
+    const NGINX_CONNECTIONS: usize = 12_288;
+    const NGINX_FILES: usize = 2 * NGINX_CONNECTIONS;
     let d = dir.display();
     let user = if is_root() { "user root root;\n" } else { "" };
     format!(
         "{user}daemon off;\nmaster_process on;\nworker_processes auto;\npid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+         worker_rlimit_nofile {NGINX_FILES};\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections {NGINX_CONNECTIONS}; }}\n\
          http {{\n  access_log {d}/access.log;\n  sendfile on;\n  tcp_nopush on;\n  \
          keepalive_requests 1000000;\n  types {{ }}\n  default_type application/octet-stream;\n  \
          client_body_temp_path {d}/client_body;\n  proxy_temp_path {d}/proxy_temp;\n  \

@@ -4,7 +4,7 @@
 //!
 //! Every operation is O(1) or O(entries evicted): the index is a hash map threaded by a list
 //! in use order, so admitting a blob never walks the cache. The order survives restarts
-//! through file modification times, which the store updates at most hourly per digest; the
+//! through file modification times, which the store updates at most hourly per entry; the
 //! index itself is rebuilt from a directory scan in the background at start-up, and nothing
 //! is evicted until that scan has finished (the size is not known before).
 //!
@@ -14,14 +14,40 @@
 //! unused. Whole images therefore age together, and the least recently pulled image goes
 //! before any layer of one that is still pulled; a layer shared by several images lives as
 //! long as the most recently pulled of them.
+//!
+//! Uses reach the order in batches, so a cache hit never waits for the index. A hit appends
+//! its digest to one of [`STRIPES`] small buffers of pending uses (chosen by thread, each
+//! behind a mutex of its own that only that push and a batch swap take). Once a buffer holds
+//! [`BATCH`] uses, the hit that filled it applies every buffer to the order if the index is
+//! free; at [`MAX_PENDING`] it waits for the index. Admitting an entry, loading the scan and
+//! [`Budget::flush`] apply every pending use first, so eviction never picks an entry whose
+//! use is still pending. The bound this gives: within one batch, uses from different threads
+//! may be applied out of order, and a batch cannot span more than [`ORDER_WINDOW`] hits, so
+//! of two entries whose last uses lie further apart than that, the one used earlier is always
+//! evicted first. Lock order: the index, then a stripe; a hit never holds a stripe while it
+//! takes the index.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Instant;
 
 use lru::LruCache;
 
 use crate::config::CacheConfig;
 use crate::flight::lock;
 use crate::reference::Digest;
+
+/// Buffers of pending uses; a thread always uses the same one.
+pub const STRIPES: usize = 16;
+/// Uses in one buffer after which the hit that recorded the last one applies them all, when
+/// the index is free.
+pub const BATCH: usize = 64;
+/// Uses in one buffer at which the hit that recorded the last one waits for the index.
+pub const MAX_PENDING: usize = 256;
+/// Hits between two uses beyond which they are always applied in order: one batch fills at
+/// most `STRIPES × MAX_PENDING` buffered uses, and as many more can arrive while it is being
+/// applied.
+pub const ORDER_WINDOW: usize = 2 * STRIPES * MAX_PENDING;
 
 /// Which file a digest names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,8 +111,12 @@ pub struct Usage {
 
 struct Entry {
     size: u64,
-    // Digests a manifest references, learnt the first time it is read or stored.
-    refs: Option<Arc<[Digest]>>,
+    // What a manifest references, learnt the first time it is read or stored: for each
+    // digest its blob and its manifest key, built once so a use looks them up as they are.
+    refs: Option<Arc<[Key]>>,
+    // The hour (of `Budget::epoch`, counted from 1) whose first use was handed out to be
+    // noted on disk; 0: none since start.
+    stamped: u32,
 }
 
 struct Index {
@@ -95,6 +125,12 @@ struct Index {
     ready: bool,
     evictions: u64,
     evicted_bytes: u64,
+    // Entries used in an hour in which their use was not yet noted on disk, for the next
+    // `touch` that applies a batch (or `flush`) to hand out.
+    unstamped: Vec<Key>,
+    // An empty buffer swapped into a stripe while its uses are applied, so that steady
+    // batching allocates nothing.
+    spare: Vec<Digest>,
 }
 
 impl Index {
@@ -116,13 +152,80 @@ impl Index {
         }
         victims
     }
+
+    // Makes `key` the most recently used, if cached.
+    fn promote(&mut self, key: &Key, hour: u32) {
+        if let Some(e) = self.lru.get_mut(key) {
+            if e.stamped != hour {
+                e.stamped = hour;
+                self.unstamped.push(key.clone());
+            }
+        }
+    }
+
+    // One use of `digest` (as a blob and/or manifest) and of everything a manifest of that
+    // digest references.
+    fn used(&mut self, digest: &Digest, hour: u32) {
+        let mut key = (EntryKind::Blob, digest.clone());
+        self.promote(&key, hour);
+        key.0 = EntryKind::Manifest;
+        let Some(refs) = self.lru.peek(&key).map(|e| e.refs.clone()) else {
+            return;
+        };
+        // The manifest ends the most recent, so its content goes before it if ever.
+        for r in refs.iter().flat_map(|r| r.iter()) {
+            self.promote(r, hour);
+        }
+        self.promote(&key, hour);
+    }
+}
+
+/// The keys a use of a manifest referencing `digests` also promotes.
+fn ref_keys(digests: &[Digest]) -> Arc<[Key]> {
+    digests
+        .iter()
+        .flat_map(|d| {
+            [
+                (EntryKind::Blob, d.clone()),
+                (EntryKind::Manifest, d.clone()),
+            ]
+        })
+        .collect()
+}
+
+/// Uses recorded by the threads of one stripe and not yet applied to the order.
+#[derive(Default)]
+struct Pending {
+    // Digests in use order; a repeat of the last one is not appended again.
+    used: Vec<Digest>,
+    // Uses recorded since the last batch, repeats included.
+    count: usize,
+}
+
+// Own cache lines, so that threads on different stripes do not contend for one.
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe(Mutex<Pending>);
+
+/// The stripe of the calling thread: threads are dealt stripes in turn on first use.
+fn this_threads_stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
 }
 
 /// The index and the rule. Shared by the store's request path and its background scan.
 pub struct Budget {
     limits: Option<Limits>,
-    // Held only for in-memory updates, never across an `.await` or a file operation.
+    // Held only for in-memory updates, never across an `.await` or a file operation. Taken
+    // before a stripe, never after one.
     index: Mutex<Index>,
+    // Pending uses; each mutex is held for one push or one swap, never while taking `index`.
+    stripes: [Stripe; STRIPES],
+    // Start of the hours in which a use is noted on disk once.
+    epoch: Instant,
 }
 
 impl Budget {
@@ -136,7 +239,33 @@ impl Budget {
                 ready: false,
                 evictions: 0,
                 evicted_bytes: 0,
+                unstamped: Vec::new(),
+                spare: Vec::new(),
             }),
+            stripes: Default::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn hour(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs() / 3600 + 1).unwrap_or(u32::MAX)
+    }
+
+    // Applies every pending use to the order, stripe after stripe.
+    fn apply(&self, ix: &mut Index) {
+        let hour = self.hour();
+        for stripe in &self.stripes {
+            let mut batch = std::mem::take(&mut ix.spare);
+            {
+                let mut p = lock(&stripe.0);
+                p.count = 0;
+                std::mem::swap(&mut p.used, &mut batch);
+            }
+            for d in &batch {
+                ix.used(d, hour);
+            }
+            batch.clear();
+            ix.spare = batch;
         }
     }
 
@@ -148,9 +277,11 @@ impl Budget {
 
     /// Records a new entry as the most recently used and returns what must be evicted to
     /// keep the total within the limits. The caller removes the victims' files; an entry
-    /// just admitted is never among them.
+    /// just admitted is never among them, nor one whose use is pending.
     pub fn admit(&self, key: Key, size: u64, refs: Option<Arc<[Digest]>>) -> Vec<(Key, u64)> {
         let mut ix = lock(&self.index);
+        self.apply(&mut ix);
+        let refs = refs.map(|r| ref_keys(&r));
         let refs = match ix.lru.pop(&key) {
             Some(old) => {
                 ix.bytes -= old.size;
@@ -159,27 +290,61 @@ impl Budget {
             None => refs,
         };
         ix.bytes += size;
-        ix.lru.push(key, Entry { size, refs });
+        // Its first use writes its time again: the file's own time need not be now (a
+        // commit can rename a file staged earlier).
+        ix.lru.push(
+            key,
+            Entry {
+                size,
+                refs,
+                stamped: 0,
+            },
+        );
         match self.limits {
             Some(limits) if ix.ready => ix.shrink(limits, 1),
             _ => Vec::new(),
         }
     }
 
-    /// Marks `digest` (as a blob and/or manifest) used now, and everything a manifest of that
-    /// digest references. Returns the referenced digests when it was a manifest.
-    pub fn touch(&self, digest: &Digest) -> Option<Arc<[Digest]>> {
-        let mut ix = lock(&self.index);
-        ix.lru.promote(&(EntryKind::Blob, digest.clone()));
-        let manifest = (EntryKind::Manifest, digest.clone());
-        let refs = ix.lru.get(&manifest).and_then(|e| e.refs.clone())?;
-        // The manifest stays the most recent, so its content goes before it if ever.
-        for r in refs.iter() {
-            ix.lru.promote(&(EntryKind::Blob, r.clone()));
-            ix.lru.promote(&(EntryKind::Manifest, r.clone()));
+    /// Records a use of `digest` (as a blob and/or manifest, and of everything a manifest of
+    /// that digest references) without waiting for the index; see the module doc for when it
+    /// reaches the order. Returns the entries whose first use in this hour this call applied
+    /// (usually none), for the caller to note on disk.
+    pub fn touch(&self, digest: &Digest) -> Vec<Key> {
+        self.touch_in(this_threads_stripe(), digest)
+    }
+
+    fn touch_in(&self, stripe: usize, digest: &Digest) -> Vec<Key> {
+        let pending = {
+            let mut p = lock(&self.stripes[stripe].0);
+            p.count += 1;
+            if p.used.last() != Some(digest) {
+                p.used.push(digest.clone());
+            }
+            p.count
+        };
+        if pending < BATCH {
+            return Vec::new();
         }
-        ix.lru.promote(&manifest);
-        Some(refs)
+        let mut ix = match self.index.try_lock() {
+            Ok(ix) => ix,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // Busy (another batch, a commit): the next use on this stripe tries again.
+            Err(TryLockError::WouldBlock) if pending < MAX_PENDING => return Vec::new(),
+            Err(TryLockError::WouldBlock) => lock(&self.index),
+        };
+        self.apply(&mut ix);
+        std::mem::take(&mut ix.unstamped)
+    }
+
+    /// Applies every pending use now; returns the entries to note on disk, as [`touch`]
+    /// does. For garbage collection, which goes by the times on disk.
+    ///
+    /// [`touch`]: Budget::touch
+    pub fn flush(&self) -> Vec<Key> {
+        let mut ix = lock(&self.index);
+        self.apply(&mut ix);
+        std::mem::take(&mut ix.unstamped)
     }
 
     /// Whether the references of manifest `digest` are still to be learnt.
@@ -196,7 +361,7 @@ impl Budget {
             .lru
             .peek_mut(&(EntryKind::Manifest, digest.clone()))
         {
-            e.refs = Some(refs);
+            e.refs = Some(ref_keys(&refs));
         }
     }
 
@@ -224,6 +389,7 @@ impl Budget {
                     Entry {
                         size: *size,
                         refs: None,
+                        stamped: 0,
                     },
                 );
                 ix.lru.demote(k);
@@ -231,6 +397,7 @@ impl Budget {
             }
         }
         let mut ix = lock(&self.index);
+        self.apply(&mut ix);
         ix.ready = true;
         match self.limits {
             Some(limits) => ix.shrink(limits, 0),
@@ -381,6 +548,200 @@ mod tests {
             assert!(u.admit(blob(n), 1 << 30, None).is_empty());
         }
         assert!(u.admits(u64::MAX));
+    }
+
+    fn keys(victims: Vec<(Key, u64)>) -> Vec<Key> {
+        victims.into_iter().map(|(k, _)| k).collect()
+    }
+
+    // The least recently used entry the index holds now (pending uses not applied).
+    fn coldest(b: &Budget) -> Option<Key> {
+        lock(&b.index).lru.peek_lru().map(|(k, _)| k.clone())
+    }
+
+    #[test]
+    fn pending_uses_count_before_anything_is_evicted() {
+        let b = ready(Limits::new(100, 0.9, 0.5));
+        for n in 0..9 {
+            b.admit(blob(n), 10, None);
+        }
+        // Two uses on two stripes, far fewer than a batch: still pending.
+        assert!(b.touch_in(3, &d(0)).is_empty());
+        assert!(b.touch_in(7, &d(1)).is_empty());
+        assert_eq!(coldest(&b), Some(blob(0)));
+        let gone = keys(b.admit(blob(9), 10, None));
+        assert_eq!(gone, vec![blob(2), blob(3), blob(4), blob(5), blob(6)]);
+    }
+
+    #[test]
+    fn the_hit_that_fills_a_stripe_applies_every_stripe() {
+        let b = ready(Limits::new(1000, 0.9, 0.5));
+        for n in 0..4 {
+            b.admit(blob(n), 10, None);
+        }
+        // 0 is used on another stripe, then 1 on stripe 0 until it holds a batch.
+        b.touch_in(5, &d(0));
+        for _ in 1..BATCH {
+            b.touch_in(0, &d(1));
+        }
+        assert_eq!(
+            coldest(&b),
+            Some(blob(0)),
+            "applied before the batch was full"
+        );
+        b.touch_in(0, &d(1));
+        assert_eq!(coldest(&b), Some(blob(2)));
+        // Stripes are applied in turn: within one batch, 0 (stripe 5) lands after 1 (stripe
+        // 0) although it was used first. This is the swap the window bounds.
+        let order: Vec<Key> = lock(&b.index)
+            .lru
+            .iter()
+            .rev()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(order, vec![blob(2), blob(3), blob(1), blob(0)]);
+    }
+
+    #[test]
+    fn eviction_order_is_exact_beyond_the_window_of_one_batch() {
+        // 2,000 entries of 10 bytes under a limit that holds them; 200,000 uses from 16
+        // stripes (the last one seldom, so its uses wait long for a batch) with an admission
+        // every 100 uses, every other one evicting two entries. After each admission no entry kept may have been last used more
+        // than ORDER_WINDOW uses before an entry just evicted.
+        const ENTRIES: u64 = 2_000;
+        let b = ready(Limits {
+            max: ENTRIES * 10,
+            high: ENTRIES * 10,
+            low: ENTRIES * 10 - 10,
+        });
+        let mut clock = 0usize;
+        let mut last: std::collections::HashMap<Digest, usize> = Default::default();
+        let mut present: Vec<Digest> = Vec::new();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut admitted = 0u64;
+        let mut admit = |b: &Budget,
+                         present: &mut Vec<Digest>,
+                         last: &mut std::collections::HashMap<Digest, usize>,
+                         clock: usize| {
+            let dg = Digest::sha256(&admitted.to_le_bytes());
+            admitted += 1;
+            last.insert(dg.clone(), clock);
+            present.push(dg.clone());
+            keys(b.admit((EntryKind::Blob, dg), 10, None))
+        };
+        for _ in 0..ENTRIES {
+            clock += 1;
+            assert!(admit(&b, &mut present, &mut last, clock).is_empty());
+        }
+        let mut checked = 0;
+        for _ in 0..200_000 {
+            clock += 1;
+            let r = next();
+            let stripe = if r % 997 == 0 {
+                STRIPES - 1
+            } else {
+                (r % (STRIPES as u64 - 1)) as usize
+            };
+            // Skewed: the newer half of the entries is used three times as often.
+            let half = present.len() / 2;
+            let i = if (r >> 20) % 4 == 0 {
+                (r >> 32) as usize % half
+            } else {
+                half + (r >> 32) as usize % (present.len() - half)
+            };
+            let dg = present[i].clone();
+            last.insert(dg.clone(), clock);
+            b.touch_in(stripe, &dg);
+            if clock % 100 == 0 {
+                let gone = admit(&b, &mut present, &mut last, clock);
+                if gone.is_empty() {
+                    continue;
+                }
+                let gone_set: std::collections::HashSet<&Digest> =
+                    gone.iter().map(|(_, g)| g).collect();
+                present.retain(|p| !gone_set.contains(p));
+                let newest_gone = gone.iter().map(|(_, g)| last[g]).max().unwrap();
+                let oldest_kept = present.iter().map(|p| last[p]).min().unwrap();
+                assert!(
+                    oldest_kept + ORDER_WINDOW >= newest_gone,
+                    "kept an entry last used at {oldest_kept}, evicted one used at {newest_gone}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 500, "only {checked} admissions evicted anything");
+        let u = b.usage();
+        assert!(
+            u.bytes <= ENTRIES * 10 && u.entries == present.len() as u64,
+            "{u:?}"
+        );
+    }
+
+    #[test]
+    fn concurrent_hits_never_take_the_cache_over_its_limit() {
+        let limits = Limits::new(10_000, 0.9, 0.8);
+        let b = Arc::new(ready(limits));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hitters: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (b, stop) = (b.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        n = n
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        b.touch(&Digest::sha256(&((n >> 40) & 0x3ff).to_le_bytes()));
+                    }
+                })
+            })
+            .collect();
+        let mut held = std::collections::HashMap::new();
+        for i in 0..5_000u64 {
+            let size = 1 + i % 97;
+            let key = (EntryKind::Blob, Digest::sha256(&(i & 0x3ff).to_le_bytes()));
+            held.insert(key.clone(), size);
+            for (gone, _) in b.admit(key, size, None) {
+                held.remove(&gone)
+                    .expect("evicted an entry it did not hold");
+            }
+            let u = b.usage();
+            assert!(u.bytes <= limits.high, "{u:?} over {limits:?}");
+            assert_eq!(u.bytes, held.values().sum::<u64>());
+        }
+        stop.store(true, Ordering::Relaxed);
+        for h in hitters {
+            h.join().unwrap();
+        }
+        assert!(b.usage().evictions > 0);
+    }
+
+    #[test]
+    fn a_use_is_handed_out_for_the_disk_once_an_hour() {
+        let b = Budget::new(Some(Limits::new(1000, 0.9, 0.5)));
+        let layers: Arc<[Digest]> = vec![d(2), d(3)].into();
+        // Found by the scan: their times on disk are from some earlier hour.
+        b.load(vec![(blob(1), 10), (blob(2), 10), (blob(3), 10)]);
+        b.admit((EntryKind::Manifest, d(4)), 10, Some(layers));
+        b.touch(&d(1));
+        assert_eq!(b.flush(), vec![blob(1)]);
+        b.touch(&d(1));
+        assert!(b.flush().is_empty(), "noted twice in one hour");
+        b.touch(&d(4));
+        assert_eq!(
+            b.flush(),
+            vec![blob(2), blob(3), (EntryKind::Manifest, d(4))]
+        );
+        // As if the hour had turned since blob 1 was noted.
+        lock(&b.index).lru.peek_mut(&blob(1)).unwrap().stamped = 0;
+        b.touch(&d(1));
+        assert_eq!(b.flush(), vec![blob(1)]);
     }
 
     #[test]

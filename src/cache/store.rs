@@ -126,8 +126,8 @@ pub struct FsStore {
     layout: Layout,
     tmp: PathBuf,
     seq: AtomicU64,
-    // Digests whose use was recorded within the last hour: skipped, so a hot blob costs no
-    // syscall per read.
+    // Without a budget (maintenance opens): digests whose use was recorded within the last
+    // hour, skipped so a hot blob costs no syscall per read. With one, the budget knows.
     recently_used: moka::sync::Cache<Digest, ()>,
     // Use order and sizes; absent for maintenance opens (`regcache gc`).
     budget: Option<Arc<Budget>>,
@@ -238,6 +238,26 @@ impl FsStore {
         if let Some(b) = &self.budget {
             b.forget(&key);
         }
+    }
+
+    // Sets the modification time of each entry's file to now (its last use), off the async
+    // threads; an entry whose file is gone is skipped.
+    async fn stamp(&self, entries: Vec<Key>) {
+        if entries.is_empty() {
+            return;
+        }
+        let paths: Vec<PathBuf> = entries
+            .iter()
+            .map(|(kind, d)| self.layout.content(*kind, d))
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in paths {
+                if let Ok(f) = std::fs::File::options().write(true).open(&p) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+            }
+        })
+        .await;
     }
 
     // Admits an entry about to be committed, removing what it displaces first so the cache
@@ -546,32 +566,28 @@ impl BlobStore for FsStore {
     }
 
     async fn note_use(&self, digest: &Digest) {
-        let refs = self.budget.as_ref().and_then(|b| b.touch(digest));
-        // What a manifest references counts as used with it (see `budget`), on disk too so
-        // the order survives a restart.
-        let mut paths = Vec::new();
-        for d in std::iter::once(digest).chain(refs.iter().flat_map(|r| r.iter())) {
-            if self.recently_used.contains_key(d) {
-                continue;
+        let stamps = match &self.budget {
+            // The budget batches uses (see `budget`) and hands back the entries whose first
+            // use in an hour it applied, what a manifest references included, so the order
+            // survives a restart.
+            Some(b) => b.touch(digest),
+            None if self.recently_used.contains_key(digest) => return,
+            None => {
+                self.recently_used.insert(digest.clone(), ());
+                vec![
+                    (EntryKind::Blob, digest.clone()),
+                    (EntryKind::Manifest, digest.clone()),
+                ]
             }
-            self.recently_used.insert(d.clone(), ());
-            paths.push(self.blob_path(d));
-            paths.push(self.layout.manifest(d));
-        }
-        if paths.is_empty() {
-            return;
-        }
-        let _ = tokio::task::spawn_blocking(move || {
-            for p in paths {
-                if let Ok(f) = std::fs::File::options().write(true).open(&p) {
-                    let _ = f.set_modified(std::time::SystemTime::now());
-                }
-            }
-        })
-        .await;
+        };
+        self.stamp(stamps).await;
     }
 
     async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport> {
+        // It goes by the times on disk: uses still pending in the budget are written first.
+        if let Some(b) = &self.budget {
+            self.stamp(b.flush()).await;
+        }
         let layout = self.layout.clone();
         let budget = self.budget.clone();
         let hot = self.hot_manifests.clone();
