@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::export::Plan;
 use super::oci::{self, INDEX_FILE, LAYOUT_FILE, LAYOUT_MARKER};
+use super::progress::Progress;
 use super::verify::{self, Hashing, StageError, Staged, read_small, remove_staged};
 use super::{AirgapError, io_error, write_error};
 use crate::cache::store::{BlobStore, FsStore};
@@ -105,7 +106,11 @@ pub struct TarContent {
 
 /// Reads a layout tar in one pass: `oci-layout` and `index.json` into memory, each
 /// `blobs/<alg>/<hex>` staged while hashed. Paths are only ever parsed, never extracted to.
-pub fn stage_tar(path: &Path, store: &FsStore) -> Result<TarContent, AirgapError> {
+pub fn stage_tar(
+    path: &Path,
+    store: &FsStore,
+    progress: &Progress,
+) -> Result<TarContent, AirgapError> {
     let f = File::open(path).map_err(io_error(path.display().to_string()))?;
     let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, f));
     let mut content = TarContent {
@@ -139,6 +144,8 @@ pub fn stage_tar(path: &Path, store: &FsStore) -> Result<TarContent, AirgapError
                 let size = entry.header().size().map_err(terr())?;
                 match verify::stage(entry, &dest, &d, Some(size)) {
                     Ok(len) => {
+                        progress.bytes(len);
+                        progress.blob_done();
                         content.staged.insert(d, Staged { path: dest, len });
                     }
                     Err(StageError::Mismatch(why)) => {

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use super::archive::stage_tar;
 use super::name::ImageName;
 use super::oci::{self, Descriptor, INDEX_FILE, LAYOUT_FILE, Node};
-use super::progress::human_bytes;
+use super::progress::{Progress, human_bytes};
 use super::verify::{self, StageError, Staged, read_small, remove_staged};
 use super::{AirgapError, io_error, record_tag};
 use crate::cache::layout::Layout;
@@ -131,6 +131,8 @@ struct Importer {
     max_manifest: u64,
     /// Tar content that did not match its name (already reported).
     bad: HashSet<Digest>,
+    /// Blobs read and checked so far, for the live line.
+    progress: Arc<Progress>,
 }
 
 /// What an import did.
@@ -236,7 +238,12 @@ impl Importer {
 
     /// Stages every pending blob the cache does not have yet, checking each.
     async fn stage_blobs(&mut self, w: &mut Walk) -> Result<(), AirgapError> {
-        for (b, context) in std::mem::take(&mut w.pending) {
+        let pending = std::mem::take(&mut w.pending);
+        self.progress
+            .restart(pending.len(), pending.iter().map(|(b, _)| b.size).sum());
+        for (b, context) in pending {
+            self.progress.bytes(b.size);
+            self.progress.blob_done();
             if self.bad.contains(&b.digest) {
                 continue;
             }
@@ -348,6 +355,19 @@ pub async fn import(
     args: &ImportArgs,
     max_manifest: u64,
 ) -> Result<Report, AirgapError> {
+    let progress = Arc::new(Progress::of_bytes("import", 0));
+    import_with(store, table, args, max_manifest, progress).await
+}
+
+/// [`import`], counting the blobs read and checked on `progress`: first the tar's one pass
+/// (against the tar's size), then every blob the layout refers to.
+pub async fn import_with(
+    store: Arc<FsStore>,
+    table: &RoutingTable,
+    args: &ImportArgs,
+    max_manifest: u64,
+    progress: Arc<Progress>,
+) -> Result<Report, AirgapError> {
     let path = args.path.clone();
     let (source, marker, index, corrupt, bad) = if path.is_dir() {
         let read = |name: &str| -> Result<Option<Vec<u8>>, AirgapError> {
@@ -368,8 +388,9 @@ pub async fn import(
     } else {
         let st = store.clone();
         let p = path.clone();
+        let pr = progress.clone();
         // One sequential pass over the tar (the `tar` crate is synchronous), awaited.
-        let c = tokio::task::spawn_blocking(move || stage_tar(&p, &st))
+        let c = tokio::task::spawn_blocking(move || stage_tar(&p, &st, &pr))
             .await
             .map_err(|e| AirgapError::Other(e.to_string()))??;
         (Source::Tar(c.staged), c.marker, c.index, c.corrupt, c.bad)
@@ -379,6 +400,7 @@ pub async fn import(
         source,
         max_manifest,
         bad,
+        progress,
     };
     let mut w = Walk {
         problems: corrupt,
@@ -529,7 +551,22 @@ pub async fn run(config: &Config, args: ImportArgs) -> Result<bool, AirgapError>
     };
     let table = RoutingTable::new(config);
     let max_manifest = config.cache.max_manifest_size.0;
-    match import(Arc::new(store), &table, &args, max_manifest).await {
+    // Against the tar's size for its one pass; a directory's blobs are counted when known.
+    let tar_len = match std::fs::metadata(&args.path) {
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
+    };
+    let progress = Arc::new(Progress::of_bytes("import", tar_len));
+    let result = import_with(
+        Arc::new(store),
+        &table,
+        &args,
+        max_manifest,
+        progress.clone(),
+    )
+    .await;
+    progress.clear();
+    match result {
         Ok(r) => {
             for m in &r.left_out {
                 eprintln!("import: left out (not in the layout): {m}");
@@ -724,17 +761,26 @@ mod tests {
             crate::units::human_bytes(bytes),
             crate::units::human_bytes(bytes)
         );
-        assert_eq!((in_dir.line(), in_tar.line()), (done.clone(), done));
+        assert_eq!((in_dir.line(), in_tar.line()), (done.clone(), done.clone()));
         assert!(!out.path().join("images.tar.part").exists());
         assert_eq!(fs::read(dir.join(LAYOUT_FILE)).unwrap(), oci::LAYOUT_MARKER);
         let entries = oci::parse_index(&fs::read(dir.join(INDEX_FILE)).unwrap()).unwrap();
         assert_eq!(entries, f.plan.entries);
         for source in [&dir, &tar] {
             let (cache, s) = store().await;
-            let r = import(s.clone(), &table(), &args(source), 1 << 20)
-                .await
-                .unwrap();
+            // The live line counts every blob the layout refers to, read and checked.
+            let progress = Arc::new(Progress::of_bytes("import", 0));
+            let r = import_with(
+                s.clone(),
+                &table(),
+                &args(source),
+                1 << 20,
+                progress.clone(),
+            )
+            .await
+            .unwrap();
             assert_eq!((r.manifests, r.blobs, r.new_blobs), (3, 5, 5));
+            assert_eq!(progress.line(), done.replace("export", "import"));
             assert_imported(&s, &f).await;
             assert!(
                 files(&cache.path().join("tmp")).is_empty(),

@@ -3,7 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use crate::units::human_bytes;
@@ -16,8 +16,11 @@ const REDRAW: Duration = Duration::from_millis(100);
 pub struct Progress {
     live: bool,
     label: String,
-    blobs_total: usize,
-    bytes_total: u64,
+    // Set once the total is known (an import learns the number of blobs in a tar only at
+    // its end, so the tar pass counts against the tar's size).
+    blobs_known: AtomicBool,
+    blobs_total: AtomicUsize,
+    bytes_total: AtomicU64,
     blobs_done: AtomicUsize,
     bytes_done: AtomicU64,
     // When the line was last drawn. Held only to compare and store an instant, never across
@@ -38,12 +41,30 @@ impl Progress {
         Progress {
             live: std::io::stderr().is_terminal(),
             label: label.to_owned(),
-            blobs_total,
-            bytes_total,
+            blobs_known: AtomicBool::new(true),
+            blobs_total: AtomicUsize::new(blobs_total),
+            bytes_total: AtomicU64::new(bytes_total),
             blobs_done: AtomicUsize::new(0),
             bytes_done: AtomicU64::new(0),
             drawn: Mutex::new(None),
         }
+    }
+
+    /// Progress of `label` over `bytes_total` bytes holding a number of blobs not known yet.
+    pub fn of_bytes(label: &str, bytes_total: u64) -> Self {
+        let p = Progress::new(label, 0, bytes_total);
+        p.blobs_known.store(false, Ordering::Relaxed);
+        p
+    }
+
+    /// Starts counting again over `blobs_total` blobs of `bytes_total` bytes (the next pass).
+    pub fn restart(&self, blobs_total: usize, bytes_total: u64) {
+        self.blobs_total.store(blobs_total, Ordering::Relaxed);
+        self.bytes_total.store(bytes_total, Ordering::Relaxed);
+        self.blobs_done.store(0, Ordering::Relaxed);
+        self.bytes_done.store(0, Ordering::Relaxed);
+        self.blobs_known.store(true, Ordering::Relaxed);
+        self.draw(true);
     }
 
     /// `n` more bytes arrived (or were found cached).
@@ -60,13 +81,17 @@ impl Progress {
 
     /// The current state as text.
     pub fn line(&self) -> String {
+        let done = self.blobs_done.load(Ordering::Relaxed);
+        let blobs = if self.blobs_known.load(Ordering::Relaxed) {
+            format!("blobs {done}/{}", self.blobs_total.load(Ordering::Relaxed))
+        } else {
+            format!("{} read", crate::units::count(done as u64, "blob"))
+        };
         format!(
-            "{}: blobs {}/{}, {} of {}",
+            "{}: {blobs}, {} of {}",
             self.label,
-            self.blobs_done.load(Ordering::Relaxed),
-            self.blobs_total,
             human_bytes(self.bytes_done.load(Ordering::Relaxed)),
-            human_bytes(self.bytes_total)
+            human_bytes(self.bytes_total.load(Ordering::Relaxed))
         )
     }
 
@@ -116,5 +141,11 @@ mod tests {
         p.bytes(1024);
         p.blob_done();
         assert_eq!(p.line(), "app:1: blobs 1/3, 1.0 KiB of 2.0 KiB");
+        let t = Progress::of_bytes("import", 4096);
+        t.bytes(1024);
+        t.blob_done();
+        assert_eq!(t.line(), "import: 1 blob read, 1.0 KiB of 4.0 KiB");
+        t.restart(2, 10);
+        assert_eq!(t.line(), "import: blobs 0/2, 0 B of 10 B");
     }
 }
