@@ -11,6 +11,7 @@ pub mod ecr;
 pub mod ecr;
 pub mod probe;
 pub mod push;
+pub mod redirect;
 pub mod stats;
 
 use std::sync::Arc;
@@ -88,6 +89,11 @@ impl Upstream {
         )
         .map_err(|e| wrap(Box::new(e)))?
         .named(&cfg.name);
+        let client = match &cfg.url {
+            Some(base) => client
+                .with_redirect_policy(redirect::RedirectPolicy::new(base, &cfg.redirect_hosts)),
+            None => client,
+        };
         let password = cfg
             .resolve_password(&cfg.name)
             .map_err(|e| wrap(Box::new(e)))?;
