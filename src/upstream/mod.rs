@@ -12,6 +12,7 @@ pub mod ecr;
 pub mod probe;
 pub mod push;
 pub mod redirect;
+pub mod referrers;
 pub mod stats;
 
 use std::sync::Arc;
