@@ -9,6 +9,7 @@ pub mod ecr;
 #[cfg(not(feature = "ecr"))]
 #[path = "ecr_off.rs"]
 pub mod ecr;
+pub mod encoding;
 pub mod probe;
 pub mod push;
 pub mod redirect;
@@ -334,6 +335,7 @@ impl Upstream {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse().ok());
         let declared = content_length(h);
+        let headers = h.clone();
         if declared.is_some_and(|n| n > self.max_manifest_size) {
             return Err(UpstreamError::Invalid(format!(
                 "manifest larger than {} bytes",
@@ -352,7 +354,7 @@ impl Upstream {
                 ));
             }
             self.stats.fetched_manifest(body.len() as u64);
-            body
+            encoding::decode(&headers, body, self.max_manifest_size)?
         };
         Ok(FetchedManifest {
             media_type,

@@ -31,10 +31,15 @@ impl Upstream {
             .await?;
         match resp.status() {
             StatusCode::OK => {
-                let body = read_capped(resp.into_body(), self.max_manifest_size, self.read_idle)
+                let (parts, body) = resp.into_parts();
+                let body = read_capped(body, self.max_manifest_size, self.read_idle)
                     .await
                     .map_err(|e| e.at(&self.name))?;
-                manifests_of(&body)
+                manifests_of(&super::encoding::decode(
+                    &parts.headers,
+                    body,
+                    self.max_manifest_size,
+                )?)
             }
             // No referrers API: the tag schema. No tag either: no referrers.
             StatusCode::NOT_FOUND => {
