@@ -188,6 +188,12 @@ pub enum Error {
     /// `Content-Length` with `Transfer-Encoding`, a second `Host`, ...).
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// A request head larger than the limits allow (431).
+    #[error("request header fields too large: {0}")]
+    HeadTooLarge(&'static str),
+    /// A request in an HTTP version regcache does not speak (505).
+    #[error("HTTP version not supported")]
+    VersionNotSupported,
     /// An upload chunk that does not start where the upload stands (sent twice, or out of
     /// order): the upload's offset, and why.
     #[error("upload chunk refused: {1}")]
@@ -271,6 +277,8 @@ impl Error {
             }
             Error::TooManyDownloads => (S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             Error::Malformed(_) => (S::BAD_REQUEST, "UNSUPPORTED"),
+            Error::HeadTooLarge(_) => (S::REQUEST_HEADER_FIELDS_TOO_LARGE, "UNSUPPORTED"),
+            Error::VersionNotSupported => (S::HTTP_VERSION_NOT_SUPPORTED, "UNSUPPORTED"),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "UNKNOWN"),
             Error::Hinted(inner, _) => inner.status_code(),
         }
@@ -374,6 +382,11 @@ impl Error {
             Error::Passthrough(..) => fixed("the upstream registry refused the request"),
             Error::TooManyDownloads => fixed("too many concurrent blob downloads from this client"),
             Error::Malformed(why) => ("malformed request".into(), Some((*why).into())),
+            Error::HeadTooLarge(why) => (
+                "request header fields too large".into(),
+                Some((*why).into()),
+            ),
+            Error::VersionNotSupported => fixed("HTTP version not supported"),
             Error::Internal(_) => fixed("internal error"),
             Error::Hinted(inner, hint) => (inner.message().0, Some(hint.clone())),
         }
