@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use base64::Engine;
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderValue, header};
 use sha2::Digest as _;
 
 use crate::config::Config;
@@ -39,6 +39,8 @@ pub enum Need {
     Pull,
     /// Write access (push).
     Push,
+    /// Deleting manifests, tags and blobs.
+    Delete,
 }
 
 impl Need {
@@ -47,6 +49,7 @@ impl Need {
         match self {
             Need::Pull => "pull",
             Need::Push => "push",
+            Need::Delete => "delete",
         }
     }
 }
@@ -164,6 +167,24 @@ impl Access {
     /// so that `docker login` verifies the password and `docker push` sends it.
     pub fn challenges(&self) -> bool {
         self.policy.challenges()
+    }
+
+    /// Whether deleting through regcache is switched on.
+    pub fn deletes_enabled(&self) -> bool {
+        self.policy.delete_enabled()
+    }
+
+    /// Whether the request carries a valid token regcache issued (so a refusal means its
+    /// scope is too narrow, not that the client is unknown).
+    pub fn holds_issued_token(&self, authorization: &HeaderValue) -> bool {
+        authorization
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().split_once(' '))
+            .is_some_and(|(scheme, token)| {
+                scheme.eq_ignore_ascii_case("bearer")
+                    && self.signer.verify(token.trim(), unix_now()).is_some()
+            })
     }
 
     /// The access checks of one request, which authenticates it at most once.
@@ -406,6 +427,29 @@ impl Caller<'_> {
             && self.decide(need, name, target, false).await.is_ok()
     }
 
+    /// Whether the request must identify itself before a listing filtered by access: it
+    /// carries no credentials and anonymous clients may pull nothing anywhere, so it is
+    /// challenged (and comes back with credentials) instead of getting an empty list.
+    pub fn must_identify_to_list(&self) -> bool {
+        !self.headers.contains_key(header::AUTHORIZATION)
+            && !self.access.policy.anonymous_pulls_somewhere()
+    }
+
+    /// Whether the client's identity may pull `target`, by the rules alone: the scope of an
+    /// issued token is not consulted (a catalog token names the catalog, not repositories).
+    /// Refusals are not logged; for listings filtered by access.
+    pub async fn may_pull(&self, target: &Target) -> bool {
+        let policy = &self.access.policy;
+        let (upstream, repository) = (target.upstream, target.repository.as_str());
+        if policy.allows(&Identity::Anonymous, Need::Pull, upstream, repository) {
+            return true;
+        }
+        match self.principal().await {
+            Ok(p) => policy.allows(&p.identity, Need::Pull, upstream, repository),
+            Err(_) => false,
+        }
+    }
+
     async fn decide(
         &self,
         need: Need,
@@ -416,6 +460,9 @@ impl Caller<'_> {
         let policy = &self.access.policy;
         if need == Need::Push && !policy.push_enabled() {
             return Err(Denied::PushDisabled);
+        }
+        if need == Need::Delete && !policy.delete_enabled() {
+            return Err(Denied::DeleteDisabled);
         }
         let (upstream, repository) = (target.upstream, target.repository.as_str());
         if need == Need::Pull && policy.allows(&Identity::Anonymous, need, upstream, repository) {

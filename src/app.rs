@@ -63,6 +63,8 @@ pub struct App {
     pub(crate) access: Arc<Access>,
     /// Uploads under way through the proxy.
     pub(crate) uploads: Uploads,
+    /// Referrers answers per subject.
+    pub(crate) referrers: crate::cache::referrers::ReferrersCache,
     /// Uncached blob downloads under way per client address (`limits.downloads_per_client`).
     pub(crate) downloads: Arc<crate::limits::PerClient>,
 }
@@ -115,6 +117,7 @@ impl App {
         Ok(Arc::new(App {
             access,
             uploads: Uploads::default(),
+            referrers: Default::default(),
             routing: RoutingTable::new(&config),
             tags: Cache::new(config.cache.tag_cache_entries),
             upstreams,

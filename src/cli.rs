@@ -84,6 +84,10 @@ pub enum Command {
         /// of the cache folder: it fetches and caches what it is asked for.
         #[arg(long, value_name = "URL")]
         server: Option<url::Url>,
+        /// Leave out each image's referrers (signatures, SBOMs, attestations), which are
+        /// fetched with it by default.
+        #[arg(long)]
+        no_referrers: bool,
     },
     /// Write cached images as an OCI image layout, read straight from the cache folder (no
     /// server needed). Nothing is written unless every image is complete in the cache.
@@ -216,6 +220,7 @@ mod tests {
                 platforms,
                 jobs,
                 server: None,
+                no_referrers: false,
             }) => {
                 assert_eq!(images.len(), 2);
                 assert_eq!(file, Some(PathBuf::from("list.txt")));

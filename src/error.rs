@@ -53,6 +53,10 @@ pub enum RouteError {
     /// An upload id that regcache never handed out.
     #[error("upload unknown")]
     UploadUnknown,
+    /// A manifest asked for by a reference that cannot name one (a malformed tag): no such
+    /// manifest, as a registry answers.
+    #[error("manifest unknown")]
+    ManifestUnknown,
 }
 
 /// Why an upstream exchange failed.
@@ -122,6 +126,9 @@ pub enum Denied {
     /// Push is switched off on this proxy.
     #[error("push is not enabled on this proxy")]
     PushDisabled,
+    /// Deleting is switched off on this proxy.
+    #[error("deletes are not enabled on this proxy")]
+    DeleteDisabled,
     /// No credentials, or wrong ones: answered 401 with a challenge pointing at regcache's
     /// token endpoint.
     #[error("authentication required")]
@@ -181,6 +188,16 @@ pub enum Error {
     /// `Content-Length` with `Transfer-Encoding`, a second `Host`, ...).
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// A request head larger than the limits allow (431).
+    #[error("request header fields too large: {0}")]
+    HeadTooLarge(&'static str),
+    /// A request in an HTTP version regcache does not speak (505).
+    #[error("HTTP version not supported")]
+    VersionNotSupported,
+    /// An upload chunk that does not start where the upload stands (sent twice, or out of
+    /// order): the upload's offset, and why.
+    #[error("upload chunk refused: {1}")]
+    UploadOffset(u64, String),
     /// A fault inside regcache; the text is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -221,6 +238,7 @@ impl Error {
                     },
                 ),
                 RouteError::UploadUnknown => (S::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
+                RouteError::ManifestUnknown => (S::NOT_FOUND, "MANIFEST_UNKNOWN"),
                 RouteError::Query(_) => (S::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
             },
             Error::Rewrite(RewriteError::UnknownNamespace(_)) => (S::NOT_FOUND, "NAME_UNKNOWN"),
@@ -243,7 +261,9 @@ impl Error {
                 UpstreamError::Timeout(_) => (S::GATEWAY_TIMEOUT, "UNKNOWN"),
             },
             Error::Access(d) => match d {
-                Denied::PushDisabled => (S::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+                Denied::PushDisabled | Denied::DeleteDisabled => {
+                    (S::METHOD_NOT_ALLOWED, "UNSUPPORTED")
+                }
                 Denied::Unauthenticated => (S::UNAUTHORIZED, "UNAUTHORIZED"),
                 Denied::Forbidden(_) => (S::FORBIDDEN, "DENIED"),
                 Denied::TooManyFailures(_) => (S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
@@ -251,11 +271,14 @@ impl Error {
             Error::Offline(kind) => (S::NOT_FOUND, kind.unknown_code()),
             Error::ManifestInvalid(_) => (S::BAD_REQUEST, "MANIFEST_INVALID"),
             Error::UploadUnknown => (S::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
+            Error::UploadOffset(..) => (S::RANGE_NOT_SATISFIABLE, "BLOB_UPLOAD_INVALID"),
             Error::Passthrough(status, _, _) => {
                 (S::from_u16(*status).unwrap_or(S::BAD_GATEWAY), "UNKNOWN")
             }
             Error::TooManyDownloads => (S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             Error::Malformed(_) => (S::BAD_REQUEST, "UNSUPPORTED"),
+            Error::HeadTooLarge(_) => (S::REQUEST_HEADER_FIELDS_TOO_LARGE, "UNSUPPORTED"),
+            Error::VersionNotSupported => (S::HTTP_VERSION_NOT_SUPPORTED, "UNSUPPORTED"),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "UNKNOWN"),
             Error::Hinted(inner, _) => inner.status_code(),
         }
@@ -277,6 +300,7 @@ impl Error {
                 RouteError::Unsupported(why) => fixed(why),
                 RouteError::Invalid(p) => (p.to_string().into(), None),
                 RouteError::UploadUnknown => fixed("blob upload unknown to registry"),
+                RouteError::ManifestUnknown => fixed("manifest unknown"),
                 RouteError::Query(q) => (format!("invalid query parameter {q}").into(), None),
             },
             Error::Rewrite(RewriteError::UnknownNamespace(ns)) => (
@@ -337,6 +361,7 @@ impl Error {
             },
             Error::Access(d) => fixed(match d {
                 Denied::PushDisabled => "push is not enabled on this proxy",
+                Denied::DeleteDisabled => "deletes are not enabled on this proxy",
                 Denied::Unauthenticated => "authentication required",
                 Denied::Forbidden(_) => "requested access to the resource is denied",
                 Denied::TooManyFailures(_) => {
@@ -350,9 +375,18 @@ impl Error {
             ),
             Error::ManifestInvalid(why) => ("manifest invalid".into(), Some(why.clone())),
             Error::UploadUnknown => fixed("blob upload unknown to registry"),
+            Error::UploadOffset(_, why) => (
+                "the chunk does not start where the upload stands".into(),
+                Some(why.clone()),
+            ),
             Error::Passthrough(..) => fixed("the upstream registry refused the request"),
             Error::TooManyDownloads => fixed("too many concurrent blob downloads from this client"),
             Error::Malformed(why) => ("malformed request".into(), Some((*why).into())),
+            Error::HeadTooLarge(why) => (
+                "request header fields too large".into(),
+                Some((*why).into()),
+            ),
+            Error::VersionNotSupported => fixed("HTTP version not supported"),
             Error::Internal(_) => fixed("internal error"),
             Error::Hinted(inner, hint) => (inner.message().0, Some(hint.clone())),
         }
@@ -392,6 +426,13 @@ impl Error {
         if let Error::RangeNotSatisfiable(total) = self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
                 h.insert(header::CONTENT_RANGE, v);
+            }
+        }
+        if let Error::UploadOffset(offset, _) = self {
+            // Where the upload stands, as registries answer it (`0-0` for an empty one).
+            let range = format!("0-{}", offset.saturating_sub(1));
+            if let Ok(v) = HeaderValue::from_str(&range) {
+                h.insert(header::RANGE, v);
             }
         }
         if let Error::Access(Denied::TooManyFailures(wait)) = self {

@@ -285,6 +285,7 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
             platforms,
             jobs,
             server,
+            no_referrers,
         } => {
             if let Some(file) = file {
                 let text = if file.as_os_str() == "-" {
@@ -300,6 +301,7 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
                 images,
                 platforms,
                 jobs: usize::from(jobs),
+                referrers: !no_referrers,
             };
             if let Some(url) = server {
                 let server = prefetch::Server::new(url, &config)?;

@@ -58,6 +58,9 @@ pub fn error_reason(e: &Error) -> &'static str {
         | Error::ManifestInvalid(_)
         | Error::ManifestNotAccepted(_)
         | Error::RangeNotSatisfiable(_)
+        | Error::UploadOffset(..)
+        | Error::HeadTooLarge(_)
+        | Error::VersionNotSupported
         | Error::Malformed(_) => "bad_request",
         Error::TooManyDownloads => "too_many_downloads",
         Error::Rewrite(_) | Error::ManifestUnknown | Error::BlobUnknown | Error::UploadUnknown => {

@@ -7,7 +7,7 @@
 use http::Method;
 
 pub use crate::error::RouteError;
-use crate::reference::{Digest, Reference, Repository};
+use crate::reference::{Digest, ParseError, Reference, Repository};
 
 /// What a client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +56,36 @@ pub enum Route {
         /// Tag or digest.
         reference: Reference,
     },
+    /// `DELETE /v2/<name>/manifests/<reference>` (a tag or a digest).
+    ManifestDelete {
+        /// Repository as the client wrote it.
+        name: Repository,
+        /// Tag or digest.
+        reference: Reference,
+    },
+    /// `DELETE /v2/<name>/blobs/<digest>`.
+    BlobDelete {
+        /// Repository as the client wrote it.
+        name: Repository,
+        /// Blob digest.
+        digest: Digest,
+    },
+    /// `GET /v2/<name>/referrers/<digest>?artifactType=` (OCI 1.1).
+    Referrers {
+        /// Repository as the client wrote it.
+        name: Repository,
+        /// The subject's digest.
+        digest: Digest,
+        /// Only referrers of this artifact type.
+        artifact_type: Option<String>,
+    },
+    /// `GET /v2/_catalog?n=&last=`.
+    Catalog {
+        /// Page size asked for.
+        n: Option<u32>,
+        /// Last repository of the previous page.
+        last: Option<String>,
+    },
     /// `GET /v2/<name>/tags/list?n=&last=`.
     TagsList {
         /// Repository as the client wrote it.
@@ -86,6 +116,7 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
     let mut n = None;
     let mut last = None;
     let (mut digest_q, mut mount, mut from) = (None, None, None);
+    let mut artifact_type = None;
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*k {
             "ns" => ns = Some(v.to_ascii_lowercase()),
@@ -94,6 +125,7 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
             "digest" => digest_q = Some(v.parse::<Digest>()?),
             "mount" => mount = Some(v.parse::<Digest>()?),
             "from" => from = Some(v.parse::<Repository>()?),
+            "artifactType" => artifact_type = Some(v.into_owned()),
             _ => {}
         }
     }
@@ -113,9 +145,14 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
         None => return Err(RouteError::NotFound),
     };
     if rest == "_catalog" {
-        return Err(RouteError::Unsupported(
-            "the catalog is not offered by a pull-through cache",
-        ));
+        if !read {
+            return Err(RouteError::MethodNotAllowed);
+        }
+        return Ok(Parsed {
+            route: Route::Catalog { n, last },
+            head,
+            ns,
+        });
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         let name: Repository = name.parse()?;
@@ -162,14 +199,32 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
     let (before, last_segment) = rest.rsplit_once('/').ok_or(RouteError::NotFound)?;
     let (name, kind) = before.rsplit_once('/').ok_or(RouteError::NotFound)?;
     let route = match kind {
-        "manifests" => Route::Manifest {
-            name: name.parse()?,
-            reference: last_segment.parse()?,
-        },
+        "manifests" => {
+            let name = name.parse()?;
+            let reference = match last_segment.parse() {
+                Ok(r) => r,
+                // No manifest can be found by a malformed tag; a push to one is refused.
+                Err(ParseError::Tag(_)) if method != Method::PUT => {
+                    return Err(RouteError::ManifestUnknown);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            Route::Manifest { name, reference }
+        }
         "blobs" => Route::Blob {
             name: name.parse()?,
             digest: last_segment.parse()?,
         },
+        "referrers" => {
+            if !read {
+                return Err(RouteError::MethodNotAllowed);
+            }
+            Route::Referrers {
+                name: name.parse()?,
+                digest: last_segment.parse()?,
+                artifact_type,
+            }
+        }
         _ => return Err(RouteError::NotFound),
     };
     if method == Method::PUT {
@@ -181,12 +236,16 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
             });
         }
     }
+    if method == Method::DELETE {
+        let route = match route {
+            Route::Manifest { name, reference } => Route::ManifestDelete { name, reference },
+            Route::Blob { name, digest } => Route::BlobDelete { name, digest },
+            _ => return Err(RouteError::MethodNotAllowed),
+        };
+        return Ok(Parsed { route, head, ns });
+    }
     if !read {
-        return Err(if method == Method::DELETE {
-            RouteError::Unsupported("deleting through a cache is not supported")
-        } else {
-            RouteError::MethodNotAllowed
-        });
+        return Err(RouteError::MethodNotAllowed);
     }
     Ok(Parsed { route, head, ns })
 }
@@ -287,10 +346,17 @@ mod tests {
         assert_eq!(get("/v2x").unwrap_err(), RouteError::NotFound);
         assert_eq!(get("/v2/alpine").unwrap_err(), RouteError::NotFound);
         assert_eq!(get("/v2/alpine/foo/bar").unwrap_err(), RouteError::NotFound);
-        assert!(matches!(
-            get("/v2/_catalog"),
-            Err(RouteError::Unsupported(_))
-        ));
+        assert_eq!(
+            get("/v2/_catalog?n=5&last=a/b").unwrap().route,
+            Route::Catalog {
+                n: Some(5),
+                last: Some("a/b".into())
+            }
+        );
+        assert_eq!(
+            parse(&Method::POST, "/v2/_catalog", None).unwrap_err(),
+            RouteError::MethodNotAllowed
+        );
         assert!(matches!(
             get("/v2/../etc/manifests/latest"),
             Err(RouteError::Invalid(ParseError::Repository(_)))
@@ -299,8 +365,16 @@ mod tests {
             get("/v2/Alpine/manifests/latest"),
             Err(RouteError::Invalid(ParseError::Repository(_)))
         ));
+        assert_eq!(
+            get("/v2/a/manifests/.INVALID_MANIFEST_NAME").unwrap_err(),
+            RouteError::ManifestUnknown
+        );
+        assert_eq!(
+            parse(&Method::DELETE, "/v2/a/manifests/.bad", None).unwrap_err(),
+            RouteError::ManifestUnknown
+        );
         assert!(matches!(
-            get("/v2/a/manifests/.bad"),
+            parse(&Method::PUT, "/v2/a/manifests/.bad", None),
             Err(RouteError::Invalid(ParseError::Tag(_)))
         ));
         assert!(matches!(
@@ -322,9 +396,31 @@ mod tests {
         let long = format!("/v2/{}/manifests/x", "a".repeat(300));
         assert!(matches!(get(&long), Err(RouteError::Invalid(_))));
         assert!(matches!(
-            parse(&Method::DELETE, "/v2/a/manifests/latest", None),
-            Err(RouteError::Unsupported(_))
+            parse(&Method::DELETE, "/v2/a/manifests/latest", None)
+                .unwrap()
+                .route,
+            Route::ManifestDelete { .. }
         ));
+        assert!(matches!(
+            parse(&Method::DELETE, &format!("/v2/a/blobs/{D}"), None)
+                .unwrap()
+                .route,
+            Route::BlobDelete { .. }
+        ));
+        assert_eq!(
+            parse(&Method::DELETE, &format!("/v2/a/referrers/{D}"), None).unwrap_err(),
+            RouteError::MethodNotAllowed
+        );
+        assert_eq!(
+            get(&format!("/v2/a/b/referrers/{D}?artifactType=application/x"))
+                .unwrap()
+                .route,
+            Route::Referrers {
+                name: "a/b".parse().unwrap(),
+                digest: D.parse().unwrap(),
+                artifact_type: Some("application/x".into())
+            }
+        );
         assert_eq!(
             parse(&Method::PATCH, "/v2/a/blobs/uploads/not-ours", None).unwrap_err(),
             RouteError::UploadUnknown

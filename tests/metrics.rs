@@ -363,9 +363,10 @@ async fn stale_answers_errors_and_upstream_health_are_counted() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    // Bad input is counted as such (under route "unknown": the path did not parse).
+    // Bad input is counted as such (under route "unknown": the path did not parse). A
+    // malformed name: a malformed tag is answered 404 MANIFEST_UNKNOWN, as registries do.
     let r = client()
-        .get(proxy.url("/v2/team/app/manifests/bad%20tag"))
+        .get(proxy.url("/v2/Team/app/manifests/1.0"))
         .send()
         .await
         .unwrap();

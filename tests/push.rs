@@ -150,7 +150,8 @@ async fn access_control_on_writes() {
     assert_eq!(
         r.headers()["www-authenticate"],
         format!(
-            "Bearer realm=\"{}/auth/token\",service=\"regcache\"",
+            "Bearer realm=\"{}/auth/token\",service=\"regcache\",\
+             scope=\"repository:team/app:pull,push\"",
             s.proxy.url()
         )
         .as_str()

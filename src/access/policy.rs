@@ -17,6 +17,7 @@ struct Rule {
     repositories: Vec<String>,
     pull: bool,
     push: bool,
+    delete: bool,
 }
 
 impl Rule {
@@ -32,6 +33,7 @@ impl Rule {
             repositories: r.repositories.clone(),
             pull: r.allow.contains(&Permission::Pull),
             push: r.allow.contains(&Permission::Push),
+            delete: r.allow.contains(&Permission::Delete),
         }
     }
 
@@ -46,6 +48,7 @@ impl Rule {
         let action = match need {
             Need::Pull => self.pull,
             Need::Push => self.push,
+            Need::Delete => self.delete,
         };
         action
             && self.upstreams.get(upstream).copied().unwrap_or(false)
@@ -57,6 +60,7 @@ impl Rule {
 #[derive(Debug)]
 pub struct Policy {
     push_enabled: bool,
+    delete_enabled: bool,
     anonymous_pull: bool,
     /// Without rules: who may push (empty: every named client).
     push_users: HashSet<String>,
@@ -68,6 +72,7 @@ impl Policy {
     pub fn new(auth: &AuthConfig, upstream_names: &[String]) -> Self {
         Policy {
             push_enabled: auth.push,
+            delete_enabled: auth.delete,
             anonymous_pull: auth.anonymous_pull,
             push_users: auth.push_users.iter().cloned().collect(),
             rules: auth
@@ -76,6 +81,11 @@ impl Policy {
                 .map(|r| Rule::new(r, upstream_names))
                 .collect(),
         }
+    }
+
+    /// Whether deleting through regcache is switched on at all.
+    pub fn delete_enabled(&self) -> bool {
+        self.delete_enabled
     }
 
     /// Whether pushing through regcache is switched on at all.
@@ -97,7 +107,9 @@ impl Policy {
     /// Whether `who` may do `need` on `repository` (the name at the upstream, after rewriting)
     /// at upstream index `upstream`. Named clients may always do what anonymous ones may.
     pub fn allows(&self, who: &Identity, need: Need, upstream: usize, repository: &str) -> bool {
-        if need == Need::Push && !self.push_enabled {
+        if (need == Need::Push && !self.push_enabled)
+            || (need == Need::Delete && !self.delete_enabled)
+        {
             return false;
         }
         let anonymous = need == Need::Pull

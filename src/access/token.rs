@@ -147,7 +147,8 @@ pub fn requested_scopes(query: Option<&str>) -> Vec<(Repository, Vec<Need>)> {
             let add: &[Need] = match a.trim() {
                 "pull" => &[Need::Pull],
                 "push" => &[Need::Push],
-                "*" => &[Need::Pull, Need::Push],
+                "delete" => &[Need::Delete],
+                "*" => &[Need::Pull, Need::Push, Need::Delete],
                 _ => &[],
             };
             for n in add {
@@ -233,7 +234,8 @@ mod tests {
             vec![
                 (repo("team/app"), vec![Need::Pull, Need::Push]),
                 (repo("library/alpine"), vec![Need::Pull]),
-                (repo("p/q"), vec![Need::Pull, Need::Push]),
+                (repo("x"), vec![Need::Delete]),
+                (repo("p/q"), vec![Need::Pull, Need::Push, Need::Delete]),
             ]
         );
         assert!(requested_scopes(None).is_empty());

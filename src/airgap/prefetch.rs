@@ -37,6 +37,8 @@ pub struct PrefetchArgs {
     pub platforms: Vec<PlatformFilter>,
     /// Blob downloads at a time per image.
     pub jobs: usize,
+    /// Also fetch each image's referrers (signatures, SBOMs, attestations) with their blobs.
+    pub referrers: bool,
 }
 
 /// What one image took.
@@ -54,6 +56,20 @@ pub struct Summary {
     pub fetched_bytes: u64,
     /// Blobs that were already cached.
     pub cached: usize,
+    /// Referrers of the image fetched with it (each counted in the figures above too).
+    pub referrers: usize,
+}
+
+impl Summary {
+    /// Adds what the referrers of the image took.
+    fn add(&mut self, r: &Summary) {
+        self.manifests += r.manifests;
+        self.blobs += r.blobs;
+        self.fetched += r.fetched;
+        self.fetched_bytes += r.fetched_bytes;
+        self.cached += r.cached;
+        self.referrers += r.referrers;
+    }
 }
 
 /// Runs the command: one result line per image on stdout, failures on stderr. `Ok(false)`
@@ -73,15 +89,36 @@ pub async fn run(mut config: Config, args: PrefetchArgs) -> Result<bool, AirgapE
     let jobs = args.jobs.max(1);
     let mut failed = 0;
     for name in &args.images {
-        match image(&app, name, &args.platforms, jobs).await {
+        let result = async {
+            let mut s = image(&app, name, &args.platforms, jobs).await?;
+            if let (true, Some(subject)) = (args.referrers, s.digest.clone()) {
+                let r = name.resolve(&app.routing)?;
+                let via = Via::App(&app);
+                let found = referrers_via(
+                    via,
+                    name,
+                    r.request_name,
+                    r.ns,
+                    &subject,
+                    &args.platforms,
+                    jobs,
+                )
+                .await?;
+                s.add(&found);
+            }
+            Ok::<_, AirgapError>(s)
+        }
+        .await;
+        match result {
             Ok(s) => println!(
-                "{name}: {} ({}, {}: {} fetched, {} cached; {} downloaded)",
+                "{name}: {} ({}, {}: {} fetched, {} cached; {} downloaded; {})",
                 s.digest.map(|d| d.to_string()).unwrap_or_default(),
                 crate::units::count(s.manifests as u64, "manifest"),
                 crate::units::count(s.blobs as u64, "blob"),
                 s.fetched,
                 s.cached,
-                human_bytes(s.fetched_bytes)
+                human_bytes(s.fetched_bytes),
+                crate::units::count(s.referrers as u64, "referrer"),
             ),
             Err(e) => {
                 failed += 1;
@@ -140,16 +177,24 @@ pub async fn run_remote(server: &Server, args: PrefetchArgs) -> Result<bool, Air
     for name in &args.images {
         let result = async {
             let (request_name, ns) = name.request_form(|_| false)?;
-            image_via(
-                Via::Server(server),
+            let via = Via::Server(server);
+            let mut s = image_via(
+                via,
                 name,
-                request_name,
-                ns,
+                request_name.clone(),
+                ns.clone(),
                 name.reference(),
                 &args.platforms,
                 jobs,
             )
-            .await
+            .await?;
+            if let (true, Some(subject)) = (args.referrers, s.digest.clone()) {
+                let found =
+                    referrers_via(via, name, request_name, ns, &subject, &args.platforms, jobs)
+                        .await?;
+                s.add(&found);
+            }
+            Ok::<_, AirgapError>(s)
         }
         .await;
         match result {
@@ -372,6 +417,76 @@ fn wanted(platforms: &[PlatformFilter], d: &Descriptor) -> bool {
             .is_none_or(|p| platforms.iter().any(|f| f.matches(p)))
 }
 
+/// Prefetches the referrers of `subject` (signatures, SBOMs, attestations: what the
+/// referrers API lists, from the upstream's API or its tag schema), each with its blobs.
+async fn referrers_via(
+    via: Via<'_>,
+    name: &ImageName,
+    request_name: Repository,
+    ns: Option<String>,
+    subject: &Digest,
+    platforms: &[PlatformFilter],
+    jobs: usize,
+) -> Result<Summary, AirgapError> {
+    let query = ns_query(&ns);
+    let client = Client {
+        via,
+        name: request_name.clone(),
+        query,
+    };
+    let what = format!("referrers of {subject}");
+    let resp = client
+        .send(client.get("referrers", &subject.to_string(), false)?)
+        .await?;
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(io_error(what.clone()))?
+        .to_bytes();
+    if !parts.status.is_success() {
+        return Err(answer_error(&what, parts.status, &body));
+    }
+    let index: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| AirgapError::Fetch(format!("{what}: not an index: {e}")))?;
+    let listed: Vec<Digest> = index["manifests"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|d| d["digest"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut total = Summary::default();
+    for d in listed {
+        let s = image_via(
+            via,
+            name,
+            request_name.clone(),
+            ns.clone(),
+            Reference::Digest(d),
+            platforms,
+            jobs,
+        )
+        .await?;
+        total.add(&s);
+        total.referrers += 1;
+    }
+    Ok(total)
+}
+
+fn ns_query(ns: &Option<String>) -> String {
+    match ns {
+        Some(ns) => format!(
+            "?{}",
+            url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("ns", ns)
+                .finish()
+        ),
+        None => String::new(),
+    }
+}
+
 /// Prefetches one image: its manifests first, then its blobs, `jobs` at a time.
 pub async fn image(
     app: &Arc<App>,
@@ -402,15 +517,7 @@ async fn image_via(
     platforms: &[PlatformFilter],
     jobs: usize,
 ) -> Result<Summary, AirgapError> {
-    let query = match &ns {
-        Some(ns) => format!(
-            "?{}",
-            url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("ns", ns)
-                .finish()
-        ),
-        None => String::new(),
-    };
+    let query = ns_query(&ns);
     let client = Client {
         via,
         name: request_name,

@@ -42,6 +42,8 @@ pub(crate) struct UploadState {
     pub(crate) location: Url,
     /// The local copy.
     pub(crate) spool: SharedSpool,
+    /// Bytes the upload holds: where the next chunk must start (`None`: not known).
+    pub(crate) offset: Option<u64>,
 }
 
 /// One upload regcache handed out an id for.
@@ -78,6 +80,11 @@ impl Taken {
             location,
             spool,
         ))
+    }
+
+    /// Where the upload stood when it was taken (`None`: not known).
+    pub(crate) fn offset(&self) -> Option<u64> {
+        self.original.as_ref().and_then(|s| s.offset)
     }
 
     /// The upload is complete or cancelled: nothing to put back.

@@ -93,6 +93,10 @@ pub trait BlobStore: Send + Sync + 'static {
         upstream: &str,
         repository: &Repository,
     ) -> io::Result<Vec<(Tag, u8, TagRecord)>>;
+    /// Removes a blob or manifest the upstream deleted, so it is not served again.
+    async fn remove_content(&self, digest: &Digest) -> io::Result<()>;
+    /// Every `(upstream, repository)` the cache holds tag answers for, sorted.
+    async fn repositories(&self) -> io::Result<Vec<(String, Repository)>>;
     /// Whether a blob of `len` bytes can be cached at all; a download of one that cannot is
     /// streamed to its clients without being stored.
     fn admits(&self, len: u64) -> bool {
@@ -563,6 +567,32 @@ impl BlobStore for FsStore {
 
     async fn remove_tag(&self, key: &TagKey) -> io::Result<()> {
         absent(tokio::fs::remove_file(self.layout.tag(key)).await).map(|_| ())
+    }
+
+    async fn remove_content(&self, digest: &Digest) -> io::Result<()> {
+        self.hot_manifests.invalidate(digest);
+        for kind in [EntryKind::Blob, EntryKind::Manifest] {
+            absent(tokio::fs::remove_file(self.layout.content(kind, digest)).await)?;
+            self.forget((kind, digest.clone()));
+        }
+        Ok(())
+    }
+
+    async fn repositories(&self) -> io::Result<Vec<(String, Repository)>> {
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            layout.walk(&[Area::Tags], &mut |e| {
+                if let Item::Tag(k) = e.item {
+                    out.push((k.upstream, k.repository));
+                }
+            })?;
+            out.sort_by(|a, b| (a.0.as_str(), a.1.as_str()).cmp(&(b.0.as_str(), b.1.as_str())));
+            out.dedup();
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     async fn note_use(&self, digest: &Digest) {

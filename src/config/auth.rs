@@ -24,6 +24,10 @@ pub struct AuthConfig {
     /// Allow pushes through the proxy. Requires client credentials (`htpasswd` or `token`):
     /// every write is authenticated.
     pub push: bool,
+    /// Allow deletes of manifests, tags and blobs through the proxy (passed on to the
+    /// upstream), for the clients that may push (without rules) or that a rule allows
+    /// `delete`. Off: `DELETE` answers `405 UNSUPPORTED`.
+    pub delete: bool,
     /// Without rules: users allowed to push; empty means every user. Not used with rules.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub push_users: Vec<String>,
@@ -50,6 +54,7 @@ impl Default for AuthConfig {
         AuthConfig {
             htpasswd: None,
             push: false,
+            delete: false,
             push_users: Vec::new(),
             anonymous_pull: true,
             tokens: Vec::new(),
@@ -144,6 +149,8 @@ pub enum Permission {
     Pull,
     /// Push blobs and manifests.
     Push,
+    /// Delete manifests, tags and blobs (needs `auth.delete = true`).
+    Delete,
 }
 
 /// One permission rule: these clients may do `allow` on repositories matching
@@ -311,6 +318,12 @@ impl AuthConfig {
                     "anonymous clients may not push: put push in a rule for named users",
                 ));
             }
+        }
+        if r.allow.contains(&Permission::Delete) && (!self.delete || r.anonymous) {
+            return Err(invalid(
+                format!("{key}.allow"),
+                "allows delete, but auth.delete is false or the rule is for anonymous clients",
+            ));
         }
         if r.upstreams.is_empty() {
             return Err(invalid(format!("{key}.upstreams"), "must not be empty"));

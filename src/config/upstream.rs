@@ -64,6 +64,10 @@ pub struct UpstreamConfig {
     /// Makes this an Amazon ECR upstream authenticated through the AWS credential chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecr: Option<EcrConfig>,
+    /// Hosts (`*` globs) a redirect from this upstream may lead to even when they resolve to
+    /// loopback, link-local or private addresses, which are otherwise refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_hosts: Vec<String>,
 }
 
 /// Image tag mutability of repositories regcache creates in ECR.
@@ -160,6 +164,7 @@ impl UpstreamConfig {
             immutable_tags: Vec::new(),
             offline: false,
             ecr: None,
+            redirect_hosts: Vec::new(),
         }
     }
 

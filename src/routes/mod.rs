@@ -20,8 +20,12 @@ use crate::router::{self, Route};
 
 pub mod admin;
 pub mod blobs;
+pub mod catalog;
+pub mod challenge;
+pub mod delete;
 pub mod manifests;
 pub mod push;
+pub mod referrers;
 pub mod tags;
 mod token;
 
@@ -65,6 +69,8 @@ enum Asks {
     Pull,
     /// Push.
     Push,
+    /// Delete (refused with `405` while deletes are off).
+    Delete,
     /// A blob `HEAD`: a client that may push is asking whether the upstream repository has
     /// the blob; any other client needs pull and is answered from the cache.
     PushOrPull,
@@ -74,23 +80,31 @@ enum Asks {
 fn asks(route: &Route, head: bool) -> Asks {
     match route {
         Route::Blob { .. } if head => Asks::PushOrPull,
-        Route::Base | Route::Manifest { .. } | Route::Blob { .. } | Route::TagsList { .. } => {
-            Asks::Pull
-        }
+        Route::Base
+        | Route::Catalog { .. }
+        | Route::Manifest { .. }
+        | Route::Blob { .. }
+        | Route::TagsList { .. }
+        | Route::Referrers { .. } => Asks::Pull,
         Route::UploadStart { .. } | Route::Upload { .. } | Route::ManifestPut { .. } => Asks::Push,
+        Route::ManifestDelete { .. } | Route::BlobDelete { .. } => Asks::Delete,
     }
 }
 
-/// The repository a route names, as the client wrote it (none for the base route).
+/// The repository a route names, as the client wrote it (none for the base route and the
+/// catalog).
 fn repository_of(route: &Route) -> Option<&Repository> {
     match route {
-        Route::Base => None,
+        Route::Base | Route::Catalog { .. } => None,
         Route::Manifest { name, .. }
         | Route::Blob { name, .. }
         | Route::UploadStart { name, .. }
         | Route::Upload { name, .. }
         | Route::ManifestPut { name, .. }
-        | Route::TagsList { name, .. } => Some(name),
+        | Route::TagsList { name, .. }
+        | Route::ManifestDelete { name, .. }
+        | Route::BlobDelete { name, .. }
+        | Route::Referrers { name, .. } => Some(name),
     }
 }
 
@@ -100,6 +114,7 @@ async fn grant(caller: &Caller<'_>, asks: Asks, target: &Target) -> Result<Need,
     let need = match asks {
         Asks::Pull => Need::Pull,
         Asks::Push => Need::Push,
+        Asks::Delete => Need::Delete,
         Asks::PushOrPull
             if caller
                 .permits(Need::Push, &target.name, &target.routed)
@@ -147,6 +162,12 @@ impl App {
         let head = method == http::Method::HEAD;
         // Only the Host is kept: the challenge realm is built for the rare 401 alone.
         let host = req.headers().get(header::HOST).cloned();
+        // Kept (cheap clones) to name the scope in a challenge.
+        let asked = (
+            req.method().clone(),
+            req.uri().clone(),
+            req.headers().get(header::AUTHORIZATION).cloned(),
+        );
         let span = tracing::info_span!("request", request_id = %id, %method, path = %path);
         let mut record = RequestRecord::new(id.clone(), method, path);
         let mut pulled = None;
@@ -191,7 +212,7 @@ impl App {
                 if challenge {
                     // Point clients at regcache's own token endpoint (never the upstream's).
                     let realm = self.token_realm(host.as_ref());
-                    let value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
+                    let value = self.challenge(&realm, asked);
                     body::set_header(&mut r, header::WWW_AUTHENTICATE, &value);
                 }
                 r
@@ -250,6 +271,9 @@ impl App {
             Route::UploadStart { .. } | Route::Upload { .. } => ("upload", None),
             Route::ManifestPut { .. } => ("manifest_put", None),
             Route::TagsList { .. } => ("tags_list", None),
+            Route::ManifestDelete { .. } | Route::BlobDelete { .. } => ("delete", None),
+            Route::Referrers { .. } => ("referrers", None),
+            Route::Catalog { .. } => ("catalog", None),
         };
         let (parts, body) = req.into_parts();
         let body: Body =
@@ -267,7 +291,15 @@ impl App {
         let caller = self.access.caller(req.headers(), client);
         let head = parsed.head;
         let Some(name) = repository_of(&parsed.route) else {
-            return self.base(&caller, head).await;
+            return match parsed.route {
+                Route::Catalog { n, last } => {
+                    if caller.must_identify_to_list() {
+                        caller.identify().await?;
+                    }
+                    catalog::catalog(self, &caller, host, parsed.ns.as_deref(), n, last, head).await
+                }
+                _ => self.base(&caller, head).await,
+            };
         };
         let target = Target {
             routed: self.routing.resolve(name, host, parsed.ns.as_deref())?,
@@ -285,8 +317,8 @@ impl App {
             *pulled = Some(format!("{upstream}/{}", target.repository()));
         }
         match parsed.route {
-            // Answered above: it names no repository.
-            Route::Base => self.base(&caller, head).await,
+            // Answered above: they name no repository.
+            Route::Base | Route::Catalog { .. } => self.base(&caller, head).await,
             Route::Manifest { reference, .. } => {
                 let accept = Accept::from_headers(req.headers());
                 manifests::manifest(self, &target, &reference, &accept, head)
@@ -307,11 +339,14 @@ impl App {
                 push::blob_exists(self, &target, &digest).await
             }
             Route::Blob { digest, .. } => {
-                let range = req
-                    .headers()
-                    .get(header::RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
+                // Two `Range` headers are refused: answering from either one would be a guess.
+                let mut ranges = req.headers().get_all(header::RANGE).iter();
+                let range = match (ranges.next(), ranges.next()) {
+                    (Some(_), Some(_)) => {
+                        return Err(Error::Malformed("more than one Range header"));
+                    }
+                    (first, _) => first.and_then(|v| v.to_str().ok()).map(str::to_owned),
+                };
                 // Set by the server for every connection; absent when `handle` is called
                 // directly, and then no per-client limit applies.
                 let client = client.map(|c| c.0.ip());
@@ -359,7 +394,35 @@ impl App {
             Route::TagsList { n, last, .. } => {
                 tags::tags(self, &target, parsed.ns.as_deref(), n, last).await
             }
+            Route::ManifestDelete { reference, .. } => {
+                delete::delete(self, &target, delete::What::Manifest(reference)).await
+            }
+            Route::BlobDelete { digest, .. } => {
+                delete::delete(self, &target, delete::What::Blob(digest)).await
+            }
+            Route::Referrers {
+                digest,
+                artifact_type,
+                ..
+            } => referrers::referrers(self, &target, &digest, artifact_type, head).await,
         }
+    }
+
+    /// The `WWW-Authenticate` value for a refused request: the scope its route needs, and
+    /// `insufficient_scope` when it carried a valid token that does not cover it.
+    fn challenge(
+        &self,
+        realm: &str,
+        (method, uri, authorization): (http::Method, http::Uri, Option<HeaderValue>),
+    ) -> String {
+        let scope = router::parse(&method, uri.path(), uri.query())
+            .ok()
+            .and_then(|p| challenge::scope(&p.route));
+        let insufficient = scope.is_some()
+            && authorization
+                .as_ref()
+                .is_some_and(|v| self.access.holds_issued_token(v));
+        challenge::bearer(realm, SERVICE, scope.as_deref(), insufficient)
     }
 
     /// `GET /v2/`: the API version check.

@@ -66,7 +66,23 @@ where
 /// The 400 for a request refused for `why` (logged once, here), with `Connection: close`.
 pub fn refusal(peer: SocketAddr, method: &Method, why: &'static str) -> Response<Body> {
     tracing::info!(%peer, %method, why, "malformed request refused");
-    let mut r = Error::Malformed(why).into_response(method == Method::HEAD);
+    closing(Error::Malformed(why).into_response(method == Method::HEAD))
+}
+
+/// The answer to a request head refused before it could be parsed (`http1::refusal`): 400,
+/// 431 or 505 with an OCI body naming the reason, and `Connection: close`.
+pub fn head_refusal(peer: SocketAddr, refused: http1::Refusal) -> Response<Body> {
+    let why = refused.why;
+    tracing::info!(%peer, status = refused.status, why, "malformed request head refused");
+    let error = match refused.status {
+        431 => Error::HeadTooLarge(why),
+        505 => Error::VersionNotSupported,
+        _ => Error::Malformed(why),
+    };
+    closing(error.into_response(false))
+}
+
+fn closing(mut r: Response<Body>) -> Response<Body> {
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r

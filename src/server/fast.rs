@@ -205,11 +205,11 @@ pub async fn serve(
                 other => break other,
             }
             if buf.len() >= limits.max_head {
-                let resp = Response::builder()
-                    .status(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-                    .body(crate::body::empty())
-                    .map_err(io::Error::other)?;
-                refuse(stream, resp).await;
+                let refused = http1::Refusal {
+                    status: 431,
+                    why: "the request head is longer than limits.max_header_bytes",
+                };
+                refuse(stream, edge::head_refusal(peer, refused)).await;
                 return Ok(Outcome::Closed);
             }
             if buf.is_empty() && *stopping.borrow() {
@@ -232,7 +232,19 @@ pub async fn serve(
                 refuse(stream, edge::refusal(peer, &method, why)).await;
                 return Ok(Outcome::Closed);
             }
-            Head::Partial | Head::Hyper => {
+            Head::Hyper => {
+                // A head hyper would refuse with an empty body is answered here, with an
+                // OCI body naming the reason.
+                if let Some(refused) = http1::refusal(&buf, limits.max_headers) {
+                    refuse(stream, edge::head_refusal(peer, refused)).await;
+                    return Ok(Outcome::Closed);
+                }
+                return Ok(Outcome::Handoff(Rewind {
+                    pre: buf.freeze(),
+                    stream,
+                }));
+            }
+            Head::Partial => {
                 return Ok(Outcome::Handoff(Rewind {
                     pre: buf.freeze(),
                     stream,

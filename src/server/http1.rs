@@ -165,6 +165,66 @@ fn digits(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// A head hyper would refuse with an empty body: the status and reason to answer it with
+/// (an OCI JSON body) instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// 400, 431 or 505.
+    pub status: u16,
+    /// Why, for the client and the log.
+    pub why: &'static str,
+}
+
+/// Why the head at the front of `buf` is refused at the framing level, as hyper's parser
+/// (httparse with the same defaults) would refuse it: `None` while it is incomplete, for the
+/// HTTP/2 preface, and for every head hyper serves.
+pub fn refusal(buf: &[u8], max_headers: usize) -> Option<Refusal> {
+    if buf.starts_with(b"PRI ") {
+        return None;
+    }
+    let refused = |status, why| Some(Refusal { status, why });
+    let mut fields = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut req = httparse::Request::new(&mut fields);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => None,
+        Ok(httparse::Status::Complete(_)) => {
+            let bad_length = req.headers.iter().any(|f| {
+                f.name.eq_ignore_ascii_case("content-length") && !readable_length_list(f.value)
+            });
+            if bad_length {
+                refused(400, "malformed Content-Length")
+            } else {
+                None
+            }
+        }
+        Err(httparse::Error::TooManyHeaders) => refused(
+            431,
+            "more header fields than the server accepts (limits.max_headers)",
+        ),
+        Err(httparse::Error::Version) => refused(505, "HTTP version not supported"),
+        Err(httparse::Error::HeaderName) => refused(
+            400,
+            "malformed header field name (obs-fold, or space before the colon)",
+        ),
+        Err(httparse::Error::HeaderValue) => {
+            refused(400, "malformed header field value (NUL or control bytes)")
+        }
+        Err(httparse::Error::NewLine) => refused(400, "malformed line ending"),
+        Err(httparse::Error::Token | httparse::Error::Status) => {
+            refused(400, "malformed request line")
+        }
+    }
+}
+
+/// A `Content-Length` value hyper takes: digits, or a comma list of one repeated number.
+fn readable_length_list(value: &[u8]) -> bool {
+    let mut values = value.split(|b| *b == b',').map(|v| digits(v.trim_ascii()));
+    let Some(Some(first)) = values.next() else {
+        return false;
+    };
+    values.all(|v| v == Some(first))
+}
+
 /// The smuggling rule: a head whose body length two readers could take differently. Such a
 /// connection is answered 400 and closed before anything else is read from it.
 pub fn ambiguous(note: &HeadNote) -> Option<&'static str> {
@@ -411,6 +471,32 @@ mod tests {
         for (raw, want) in table {
             assert_eq!(note(raw), *want, "{:?}", String::from_utf8_lossy(raw));
         }
+    }
+
+    #[test]
+    fn refusals_as_hyper_makes_them() {
+        let status = |raw: &[u8]| refusal(raw, 8).map(|r| r.status);
+        for (raw, want) in [
+            (&b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"[..], None),
+            (b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", None),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", None),
+            (b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n", None),
+            (b"GET /v2/ HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n", Some(400)),
+            (b"GET /v2/ HTTP/1.1\r\nX-A : a\r\n\r\n", Some(400)),
+            (b"GET /v2/ HTTP/1.1\r\nX-A: a\0b\r\n\r\n", Some(400)),
+            (b"GET /v2/\0 HTTP/1.1\r\n\r\n", Some(400)),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+                Some(400),
+            ),
+            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Some(400)),
+            (b"GET /v2/ HTTP/1.2\r\n\r\n", Some(505)),
+            (b"GET /v2/ HTTP/9.9\r\n\r\n", Some(505)),
+        ] {
+            assert_eq!(status(raw), want, "{:?}", String::from_utf8_lossy(raw));
+        }
+        let many = format!("GET /v2/ HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(9));
+        assert_eq!(status(many.as_bytes()), Some(431));
     }
 
     #[test]

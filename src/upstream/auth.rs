@@ -227,6 +227,11 @@ impl Authenticator {
         lock(&self.known).clone()
     }
 
+    /// Whether the upstream's scheme has been learned from a challenge.
+    pub fn scheme_known(&self) -> bool {
+        self.known().is_some()
+    }
+
     /// The `Authorization` to send up front for `scope`, once the upstream's scheme is known.
     pub async fn header_for(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
         match self.known() {

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use url::Url;
 
+use super::redirect::{GuardedConnector, RedirectPolicy};
 use crate::body::{self, Body};
 use crate::config::RetryConfig;
 use crate::error::UpstreamError;
@@ -26,10 +27,18 @@ const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
 #[derive(Debug, Clone, Copy)]
 pub struct FromRedirectTarget;
 
+type Pooled = Client<HttpsConnector<GuardedConnector>, Body>;
+
 /// A pooled HTTP/1.1 + HTTP/2 client for one upstream.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Body>,
+    inner: Pooled,
+    /// For redirect hops off the registry's origin: connects only where the upstream's
+    /// [`RedirectPolicy`] permits (its own pool, so no connection made without the check is
+    /// ever reused for a redirect).
+    redirect: Pooled,
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
     response_timeout: Duration,
     retry: RetryConfig,
     /// The upstream's configured name, put in front of every error this client reports.
@@ -79,21 +88,22 @@ impl HttpClient {
         .map_err(|e| ClientBuildError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let inner = pooled(
+            &tls,
+            GuardedConnector::unguarded(tcp_connector(connect_timeout)),
+        );
+        let redirect = pooled(
+            &tls,
+            GuardedConnector::new(
+                tcp_connector(connect_timeout),
+                RedirectPolicy::public_only(),
+            ),
+        );
         Ok(HttpClient {
             inner,
+            redirect,
+            tls,
+            connect_timeout,
             response_timeout,
             retry,
             label: Arc::from(""),
@@ -103,6 +113,16 @@ impl HttpClient {
     /// This client, naming upstream `name` in the errors it reports.
     pub fn named(mut self, name: &str) -> Self {
         self.label = Arc::from(name);
+        self
+    }
+
+    /// This client, following redirects only where `policy` permits (by default: public
+    /// addresses only).
+    pub fn with_redirect_policy(mut self, policy: RedirectPolicy) -> Self {
+        self.redirect = pooled(
+            &self.tls,
+            GuardedConnector::new(tcp_connector(self.connect_timeout), policy),
+        );
         self
     }
 
@@ -116,6 +136,16 @@ impl HttpClient {
     /// errors with exponential backoff (GET and HEAD are idempotent).
     pub async fn send(
         &self,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_with(&self.inner, method, url, headers).await
+    }
+
+    async fn send_with(
+        &self,
+        client: &Pooled,
         method: &Method,
         url: &Url,
         headers: &HeaderMap,
@@ -137,7 +167,7 @@ impl HttpClient {
                 header::USER_AGENT,
                 header::HeaderValue::from_static(USER_AGENT),
             );
-            let result = tokio::time::timeout(self.response_timeout, self.inner.request(req)).await;
+            let result = tokio::time::timeout(self.response_timeout, client.request(req)).await;
             match result {
                 Err(_) => {
                     return Err(UpstreamError::Timeout(super::cause::named(
@@ -150,6 +180,12 @@ impl HttpClient {
                 }
                 Ok(Ok(resp)) => return Ok(resp),
                 Ok(Err(e)) => {
+                    if let Some(refused) = refusal(&e) {
+                        return Err(UpstreamError::Invalid(super::cause::named(
+                            &self.label,
+                            refused,
+                        )));
+                    }
                     let retryable = e.is_connect();
                     if !retryable || attempt >= self.retry.attempts {
                         let error = self.unreachable(url, &e);
@@ -212,7 +248,13 @@ impl HttpClient {
         let mut current = url.clone();
         let mut headers = headers.clone();
         for _ in 0..=MAX_REDIRECTS {
-            let resp = self.send(method, &current, &headers).await?;
+            // Hops off the registry's origin connect only where the redirect rule permits.
+            let via = if current.origin() == origin {
+                &self.inner
+            } else {
+                &self.redirect
+            };
+            let resp = self.send_with(via, method, &current, &headers).await?;
             if !is_redirect(resp.status()) {
                 let mut resp = resp;
                 if current.origin() != origin {
@@ -246,6 +288,38 @@ impl HttpClient {
         }
         Err(UpstreamError::Invalid("too many redirects".into()))
     }
+}
+
+/// The redirect rule's refusal inside a client error, if that is what it is.
+fn refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a super::redirect::Refused> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<super::redirect::Refused>() {
+            return Some(r);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http
+}
+
+fn pooled(tls: &rustls::ClientConfig, tcp: GuardedConnector) -> Pooled {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https)
 }
 
 fn is_redirect(s: StatusCode) -> bool {

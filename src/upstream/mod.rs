@@ -9,8 +9,11 @@ pub mod ecr;
 #[cfg(not(feature = "ecr"))]
 #[path = "ecr_off.rs"]
 pub mod ecr;
+pub mod encoding;
 pub mod probe;
 pub mod push;
+pub mod redirect;
+pub mod referrers;
 pub mod stats;
 
 use std::sync::Arc;
@@ -63,6 +66,10 @@ pub struct Upstream {
     immutable_tags: Vec<String>,
     /// Latency, traffic and health figures.
     stats: Arc<stats::UpstreamStats>,
+    /// Set once the bodiless `GET /v2/` that learns the authentication scheme before the
+    /// first blob request has been made (see [`Upstream::learn_scheme`]); concurrent first
+    /// blob requests wait for that one probe.
+    scheme_probe: tokio::sync::OnceCell<()>,
 }
 
 /// Failure building an upstream at start-up.
@@ -88,6 +95,11 @@ impl Upstream {
         )
         .map_err(|e| wrap(Box::new(e)))?
         .named(&cfg.name);
+        let client = match &cfg.url {
+            Some(base) => client
+                .with_redirect_policy(redirect::RedirectPolicy::new(base, &cfg.redirect_hosts)),
+            None => client,
+        };
         let password = cfg
             .resolve_password(&cfg.name)
             .map_err(|e| wrap(Box::new(e)))?;
@@ -135,6 +147,7 @@ impl Upstream {
             offline: global.offline || cfg.offline,
             immutable_tags: cfg.immutable_tags.clone(),
             stats: Arc::new(stats::UpstreamStats::detached(&cfg.name)),
+            scheme_probe: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -322,6 +335,7 @@ impl Upstream {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse().ok());
         let declared = content_length(h);
+        let headers = h.clone();
         if declared.is_some_and(|n| n > self.max_manifest_size) {
             return Err(UpstreamError::Invalid(format!(
                 "manifest larger than {} bytes",
@@ -340,7 +354,7 @@ impl Upstream {
                 ));
             }
             self.stats.fetched_manifest(body.len() as u64);
-            body
+            encoding::decode(&headers, body, self.max_manifest_size)?
         };
         Ok(FetchedManifest {
             media_type,
@@ -390,6 +404,7 @@ impl Upstream {
                     .map_err(|e| UpstreamError::Invalid(e.to_string()))?,
             );
         }
+        self.learn_scheme(repo).await;
         let resp = self
             .request(method, repo, &format!("/v2/{repo}/blobs/{digest}"), headers)
             .await?;
@@ -419,6 +434,40 @@ impl Upstream {
             }
             s => Err(UpstreamError::Status(s.as_u16())),
         }
+    }
+
+    /// Before the first blob request (a cold blob right after start, with its manifest
+    /// served from the cache): learns the authentication scheme from one bodiless
+    /// `GET /v2/` and fetches the token for `repo`, so the blob is never sent without
+    /// credentials only to be refused. Once per upstream; a failed probe leaves the old way
+    /// (the blob request's own 401) in place.
+    async fn learn_scheme(&self, repo: &Repository) {
+        if self.auth.scheme_known() {
+            return;
+        }
+        self.scheme_probe
+            .get_or_init(|| async {
+                let Ok(url) = self.url("/v2/") else {
+                    return;
+                };
+                let Ok(resp) = self
+                    .client
+                    .send(&Method::GET, &url, &HeaderMap::new())
+                    .await
+                else {
+                    return;
+                };
+                if resp.status() != StatusCode::UNAUTHORIZED {
+                    return;
+                }
+                if let Some(ch) = resp.headers().get(header::WWW_AUTHENTICATE) {
+                    let scope = format!("repository:{repo}:pull");
+                    if let Err(error) = self.auth.on_challenge(ch, &scope, None).await {
+                        tracing::debug!(%error, upstream = %self.name, "scheme probe: no token");
+                    }
+                }
+            })
+            .await;
     }
 
     /// Lists tags, passing `query` (`n`, `last`) through. Returns the body and `Link` header.

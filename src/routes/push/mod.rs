@@ -20,6 +20,7 @@ use crate::upstream::Upstream;
 use crate::upstream::push::PushTarget;
 
 mod manifest;
+mod offset;
 mod upload;
 
 pub use manifest::put_manifest;

@@ -223,7 +223,11 @@ pub async fn start(
                     upstream,
                     repo: repo.clone(),
                     client_name: client_name.clone(),
-                    state: Mutex::new(Some(UploadState { location, spool })),
+                    state: Mutex::new(Some(UploadState {
+                        location,
+                        spool,
+                        offset: Some(0),
+                    })),
                 }),
             );
             let mut r = answer(
@@ -258,6 +262,12 @@ pub async fn continue_upload(
         return Err(Error::UploadUnknown);
     }
     let (mut taken, location, spool) = Taken::new(upload.clone()).ok_or(Error::UploadUnknown)?;
+    let offset = taken.offset();
+    if *method == Method::PATCH || *method == Method::PUT {
+        // A chunk sent twice or out of order never reaches the upstream; `taken` puts the
+        // upload back as it was.
+        super::offset::check(offset, headers)?;
+    }
     let up = &app.upstreams[upload.upstream];
     let mut url = location.clone();
     if let Some(d) = &digest {
@@ -314,9 +324,15 @@ pub async fn continue_upload(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|l| up.resolve_location(l).ok())
                 .unwrap_or(location);
+            let offset = if *method == Method::GET {
+                offset
+            } else {
+                super::offset::after_chunk(offset, headers, resp.headers())
+            };
             taken.put_back(UploadState {
                 location: next,
                 spool,
+                offset,
             });
             // Seen again: a long request does not let the upload idle out.
             app.uploads.sessions.insert(id.to_owned(), upload.clone());
