@@ -91,6 +91,109 @@ where
     }
 }
 
+/// Every committed blob under `cache_dir/blobs/<alg>/<2 hex>/<hex>` hashes to its name;
+/// returns how many there are.
+#[track_caller]
+pub fn assert_cache_verified(cache_dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    let walk = |d: &std::path::Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|e| e.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    for alg in walk(&cache_dir.join("blobs")) {
+        for prefix in walk(&alg) {
+            for blob in walk(&prefix) {
+                let data = std::fs::read(&blob).unwrap_or_default();
+                let name = blob.file_name().unwrap_or_default().to_string_lossy();
+                assert_eq!(
+                    sha256(&data),
+                    format!("sha256:{name}"),
+                    "{} is not what its name says",
+                    blob.display()
+                );
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// What one client pull got: status, body length and the body's digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pulled {
+    /// HTTP status.
+    pub status: u16,
+    /// Body bytes received.
+    pub len: u64,
+    /// `sha256:<hex>` of the body.
+    pub digest: String,
+}
+
+/// A client pull in the background; [`PullTask::received`] counts bytes as they arrive.
+pub struct PullTask {
+    /// Which replica it asked.
+    pub replica: usize,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<anyhow::Result<Pulled>>,
+}
+
+impl PullTask {
+    /// Starts `GET url` (after `start` is released, when given), hashing the body as it
+    /// streams.
+    pub fn spawn(
+        url: String,
+        replica: usize,
+        start: Option<std::sync::Arc<tokio::sync::Barrier>>,
+    ) -> PullTask {
+        use futures_util::StreamExt;
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = received.clone();
+        let task = tokio::spawn(async move {
+            if let Some(b) = start {
+                b.wait().await;
+            }
+            let resp = client().get(&url).send().await?;
+            let status = resp.status().as_u16();
+            let mut body = resp.bytes_stream();
+            let mut h = Sha256::new();
+            let mut len = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                h.update(&chunk);
+                len += chunk.len() as u64;
+                counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(Pulled {
+                status,
+                len,
+                digest: format!("sha256:{}", hex::encode(h.finalize())),
+            })
+        });
+        PullTask {
+            replica,
+            received,
+            task,
+        }
+    }
+
+    /// Body bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (≤ `limit`) for the pull to end.
+    pub async fn finish(self, limit: Duration) -> anyhow::Result<Pulled> {
+        match tokio::time::timeout(limit, self.task).await {
+            Ok(joined) => joined?,
+            Err(_) => anyhow::bail!(
+                "pull from replica {} still going after {limit:?}",
+                self.replica
+            ),
+        }
+    }
+}
+
 /// One fleet on loopback: a store (with a fresh bucket), a counting relay the replicas reach
 /// the store through, a counting, gated upstream, a peer token and the replicas.
 pub struct Fleet {
@@ -173,6 +276,30 @@ impl Fleet {
     /// The spec of a replica of this fleet.
     pub fn spec(&self) -> ReplicaSpec {
         ReplicaSpec::new(&self.upstream.url(), Some(self.settings()))
+    }
+
+    /// Starts `n` replicas with [`Fleet::spec`].
+    pub async fn add_replicas(&mut self, n: usize) -> anyhow::Result<()> {
+        for _ in 0..n {
+            self.add_replica().await?;
+        }
+        Ok(())
+    }
+
+    /// `http://<replica i>/v2/<REPO>/blobs/<digest>`
+    pub fn blob_url(&self, i: usize, digest: &str) -> String {
+        format!("{}/v2/{REPO}/blobs/{digest}", self.replicas[i].url())
+    }
+
+    /// Sum of metric `name` with `labels` over every replica still running.
+    pub async fn metric_total(&mut self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut sum = 0.0;
+        for r in self.replicas.iter_mut() {
+            if r.is_running() {
+                sum += r.metric(name, labels).await.unwrap_or(0.0);
+            }
+        }
+        sum
     }
 
     /// Starts one more replica with [`Fleet::spec`]; returns its index.

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// One request that went through the relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Seen {
     /// `GET`, `PUT`, ...
     pub method: String,
@@ -43,6 +43,8 @@ pub struct Seen {
     pub status: u16,
     /// Response body bytes passed to the client so far.
     pub bytes: u64,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 struct State {
@@ -194,6 +196,7 @@ async fn forward(st: Arc<State>, mut req: Request<Incoming>) -> Result<Response<
         if_match: header(&req, "if-match"),
         status: 0,
         bytes: 0,
+        at: Instant::now(),
     };
     let gated = req.method() == http::Method::GET
         && st
