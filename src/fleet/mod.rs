@@ -230,6 +230,54 @@ impl Fleet {
         source::FleetSource::new(self.clone(), digest.clone(), upstream, local)
     }
 
+    /// The verified manifest `digest` from tier 2, with its media type: `None` when the
+    /// store does not have it (or holds bytes of another digest), is unreachable, or the
+    /// fleet is degraded.
+    pub async fn manifest(&self, digest: &Digest) -> Option<(String, bytes::Bytes)> {
+        if !self.active() {
+            return None;
+        }
+        let (body, _, attributes) = self
+            .store
+            .get_small_with(&self.store.manifest_key(digest))
+            .await
+            .ok()?;
+        if Digest::of(digest.algorithm(), &body) != *digest {
+            tracing::warn!(%digest, "the store's manifest does not match its digest; ignored");
+            return None;
+        }
+        let media_type = attributes
+            .get(&object_store::Attribute::ContentType)
+            .map(|v| v.as_ref().to_owned())
+            .unwrap_or_default();
+        Some((media_type, body))
+    }
+
+    /// Puts a verified manifest in tier 2, in the background (one unconditional PUT: the key
+    /// is its digest, so every writer writes the same bytes).
+    pub fn put_manifest(self: &Arc<Self>, digest: &Digest, media_type: &str, body: bytes::Bytes) {
+        if !self.active() {
+            return;
+        }
+        let (fleet, digest) = (self.clone(), digest.clone());
+        let mut attributes = object_store::Attributes::new();
+        attributes.insert(
+            object_store::Attribute::ContentType,
+            media_type.to_owned().into(),
+        );
+        // Detached: the client has its answer; the store gets a copy when it can.
+        tokio::spawn(async move {
+            let key = fleet.store.manifest_key(&digest);
+            let put = fleet
+                .store
+                .put(&key, body, object_store::PutMode::Overwrite, attributes)
+                .await;
+            if let Err(error) = put {
+                tracing::warn!(%error, %digest, "manifest not stored in the shared tier");
+            }
+        });
+    }
+
     /// A report for `/readyz` and the status page.
     pub fn summary(&self) -> &'static str {
         if self.unfit.load(Ordering::Relaxed) {

@@ -119,6 +119,8 @@ pub struct Got {
     pub size: u64,
     /// The object's metadata (ETag, version).
     pub meta: ObjectMeta,
+    /// Its attributes (content type).
+    pub attributes: object_store::Attributes,
     /// The bytes, counted as they are read.
     pub bytes: futures_util::stream::BoxStream<'static, Result<Bytes, StoreError>>,
 }
@@ -233,6 +235,7 @@ impl Store {
         let stats = self.stats.clone();
         let size = got.meta.size;
         let meta = got.meta.clone();
+        let attributes = got.attributes.clone();
         let bytes = got
             .into_stream()
             .map(move |r| match r {
@@ -243,11 +246,24 @@ impl Store {
                 Err(e) => Err(StoreError::Unreachable(e.to_string())),
             })
             .boxed();
-        Ok(Got { size, meta, bytes })
+        Ok(Got {
+            size,
+            meta,
+            attributes,
+            bytes,
+        })
     }
 
     /// `GET key`, the whole (small) object with its metadata.
     pub async fn get_small(&self, key: &Path) -> Result<(Bytes, ObjectMeta), StoreError> {
+        self.get_small_with(key).await.map(|(b, m, _)| (b, m))
+    }
+
+    /// `GET key`, the whole (small) object with its metadata and attributes.
+    pub async fn get_small_with(
+        &self,
+        key: &Path,
+    ) -> Result<(Bytes, ObjectMeta, object_store::Attributes), StoreError> {
         let got = self.get(key, 0).await?;
         let mut out = Vec::with_capacity(got.size.min(1 << 20) as usize);
         let mut bytes = got.bytes;
@@ -265,7 +281,7 @@ impl Store {
                 ));
             }
         }
-        Ok((Bytes::from(out), got.meta))
+        Ok((Bytes::from(out), got.meta, got.attributes))
     }
 
     /// `HEAD key`.

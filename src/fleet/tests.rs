@@ -479,3 +479,46 @@ async fn tier_two_writes_complete_only_on_a_digest_match() {
     assert_eq!(got.len(), data.len());
     assert_eq!(Digest::sha256(&got), d);
 }
+
+#[tokio::test(start_paused = true)]
+async fn manifests_by_digest_are_shared_verified_with_their_media_type() {
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let body = Bytes::from_static(
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#,
+    );
+    let d = Digest::sha256(&body);
+    assert_eq!(b.manifest(&d).await, None);
+    a.put_manifest(
+        &d,
+        "application/vnd.oci.image.manifest.v1+json",
+        body.clone(),
+    );
+    let mut got = None;
+    for _ in 0..100 {
+        got = b.manifest(&d).await;
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        got,
+        Some((
+            "application/vnd.oci.image.manifest.v1+json".to_owned(),
+            body
+        ))
+    );
+    // Bytes of another digest under the key are never served.
+    let other = Digest::sha256(b"other");
+    store
+        .inner
+        .put(
+            &a.store.manifest_key(&other),
+            PutPayload::from_static(b"tampered"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.manifest(&other).await, None);
+}

@@ -161,3 +161,106 @@ pub async fn peer_blob(
     };
     answer(from, total, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::store::FsStore;
+    use crate::config::{Config, FleetConfig};
+    use http::Request;
+    use http_body_util::BodyExt;
+
+    async fn app() -> (tempfile::TempDir, Arc<App>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).await.unwrap());
+        let config = FleetConfig {
+            store: "s3://bucket/p".parse().unwrap(),
+            advertise: "http://127.0.0.1:1".parse().unwrap(),
+            peer_token_file: "/nonexistent".into(),
+            lease_ttl: crate::units::HumanDuration(std::time::Duration::from_secs(15)),
+        };
+        let fleet = Fleet::with_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            &config,
+            "peer-secret",
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        let app = App::with_fleet(Config::default(), store, Some(fleet)).unwrap();
+        (dir, app)
+    }
+
+    async fn get(
+        app: &Arc<App>,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let mut req = Request::get(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = app
+            .handle(
+                req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        (status, headers, body)
+    }
+
+    #[tokio::test]
+    async fn the_peer_endpoint_needs_the_token_and_serves_only_digests_it_holds() {
+        let (_dir, app) = app().await;
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let d = Digest::sha256(&data);
+        let staged = app.store.staging_path("t");
+        std::fs::write(&staged, &data).unwrap();
+        app.store.commit_blob(&d, &staged).await.unwrap();
+        let path = format!("{PATH}{d}");
+        let auth = ("authorization", "Bearer peer-secret");
+
+        for wrong in [
+            vec![],
+            vec![("authorization", "Bearer peer-secre")],
+            vec![("authorization", "Basic cGVlci1zZWNyZXQ=")],
+        ] {
+            let (status, _, body) = get(&app, &path, &wrong).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{wrong:?}");
+            assert!(String::from_utf8_lossy(&body).contains("UNAUTHORIZED"));
+        }
+        let (status, h, body) = get(&app, &path, &[auth]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, data);
+        assert_eq!(h[&LENGTH], "5000");
+        let (status, h, body) = get(&app, &path, &[auth, ("range", "bytes=1200-")]).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(h[&OFFSET], "1200");
+        assert_eq!(body, &data[1200..]);
+        assert_eq!(app.fleet().unwrap().stats().peer_bytes().0, 5000 + 3800);
+
+        // A digest this replica neither holds nor downloads; names and URLs are no digests.
+        let other = Digest::sha256(b"other");
+        let (status, _, _) = get(&app, &format!("{PATH}{other}"), &[auth]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        for bad in [
+            "library/alpine",
+            "https:%2F%2Fregistry-1.docker.io",
+            "sha256:zz",
+        ] {
+            let (status, _, _) = get(&app, &format!("{PATH}{bad}"), &[auth]).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        // Nothing was fetched or started.
+        assert_eq!(app.downloads_in_flight(), 0);
+    }
+}
