@@ -13,8 +13,10 @@ use url::Url;
 use crate::units::{ByteSize, HumanDuration};
 
 mod auth;
+mod fleet;
 mod redact;
 pub use auth::{AuthConfig, Permission, RuleConfig, TokenConfig};
+pub use fleet::FleetConfig;
 pub use redact::REDACTED;
 
 /// Docker Hub's registry endpoint.
@@ -102,6 +104,9 @@ pub struct Config {
     /// The upstream registries.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Replicas sharing an object store (`[fleet]`); unset: this replica works alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetConfig>,
 }
 
 /// TLS certificate and key (PEM files).
@@ -444,6 +449,7 @@ impl Default for Config {
                 // The literal is a valid URL; covered by the defaults test.
                 Url::parse(DOCKER_HUB_URL).expect("constant URL"),
             )],
+            fleet: None,
         }
     }
 }
@@ -823,6 +829,9 @@ impl Config {
             }
         }
         self.auth.validate(&self.upstreams)?;
+        if let Some(f) = &self.fleet {
+            f.validate()?;
+        }
         if !names.contains(self.default_upstream.as_str()) {
             return Err(invalid(
                 "default_upstream",

@@ -243,9 +243,21 @@ pub async fn blob(
             Join::Leader(guard) => {
                 let f = guard.fill().clone();
                 let stats = up.stats().clone();
-                fill::spawn(guard, app.store.clone(), source(up, repo), move |outcome| {
-                    stats.download_ended(outcome.err().map(download_failure));
-                });
+                let upstream = source(up, repo);
+                match &app.fleet {
+                    None => fill::spawn(guard, app.store.clone(), upstream, move |outcome| {
+                        stats.download_ended(outcome.err().map(download_failure));
+                    }),
+                    // The store, the lease's leader or the upstream, chosen by the fleet.
+                    Some(fleet) => {
+                        let fleet = fleet.blob_source(digest, upstream, app.store.clone());
+                        let end = fleet.clone();
+                        fill::spawn(guard, app.store.clone(), Arc::new(fleet), move |outcome| {
+                            stats.download_ended(outcome.err().map(download_failure));
+                            end.ended(outcome);
+                        });
+                    }
+                }
                 f
             }
         };

@@ -48,16 +48,35 @@ async fn manifest_by_digest(
         None if app.upstreams[target.upstream()].offline => {
             return Err(Error::Offline(Kind::Manifest));
         }
-        None => {
-            let reference = Reference::Digest(digest.clone());
-            let fetched = fetch_manifest(app, target, &reference, accept, Some(digest)).await?;
-            (fetched.manifest, CacheResult::Miss)
-        }
+        None => match fleet_manifest(app, digest).await {
+            Some(m) => (m, CacheResult::Miss),
+            None => {
+                let reference = Reference::Digest(digest.clone());
+                let fetched = fetch_manifest(app, target, &reference, accept, Some(digest)).await?;
+                (fetched.manifest, CacheResult::Miss)
+            }
+        },
     };
     if !accept.accepts(&m.media_type) {
         return Err(Error::ManifestNotAccepted(m.media_type));
     }
     Ok(served(&m, digest, head, result))
+}
+
+/// The manifest `digest` from the fleet's shared tier (verified there), kept on this
+/// replica's disk too.
+async fn fleet_manifest(app: &Arc<App>, digest: &Digest) -> Option<StoredManifest> {
+    let (media_type, body) = app.fleet.as_ref()?.manifest(digest).await?;
+    let media_type = if media_type.is_empty() {
+        media::sniff(&body).unwrap_or_else(|| media::OCI_MANIFEST.to_owned())
+    } else {
+        media_type
+    };
+    let m = StoredManifest { media_type, body };
+    if let Err(e) = app.store.put_manifest(digest, &m).await {
+        tracing::warn!(error = %e, %digest, "cannot cache manifest; serving it uncached");
+    }
+    Some(m)
 }
 
 /// A manifest by tag: the cached answer while it may be served unchecked, else revalidated
@@ -337,6 +356,9 @@ async fn fetch_manifest(
             };
             if let Err(e) = app2.store.put_manifest(&actual, &manifest).await {
                 tracing::warn!(error = %e, digest = %actual, "cannot cache manifest; serving it uncached");
+            }
+            if let Some(fleet) = &app2.fleet {
+                fleet.put_manifest(&actual, &manifest.media_type, manifest.body.clone());
             }
             Ok((
                 Fetched {

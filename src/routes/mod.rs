@@ -20,6 +20,7 @@ use crate::router::{self, Route};
 
 pub mod admin;
 pub mod blobs;
+pub mod fleet;
 pub mod manifests;
 pub mod push;
 pub mod tags;
@@ -210,6 +211,14 @@ impl App {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let client = req.extensions().get::<ClientAddr>().copied();
+        if let Some(f) = &self.fleet
+            && req.uri().path().starts_with(crate::fleet::peer::PATH)
+        {
+            record.route = "fleet_peer";
+            return Ok(
+                fleet::peer_blob(self, f, req.method(), req.uri().path(), req.headers()).await,
+            );
+        }
         if self.config.admin_listen.is_none()
             && let Some(e) = admin::Endpoint::parse(req.method(), req.uri().path())
         {
