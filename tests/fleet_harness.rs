@@ -132,3 +132,39 @@ async fn nginx_round_robins_over_replicas_and_sigstop_freezes_one() {
     let (status, _) = frozen.readyz().await.unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_relay_passes_racing_creates_like_the_store_itself() {
+    let weed = require_peer!(Seaweed::start().await);
+    let relay = support::fleet::HttpRelay::start(weed.addr()).await.unwrap();
+    let bucket = unique_bucket("relay");
+    S3Client::new(&weed.url())
+        .create_bucket(&bucket)
+        .await
+        .unwrap();
+    for (what, url) in [("direct", weed.url()), ("relay", relay.url())] {
+        let s3 = S3Client::new(&url);
+        let key = format!("k-{what}");
+        let mut tasks = Vec::new();
+        for w in 0..12 {
+            let (s3, bucket, key) = (s3.clone(), bucket.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let status = s3
+                    .put(&bucket, &key, format!("w{w}").into(), Cond::Create)
+                    .await
+                    .unwrap();
+                (status, t.elapsed())
+            }));
+        }
+        let mut took = Vec::new();
+        for t in tasks {
+            took.push(t.await.unwrap());
+        }
+        // SeaweedFS holds losing creates of a contended key for 1-5 s before their 412
+        // (measured here, directly and through the relay alike): printed, not asserted.
+        eprintln!("{what}: (status, time) {took:?}");
+        assert_eq!(took.iter().filter(|(s, _)| *s == 200).count(), 1, "{what}");
+        assert_eq!(took.iter().filter(|(s, _)| *s == 412).count(), 11, "{what}");
+    }
+}

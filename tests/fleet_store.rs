@@ -131,7 +131,19 @@ async fn fleet_refuses_a_store_whose_conditional_create_is_not_atomic() {
     let mut settings = fleet.settings();
     settings.endpoint = lax.url();
     let spec = ReplicaSpec::new(&fleet.upstream.url(), Some(settings.clone()));
-    let failure = Replica::start_failing(&spec).await.unwrap();
+    let failure = Replica::start_failing(&spec).await;
+    let t0 = lax.requests().first().map(|s| s.at);
+    for s in lax.requests() {
+        eprintln!(
+            "lax store saw {} {} {:?} -> {} after {:?}",
+            s.method,
+            s.path,
+            s.if_none_match,
+            s.status,
+            t0.map(|t| s.at - t)
+        );
+    }
+    let failure = failure.unwrap();
     eprintln!("refused as expected: {failure}");
     assert_eq!(
         failure.status.and_then(|s| s.code()),

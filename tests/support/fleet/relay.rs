@@ -49,7 +49,7 @@ pub struct Seen {
 
 struct State {
     target: SocketAddr,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Full<Bytes>>,
     seen: Mutex<Vec<Seen>>,
     strip: Mutex<Vec<String>>,
     /// Response bodies of GETs whose path contains `gated` pass at most this many bytes each.
@@ -186,7 +186,7 @@ fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn forward(st: Arc<State>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn forward(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let seen = Seen {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
@@ -210,6 +210,22 @@ async fn forward(st: Arc<State>, mut req: Request<Incoming>) -> Result<Response<
         all.push(seen);
         all.len() - 1
     };
+    // The request body is read whole before it is forwarded: a server that answers early
+    // (a 412 before the body) then never waits on a half-sent body. Test bodies are small.
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let mut r = Response::new(
+                Full::new(Bytes::from(format!("relay: request body: {e}")))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return Ok(r);
+        }
+    };
+    let mut req = Request::from_parts(parts, Full::new(body));
     for name in st.strip.lock().unwrap().iter() {
         req.headers_mut().remove(name.as_str());
     }

@@ -375,6 +375,7 @@ pub fn hermetic_aws_env(cmd: &mut Command, endpoint: Option<&str>) {
         "AWS_CONTAINER_CREDENTIALS_FULL_URI",
         "AWS_ENDPOINT_URL",
         "AWS_ENDPOINT_URL_S3",
+        "AWS_CA_BUNDLE",
     ] {
         cmd.env_remove(k);
     }
