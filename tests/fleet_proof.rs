@@ -561,8 +561,9 @@ async fn store_down_pulls_go_on_degraded_then_the_fleet_resumes() {
         .await;
         assert!(ok, "{} back in fleet mode: {:?}", r.name, r.readyz().await);
         assert_eq!(r.metric("regcache_fleet_store_up", &[]).await.unwrap(), 1.0);
-        let lines = r.log_lines("degraded");
+        let lines = r.log_lines("degraded: object store unreachable");
         eprintln!("{} degraded log lines: {}", r.name, lines.len());
+        assert_eq!(lines.len(), 1, "logged once per transition: {lines:?}");
     }
     for p in herd(&fleet, &digests[1], 3, 4) {
         let r = p.replica;

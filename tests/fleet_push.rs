@@ -40,9 +40,20 @@ async fn skopeo_and_docker_push_through_a_round_robin_balancer_then_pull_back() 
 
     // skopeo: each upload's POST, PATCH and PUT go to whichever replica nginx picks.
     let dest = format!("docker://{}/team/app:1", lb.host());
-    let pushed = image::push(&img, &dest, Some(("ci", "ci-pass")))
-        .await
-        .unwrap();
+    let pushed = image::push(&img, &dest, Some(("ci", "ci-pass"))).await;
+    let pushed = pushed.unwrap_or_else(|e| {
+        panic!(
+            "skopeo push through the balancer: {e:#}\nbalancer log: {:#?}\nupstream saw: {:#?}",
+            lb.log(),
+            fleet
+                .upstream
+                .relay
+                .requests()
+                .iter()
+                .map(|s| format!("{} {} {:?} {}", s.method, s.path, s.query, s.status))
+                .collect::<Vec<_>>()
+        )
+    });
     assert_eq!(pushed, img.digest());
     let upstream_digest = image::skopeo_inspect_digest(
         &format!("docker://{}/team/app:1", registry.host()),
