@@ -11,6 +11,7 @@
 //!   upstream (leading) and a peer (following).
 //! - [`peer`]: the peer token check and the byte source reading another replica.
 //! - [`upload`]: verified multipart writes of committed blobs to tier 2.
+//! - [`tags`]: tag answers shared so the fleet revalidates each tag once per TTL.
 //! - [`probe`]: the start-up check that the store's conditional writes are atomic.
 //! - [`stats`]: the counters behind the `regcache_fleet_*` metrics and the status page.
 
@@ -31,6 +32,7 @@ pub mod probe;
 pub mod source;
 pub mod stats;
 pub mod store;
+pub mod tags;
 pub mod upload;
 
 use lease::Me;
@@ -90,7 +92,7 @@ impl Fleet {
         let inner = store::connect(&config.store).map_err(|e| setup(e.to_string()))?;
         let token = config.read_token().map_err(|e| setup(e.to_string()))?;
         let fleet = Self::with_store(inner, config, &token, None, upstream_open).map_err(setup)?;
-        fleet.check_at_start().await?;
+        fleet.check().await?;
         Ok(fleet)
     }
 
@@ -139,8 +141,9 @@ impl Fleet {
         }))
     }
 
-    /// The start-up check: refuses an unfit store, starts degraded on an unreachable one.
-    async fn check_at_start(self: &Arc<Self>) -> Result<(), FleetError> {
+    /// The start-up check: an unfit store is an error; an unreachable one starts the fleet
+    /// degraded and is watched until it answers.
+    pub async fn check(self: &Arc<Self>) -> Result<(), FleetError> {
         match probe::conditional_writes(&self.store, probe::RACERS).await {
             Ok(()) => {
                 self.checked.store(true, Ordering::Relaxed);

@@ -152,7 +152,7 @@ async fn replica(store: Arc<Switched>, advertise: &str, peers: Arc<FakePeers>) -
         Duration::from_secs(5),
     )
     .unwrap();
-    f.check_at_start().await.unwrap();
+    f.check().await.unwrap();
     f
 }
 
@@ -204,7 +204,7 @@ async fn the_start_up_check_passes_an_atomic_store_and_refuses_a_racy_one() {
         Duration::from_secs(5),
     )
     .unwrap();
-    let e = f.check_at_start().await.unwrap_err().to_string();
+    let e = f.check().await.unwrap_err().to_string();
     println!("refused: {e}");
     assert!(e.contains("s3://bucket/fleet"), "names the store: {e}");
     assert!(e.contains("12 of 12 racing create-only writes"), "{e}");
