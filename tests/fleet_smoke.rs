@@ -5,11 +5,13 @@
 //! S3 server; the multi-process scenarios on a real one live in the other fleet tests.
 
 mod fake;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fake::*;
+use futures_util::StreamExt;
 use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt};
 use regcache::app::App;
@@ -30,12 +32,15 @@ struct Replica {
 
 impl Replica {
     async fn start(upstream: &str, store: Arc<dyn ObjectStore>) -> Self {
+        Self::start_with(config_for(upstream), store).await
+    }
+
+    async fn start_with(mut config: regcache::config::Config, store: Arc<dyn ObjectStore>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-        let mut config = config_for(upstream);
         config.cache_dir = dir.path().join("cache");
         let fleet_config = FleetConfig {
             store: "s3://smoke/fleet".parse().unwrap(),
@@ -267,4 +272,83 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("condition not reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_started_on_one_replica_continues_on_the_others() {
+    use support::registry::{Registry, RegistryAuth};
+    let registry = match Registry::start(RegistryAuth::None).await {
+        Ok(r) => r,
+        Err(e) => {
+            println!("SKIPPED: docker-registry cannot start here: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("ci:{}\n", bcrypt::hash("ci-pass", 4).unwrap()),
+    )
+    .unwrap();
+    let mut config = config_for(&registry.url());
+    config.auth.htpasswd = Some(htpasswd);
+    config.auth.push = true;
+    config.auth.anonymous_pull = true;
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Replica::start_with(config.clone(), store.clone()).await);
+    }
+    let data = blob_of(300_000, 3);
+    let d = sha(&data);
+    let c = client();
+    let started = c
+        .post(replicas[0].url("/v2/team/app/blobs/uploads/"))
+        .basic_auth("ci", Some("ci-pass"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let mut location = started.headers()["location"].to_str().unwrap().to_owned();
+    // Round robin: each step on the next replica.
+    for (i, part) in [&data[..100_000], &data[100_000..]].into_iter().enumerate() {
+        let start = if i == 0 { 0 } else { 100_000 };
+        let r = &replicas[(i + 1) % 3];
+        let resp = c
+            .patch(r.url(&location))
+            .basic_auth("ci", Some("ci-pass"))
+            .header("content-type", "application/octet-stream")
+            .header(
+                "content-range",
+                format!("{start}-{}", start + part.len() - 1),
+            )
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "PATCH {i} on replica {}", (i + 1) % 3);
+        location = resp.headers()["location"].to_str().unwrap().to_owned();
+    }
+    let resp = c
+        .put(replicas[0].url(&format!("{location}?digest={d}")))
+        .basic_auth("ci", Some("ci-pass"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "closing PUT on replica 0");
+    // The upstream has the blob, whole.
+    let got = c
+        .get(format!("{}/v2/team/app/blobs/{d}", registry.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    same(&body_of(got).await.unwrap(), &data);
+    // The shared state is gone with the upload.
+    let left: Vec<_> = store
+        .list(Some(&object_store::path::Path::from("fleet/uploads")))
+        .collect::<Vec<_>>()
+        .await;
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -11,6 +11,7 @@
 //!   upstream (leading) and a peer (following).
 //! - [`peer`]: the peer token check and the byte source reading another replica.
 //! - [`upload`]: verified multipart writes of committed blobs to tier 2.
+//! - [`uploads`]: push upload state in the store, so any replica continues an upload.
 //! - [`tags`]: tag answers shared so the fleet revalidates each tag once per TTL.
 //! - [`probe`]: the start-up check that the store's conditional writes are atomic.
 //! - [`stats`]: the counters behind the `regcache_fleet_*` metrics and the status page.
@@ -34,6 +35,7 @@ pub mod stats;
 pub mod store;
 pub mod tags;
 pub mod upload;
+pub mod uploads;
 
 use lease::Me;
 use peer::Peers;
