@@ -147,26 +147,24 @@ impl Fleet {
     /// degraded and is watched until it answers.
     pub async fn check(self: &Arc<Self>) -> Result<(), FleetError> {
         match probe::conditional_writes(&self.store, probe::RACERS).await {
-            Ok(()) => {
-                self.checked.store(true, Ordering::Relaxed);
-                Ok(())
+            Ok(()) => self.checked.store(true, Ordering::Relaxed),
+            Err(e) if e.is_unfit() => {
+                return Err(FleetError::Unfit {
+                    store: self.store.url().to_owned(),
+                    why: e.to_string(),
+                });
             }
-            Err(e) if e.is_unfit() => Err(FleetError::Unfit {
-                store: self.store.url().to_owned(),
-                why: e.to_string(),
-            }),
-            Err(_) => {
-                // Logged as the transition into degraded mode by the store client.
-                self.watch_store();
-                Ok(())
-            }
+            // Logged as the transition into degraded mode by the store client.
+            Err(_) => {}
         }
+        self.watch_store();
+        Ok(())
     }
 
-    /// While the store is down, asks it again every lease period until it answers; an
-    /// answering store not yet checked is checked first. Nothing is sent while it is up, so
-    /// hits cost no store request.
-    pub fn watch_store(self: &Arc<Self>) {
+    /// While the store is down (at start, or after any request found it so), asks it again
+    /// every lease period until it answers; an answering store not yet checked is checked
+    /// first. Nothing is sent while it is up, so hits cost no store request.
+    fn watch_store(self: &Arc<Self>) {
         let fleet = Arc::downgrade(self);
         let every = self.lease_ttl.max(Duration::from_millis(500));
         // Detached: it holds only a weak reference and ends with the fleet.
