@@ -177,8 +177,24 @@ async fn three_replicas_fetch_a_cold_blob_once_and_a_fourth_reads_the_store() {
         .collect();
     assert_eq!(before, after, "local hits make zero store requests");
 
-    // A fourth replica with an empty disk gets it from the store, not the upstream.
+    // A fourth replica with an empty disk gets it from the store, not the upstream: a HEAD
+    // first, then the GET.
     let fourth = Replica::start(&up.url(), store.clone()).await;
+    let head = c
+        .head(fourth.url(&format!("/v2/library/app/blobs/{d}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert_eq!(
+        up.count("HEAD", "/blobs/"),
+        0,
+        "the HEAD was answered from the store"
+    );
     let resp = c
         .get(fourth.url(&format!("/v2/library/app/blobs/{d}")))
         .send()

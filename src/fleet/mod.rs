@@ -233,6 +233,15 @@ impl Fleet {
         source::FleetSource::new(self.clone(), digest.clone(), upstream, local)
     }
 
+    /// The size of blob `digest` in tier 2, when the fleet is on and the store has it.
+    pub async fn blob_len(&self, digest: &Digest) -> Option<u64> {
+        if !self.active() {
+            return None;
+        }
+        let meta = self.store.head(&self.store.blob_key(digest)).await.ok()?;
+        Some(meta.size)
+    }
+
     /// The verified manifest `digest` from tier 2, with its media type: `None` when the
     /// store does not have it (or holds bytes of another digest), is unreachable, or the
     /// fleet is degraded.
