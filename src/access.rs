@@ -4,13 +4,13 @@
 //! and the failed-login limit per client address ([`limit`]). Upstream credentials are never
 //! involved here.
 
+pub mod htpasswd;
 pub mod limit;
 pub mod policy;
 pub mod token;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
@@ -23,6 +23,9 @@ use crate::rewrite::{RoutingTable, Target};
 use limit::FailedLogins;
 use policy::Policy;
 use token::{Claims, Grant, Signer};
+
+/// Why a request was refused; defined beside the error mapping, which answers it.
+pub use crate::error::Denied;
 
 /// The address of the client a request came from; the server puts it in every request's
 /// extensions.
@@ -46,24 +49,6 @@ impl Need {
             Need::Push => "push",
         }
     }
-}
-
-/// Why a request was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
-    /// Push is switched off on this proxy.
-    #[error("push is not enabled on this proxy")]
-    PushDisabled,
-    /// No credentials, or wrong ones: answered 401 with a challenge pointing at regcache's
-    /// token endpoint.
-    #[error("authentication required")]
-    Unauthenticated,
-    /// Valid credentials without the permission: answered 403.
-    #[error("{0} is not allowed to do this")]
-    Forbidden(String),
-    /// Too many failed logins from the client's address: answered 429 with `Retry-After`.
-    #[error("too many failed logins from this address; retry in {}s", .0.as_secs())]
-    TooManyFailures(Duration),
 }
 
 /// Who a request comes from.
@@ -129,14 +114,15 @@ fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Access {
-    /// Loads the htpasswd file and the static tokens of a validated configuration and
-    /// compiles its rules.
+    /// Loads the htpasswd file and the static tokens of a validated configuration, checks the
+    /// user names its rules refer to, and compiles its rules. Errors name the key at fault.
     pub fn new(config: &Config) -> Result<Self, String> {
         let auth = &config.auth;
         let users = match &auth.htpasswd {
-            Some(path) => load_htpasswd(path).map_err(|e| format!("auth.htpasswd: {e}"))?,
+            Some(path) => htpasswd::load(path).map_err(|e| e.to_string())?,
             None => HashMap::new(),
         };
+        htpasswd::check_names(auth, &users).map_err(|e| e.to_string())?;
         let mut tokens = HashMap::new();
         let mut token_by_name = HashMap::new();
         for (i, t) in auth.tokens.iter().enumerate() {
@@ -471,31 +457,6 @@ fn basic_credentials(encoded: &str) -> Option<(String, String)> {
     let text = String::from_utf8(raw).ok()?;
     let (u, p) = text.split_once(':')?;
     Some((u.to_owned(), p.to_owned()))
-}
-
-/// Reads an htpasswd file: user → bcrypt hash. Only bcrypt entries (`$2a$`, `$2b$`, `$2y$`)
-/// are accepted.
-pub(crate) fn load_htpasswd(path: &Path) -> Result<HashMap<String, String>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut users = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (user, hash) = line
-            .split_once(':')
-            .ok_or_else(|| format!("line {} is not user:hash", n + 1))?;
-        if !(hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$")) {
-            return Err(format!(
-                "line {} ({user}) is not a bcrypt entry; create it with htpasswd -B",
-                n + 1
-            ));
-        }
-        users.insert(user.to_owned(), hash.to_owned());
-    }
-    Ok(users)
 }
 
 #[cfg(test)]
@@ -867,11 +828,24 @@ url = "http://127.0.0.1:2"
     fn htpasswd_must_be_bcrypt() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "u:{{SHA}}abc").unwrap();
-        let e = load_htpasswd(f.path()).err().unwrap();
+        let e = htpasswd::load(f.path()).err().unwrap().to_string();
         assert!(e.contains("line 1") && e.contains("bcrypt"), "{e}");
         let mut cfg = Config::default();
         cfg.auth.htpasswd = Some(f.path().to_owned());
         let e = Access::new(&cfg).err().unwrap();
         assert!(e.contains("auth.htpasswd") && e.contains("bcrypt"), "{e}");
+    }
+
+    #[test]
+    fn rules_naming_unknown_users_fail_start_up_naming_the_key() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "ci:{}", bcrypt::hash("ci-pass", 4).unwrap()).unwrap();
+        let text = format!(
+            "[auth]\nhtpasswd = \"{}\"\nanonymous_pull = false\n[[auth.rule]]\nusers = [\"nobody\"]\nallow = [\"pull\"]\n",
+            f.path().display()
+        );
+        let cfg = Config::from_toml(&text).unwrap().validate().unwrap();
+        let e = Access::new(&cfg).err().unwrap();
+        assert!(e.contains("`auth.rule[0].users[0]`"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use moka::sync::Cache;
 
 use crate::access::Access;
+use crate::cache::budget::Limits;
 use crate::cache::inflight::InFlight;
 use crate::cache::store::StoredManifest;
 use crate::cache::store::{BlobStore, FsStore, TagKey};
@@ -95,7 +96,7 @@ pub enum StartError {
 impl App {
     /// Opens the cache and builds the upstreams from a validated configuration.
     pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
-        let store = FsStore::open_limited(&config.cache_dir, config.cache.limits())
+        let store = FsStore::open_limited(&config.cache_dir, Limits::from_config(&config.cache))
             .await
             .map_err(|source| StartError::Cache {
                 path: config.cache_dir.display().to_string(),

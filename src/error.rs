@@ -1,11 +1,13 @@
 //! Typed errors of the request path and the ONE place that maps them to OCI JSON responses.
 
+use std::borrow::Cow;
+
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
 use crate::body::{self, Body};
+use crate::reference::ParseError;
 use crate::rewrite::RewriteError;
-use crate::router::RouteError;
 
 /// What was being fetched when an upstream failed; picks the OCI "unknown" code for a 404.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +18,41 @@ pub enum Kind {
     Blob,
     /// A tag list.
     Tags,
+}
+
+impl Kind {
+    /// The OCI code for "not found" of this kind.
+    fn unknown_code(self) -> &'static str {
+        match self {
+            Kind::Manifest => "MANIFEST_UNKNOWN",
+            Kind::Blob => "BLOB_UNKNOWN",
+            Kind::Tags => "NAME_UNKNOWN",
+        }
+    }
+}
+
+/// Why a request line was refused (the router's parse errors, defined here so the mapping
+/// below needs nothing from the router).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No such route.
+    #[error("unknown route")]
+    NotFound,
+    /// The route exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The route is part of the API but not offered here (push, catalog, delete).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// A name, tag or digest in the path is malformed.
+    #[error(transparent)]
+    Invalid(#[from] ParseError),
+    /// A query parameter is malformed.
+    #[error("invalid query parameter {0}")]
+    Query(&'static str),
+    /// An upload id that regcache never handed out.
+    #[error("upload unknown")]
+    UploadUnknown,
 }
 
 /// Why an upstream exchange failed.
@@ -78,6 +115,25 @@ impl UpstreamError {
     }
 }
 
+/// Why the client was refused (access control). The 401 challenge header that goes with
+/// `Unauthenticated` is added where the answer is built, which knows the token realm.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// Push is switched off on this proxy.
+    #[error("push is not enabled on this proxy")]
+    PushDisabled,
+    /// No credentials, or wrong ones: answered 401 with a challenge pointing at regcache's
+    /// token endpoint.
+    #[error("authentication required")]
+    Unauthenticated,
+    /// Valid credentials without the permission: answered 403.
+    #[error("{0} is not allowed to do this")]
+    Forbidden(String),
+    /// Too many failed logins from the client's address: answered 429 with `Retry-After`.
+    #[error("too many failed logins from this address; retry in {}s", .0.as_secs())]
+    TooManyFailures(std::time::Duration),
+}
+
 /// Every error a request can end in.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -99,9 +155,10 @@ pub enum Error {
     /// A `Range` that lies outside the blob.
     #[error("range not satisfiable for a blob of {0} bytes")]
     RangeNotSatisfiable(u64),
-    /// An upstream fault while fetching `Kind`.
+    /// An upstream fault while fetching `Kind`. The request log prints only this error's own
+    /// text, so it repeats the upstream's reason.
     #[error("{1}")]
-    Upstream(Kind, UpstreamError),
+    Upstream(Kind, #[source] UpstreamError),
     /// Not in the cache, and the upstream may not be contacted (offline mode).
     #[error("not cached, and regcache is in offline mode")]
     Offline(Kind),
@@ -110,7 +167,7 @@ pub enum Error {
     ManifestInvalid(String),
     /// The client may not do this.
     #[error(transparent)]
-    Access(#[from] crate::access::Denied),
+    Access(#[from] Denied),
     /// An upload id that is unknown or expired.
     #[error("blob upload unknown")]
     UploadUnknown,
@@ -144,234 +201,161 @@ impl From<std::io::Error> for Error {
     }
 }
 
-/// The OCI error code, HTTP status, message and detail of an error.
-fn describe(e: &Error) -> (StatusCode, &'static str, String, Option<String>) {
-    use StatusCode as S;
-    match e {
-        Error::Route(r) => match r {
-            RouteError::NotFound => (S::NOT_FOUND, "NOT_FOUND", "unknown route".into(), None),
-            RouteError::MethodNotAllowed => (
-                S::METHOD_NOT_ALLOWED,
-                "UNSUPPORTED",
-                "method not allowed on this route".into(),
-                None,
-            ),
-            RouteError::Unsupported(why) => {
-                (S::METHOD_NOT_ALLOWED, "UNSUPPORTED", (*why).into(), None)
-            }
-            RouteError::Invalid(p) => {
-                let code = match p {
-                    crate::reference::ParseError::Repository(_) => "NAME_INVALID",
-                    crate::reference::ParseError::Tag(_) => "TAG_INVALID",
-                    crate::reference::ParseError::Digest(_) => "DIGEST_INVALID",
-                };
-                (S::BAD_REQUEST, code, p.to_string(), None)
-            }
-            RouteError::UploadUnknown => (
-                S::NOT_FOUND,
-                "BLOB_UPLOAD_UNKNOWN",
-                "blob upload unknown to registry".into(),
-                None,
-            ),
-            RouteError::Query(q) => (
-                S::BAD_REQUEST,
-                "PAGINATION_NUMBER_INVALID",
-                format!("invalid query parameter {q}"),
-                None,
-            ),
-        },
-        Error::Rewrite(RewriteError::UnknownNamespace(ns)) => (
-            S::NOT_FOUND,
-            "NAME_UNKNOWN",
-            "no upstream is configured for this registry".into(),
-            Some(crate::hints::unknown_namespace(ns)),
-        ),
-        Error::Hinted(inner, hint) => {
-            let (status, code, message, _) = describe(inner);
-            (status, code, message, Some(hint.clone()))
-        }
-        Error::Rewrite(RewriteError::Name(m)) => (S::BAD_REQUEST, "NAME_INVALID", m.clone(), None),
-        Error::ManifestUnknown => (
-            S::NOT_FOUND,
-            "MANIFEST_UNKNOWN",
-            "manifest unknown".into(),
-            None,
-        ),
-        Error::ManifestNotAccepted(mt) => (
-            S::NOT_FOUND,
-            "MANIFEST_UNKNOWN",
-            "manifest found, but in a media type the Accept header does not allow".into(),
-            Some(mt.clone()),
-        ),
-        Error::BlobUnknown => (
-            S::NOT_FOUND,
-            "BLOB_UNKNOWN",
-            "blob unknown to registry".into(),
-            None,
-        ),
-        Error::RangeNotSatisfiable(len) => (
-            S::RANGE_NOT_SATISFIABLE,
-            "RANGE_INVALID",
-            "requested range not satisfiable".into(),
-            Some(format!("blob size {len}")),
-        ),
-        Error::Upstream(kind, u) => match u {
-            UpstreamError::Status(404) => match kind {
-                Kind::Manifest => (
-                    S::NOT_FOUND,
-                    "MANIFEST_UNKNOWN",
-                    "manifest unknown".into(),
-                    None,
-                ),
-                Kind::Blob => (
-                    S::NOT_FOUND,
-                    "BLOB_UNKNOWN",
-                    "blob unknown to registry".into(),
-                    None,
-                ),
-                Kind::Tags => (
-                    S::NOT_FOUND,
-                    "NAME_UNKNOWN",
-                    "repository name not known to registry".into(),
-                    None,
-                ),
-            },
-            UpstreamError::Status(401) => (
-                S::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "the upstream registry refused access".into(),
-                Some("upstream answered 401".into()),
-            ),
-            UpstreamError::Status(403) => (
-                S::FORBIDDEN,
-                "DENIED",
-                "the upstream registry denied access".into(),
-                Some("upstream answered 403".into()),
-            ),
-            UpstreamError::Status(429) => (
-                S::TOO_MANY_REQUESTS,
-                "TOOMANYREQUESTS",
-                "the upstream registry is rate limiting".into(),
-                None,
-            ),
-            UpstreamError::Status(s) => (
-                S::BAD_GATEWAY,
-                "UNKNOWN",
-                "the upstream registry failed".into(),
-                Some(format!("upstream answered {s}")),
-            ),
-            UpstreamError::Auth(why) => (
-                S::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "authentication with the upstream registry failed".into(),
-                Some(why.clone()),
-            ),
-            UpstreamError::Denied(why) => (
-                S::FORBIDDEN,
-                "DENIED",
-                "the upstream registry's identity provider denied access".into(),
-                Some(why.clone()),
-            ),
-            // The texts name the configured upstream and the cause (DNS, refused, TLS,
-            // timeout), never credentials, addresses or a URL's path and query.
-            UpstreamError::Unreachable(why) => (
-                S::BAD_GATEWAY,
-                "UNKNOWN",
-                "the upstream registry is unreachable".into(),
-                Some(why.clone()),
-            ),
-            UpstreamError::Timeout(why) => (
-                S::GATEWAY_TIMEOUT,
-                "UNKNOWN",
-                "the upstream registry timed out".into(),
-                Some(why.clone()),
-            ),
-            UpstreamError::Invalid(why) => (
-                S::BAD_GATEWAY,
-                "UNKNOWN",
-                "the upstream registry sent an invalid response".into(),
-                Some(why.clone()),
-            ),
-        },
-        Error::Access(d) => match d {
-            crate::access::Denied::PushDisabled => (
-                S::METHOD_NOT_ALLOWED,
-                "UNSUPPORTED",
-                "push is not enabled on this proxy".into(),
-                None,
-            ),
-            crate::access::Denied::Unauthenticated => (
-                S::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "authentication required".into(),
-                None,
-            ),
-            crate::access::Denied::Forbidden(_) => (
-                S::FORBIDDEN,
-                "DENIED",
-                "requested access to the resource is denied".into(),
-                None,
-            ),
-            crate::access::Denied::TooManyFailures(_) => (
-                S::TOO_MANY_REQUESTS,
-                "TOOMANYREQUESTS",
-                "too many failed logins from this address; try again later".into(),
-                None,
-            ),
-        },
-        Error::Offline(kind) => (
-            S::NOT_FOUND,
-            match kind {
-                Kind::Manifest => "MANIFEST_UNKNOWN",
-                Kind::Blob => "BLOB_UNKNOWN",
-                Kind::Tags => "NAME_UNKNOWN",
-            },
-            "not in the cache, and regcache is in offline mode: no upstream is contacted".into(),
-            Some("offline mode".into()),
-        ),
-        Error::ManifestInvalid(why) => (
-            S::BAD_REQUEST,
-            "MANIFEST_INVALID",
-            "manifest invalid".into(),
-            Some(why.clone()),
-        ),
-        Error::UploadUnknown => (
-            S::NOT_FOUND,
-            "BLOB_UPLOAD_UNKNOWN",
-            "blob upload unknown to registry".into(),
-            None,
-        ),
-        Error::Passthrough(status, _, _) => (
-            S::from_u16(*status).unwrap_or(S::BAD_GATEWAY),
-            "UNKNOWN",
-            "the upstream registry refused the request".into(),
-            None,
-        ),
-        Error::TooManyDownloads => (
-            S::TOO_MANY_REQUESTS,
-            "TOOMANYREQUESTS",
-            "too many concurrent blob downloads from this client".into(),
-            None,
-        ),
-        Error::Malformed(why) => (
-            S::BAD_REQUEST,
-            "UNSUPPORTED",
-            "malformed request".into(),
-            Some((*why).into()),
-        ),
-        Error::Internal(_) => (
-            S::INTERNAL_SERVER_ERROR,
-            "UNKNOWN",
-            "internal error".into(),
-            None,
-        ),
-    }
-}
-
 impl Error {
+    /// The HTTP status and OCI error code of this error. Cheap: nothing is formatted or
+    /// allocated, so callers may ask before deciding whether to log or answer.
+    pub fn status_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            Error::Route(r) => match r {
+                RouteError::NotFound => (S::NOT_FOUND, "NOT_FOUND"),
+                RouteError::MethodNotAllowed | RouteError::Unsupported(_) => {
+                    (S::METHOD_NOT_ALLOWED, "UNSUPPORTED")
+                }
+                RouteError::Invalid(p) => (
+                    S::BAD_REQUEST,
+                    match p {
+                        ParseError::Repository(_) => "NAME_INVALID",
+                        ParseError::Tag(_) => "TAG_INVALID",
+                        ParseError::Digest(_) => "DIGEST_INVALID",
+                    },
+                ),
+                RouteError::UploadUnknown => (S::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
+                RouteError::Query(_) => (S::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
+            },
+            Error::Rewrite(RewriteError::UnknownNamespace(_)) => (S::NOT_FOUND, "NAME_UNKNOWN"),
+            Error::Rewrite(RewriteError::Name(_)) => (S::BAD_REQUEST, "NAME_INVALID"),
+            Error::ManifestUnknown | Error::ManifestNotAccepted(_) => {
+                (S::NOT_FOUND, "MANIFEST_UNKNOWN")
+            }
+            Error::BlobUnknown => (S::NOT_FOUND, "BLOB_UNKNOWN"),
+            Error::RangeNotSatisfiable(_) => (S::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            Error::Upstream(kind, u) => match u {
+                UpstreamError::Status(404) => (S::NOT_FOUND, kind.unknown_code()),
+                UpstreamError::Status(401) | UpstreamError::Auth(_) => {
+                    (S::UNAUTHORIZED, "UNAUTHORIZED")
+                }
+                UpstreamError::Status(403) | UpstreamError::Denied(_) => (S::FORBIDDEN, "DENIED"),
+                UpstreamError::Status(429) => (S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
+                UpstreamError::Status(_)
+                | UpstreamError::Unreachable(_)
+                | UpstreamError::Invalid(_) => (S::BAD_GATEWAY, "UNKNOWN"),
+                UpstreamError::Timeout(_) => (S::GATEWAY_TIMEOUT, "UNKNOWN"),
+            },
+            Error::Access(d) => match d {
+                Denied::PushDisabled => (S::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+                Denied::Unauthenticated => (S::UNAUTHORIZED, "UNAUTHORIZED"),
+                Denied::Forbidden(_) => (S::FORBIDDEN, "DENIED"),
+                Denied::TooManyFailures(_) => (S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
+            },
+            Error::Offline(kind) => (S::NOT_FOUND, kind.unknown_code()),
+            Error::ManifestInvalid(_) => (S::BAD_REQUEST, "MANIFEST_INVALID"),
+            Error::UploadUnknown => (S::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
+            Error::Passthrough(status, _, _) => {
+                (S::from_u16(*status).unwrap_or(S::BAD_GATEWAY), "UNKNOWN")
+            }
+            Error::TooManyDownloads => (S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
+            Error::Malformed(_) => (S::BAD_REQUEST, "UNSUPPORTED"),
+            Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            Error::Hinted(inner, _) => inner.status_code(),
+        }
+    }
+
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
-        describe(self).0
+        self.status_code().0
+    }
+
+    /// The message and detail of the OCI error body: what a client may read, never internals
+    /// (addresses, paths). Built only when the answer is.
+    fn message(&self) -> (Cow<'static, str>, Option<String>) {
+        let fixed = |m: &'static str| (Cow::Borrowed(m), None);
+        match self {
+            Error::Route(r) => match r {
+                RouteError::NotFound => fixed("unknown route"),
+                RouteError::MethodNotAllowed => fixed("method not allowed on this route"),
+                RouteError::Unsupported(why) => fixed(why),
+                RouteError::Invalid(p) => (p.to_string().into(), None),
+                RouteError::UploadUnknown => fixed("blob upload unknown to registry"),
+                RouteError::Query(q) => (format!("invalid query parameter {q}").into(), None),
+            },
+            Error::Rewrite(RewriteError::UnknownNamespace(ns)) => (
+                "no upstream is configured for this registry".into(),
+                Some(format!("ns={ns}")),
+            ),
+            Error::Rewrite(RewriteError::Name(m)) => (m.clone().into(), None),
+            Error::ManifestUnknown => fixed("manifest unknown"),
+            Error::ManifestNotAccepted(mt) => (
+                "manifest found, but in a media type the Accept header does not allow".into(),
+                Some(mt.clone()),
+            ),
+            Error::BlobUnknown => fixed("blob unknown to registry"),
+            Error::RangeNotSatisfiable(len) => (
+                "requested range not satisfiable".into(),
+                Some(format!("blob size {len}")),
+            ),
+            Error::Upstream(kind, u) => match u {
+                UpstreamError::Status(404) => fixed(match kind {
+                    Kind::Manifest => "manifest unknown",
+                    Kind::Blob => "blob unknown to registry",
+                    Kind::Tags => "repository name not known to registry",
+                }),
+                UpstreamError::Status(401) => (
+                    "the upstream registry refused access".into(),
+                    Some("upstream answered 401".into()),
+                ),
+                UpstreamError::Status(403) => (
+                    "the upstream registry denied access".into(),
+                    Some("upstream answered 403".into()),
+                ),
+                UpstreamError::Status(429) => fixed("the upstream registry is rate limiting"),
+                UpstreamError::Status(s) => (
+                    "the upstream registry failed".into(),
+                    Some(format!("upstream answered {s}")),
+                ),
+                UpstreamError::Auth(why) => (
+                    "authentication with the upstream registry failed".into(),
+                    Some(why.clone()),
+                ),
+                UpstreamError::Denied(why) => (
+                    "the upstream registry's identity provider denied access".into(),
+                    Some(why.clone()),
+                ),
+                // The details name the configured upstream and the cause (DNS, refused, TLS,
+                // timeout), never credentials, addresses or a URL's path and query.
+                UpstreamError::Unreachable(why) => (
+                    "the upstream registry is unreachable".into(),
+                    Some(why.clone()),
+                ),
+                UpstreamError::Timeout(why) => {
+                    ("the upstream registry timed out".into(), Some(why.clone()))
+                }
+                UpstreamError::Invalid(why) => (
+                    "the upstream registry sent an invalid response".into(),
+                    Some(why.clone()),
+                ),
+            },
+            Error::Access(d) => fixed(match d {
+                Denied::PushDisabled => "push is not enabled on this proxy",
+                Denied::Unauthenticated => "authentication required",
+                Denied::Forbidden(_) => "requested access to the resource is denied",
+                Denied::TooManyFailures(_) => {
+                    "too many failed logins from this address; try again later"
+                }
+            }),
+            Error::Offline(_) => (
+                "not in the cache, and regcache is in offline mode: no upstream is contacted"
+                    .into(),
+                Some("offline mode".into()),
+            ),
+            Error::ManifestInvalid(why) => ("manifest invalid".into(), Some(why.clone())),
+            Error::UploadUnknown => fixed("blob upload unknown to registry"),
+            Error::Passthrough(..) => fixed("the upstream registry refused the request"),
+            Error::TooManyDownloads => fixed("too many concurrent blob downloads from this client"),
+            Error::Malformed(why) => ("malformed request".into(), Some((*why).into())),
+            Error::Internal(_) => fixed("internal error"),
+            Error::Hinted(inner, hint) => (inner.message().0, Some(hint.clone())),
+        }
     }
 
     /// The OCI JSON response for this error; HEAD answers carry no body.
@@ -392,7 +376,8 @@ impl Error {
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
             return resp;
         }
-        let (status, code, message, detail) = describe(&self);
+        let (status, code) = self.status_code();
+        let (message, detail) = self.message();
         let payload = json!({
             "errors": [{ "code": code, "message": message, "detail": detail }]
         })
@@ -409,7 +394,7 @@ impl Error {
                 h.insert(header::CONTENT_RANGE, v);
             }
         }
-        if let Error::Access(crate::access::Denied::TooManyFailures(wait)) = self {
+        if let Error::Access(Denied::TooManyFailures(wait)) = self {
             // Whole seconds, rounded up, so a client that waits that long is let in.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
@@ -465,11 +450,43 @@ mod tests {
         let r = Error::RangeNotSatisfiable(10).into_response(false);
         assert_eq!(r.status(), 416);
         assert_eq!(r.headers()["content-range"], "bytes */10");
-        let r = Error::Access(crate::access::Denied::TooManyFailures(
-            std::time::Duration::from_millis(1500),
-        ))
+        let r = Error::Access(Denied::TooManyFailures(std::time::Duration::from_millis(
+            1500,
+        )))
         .into_response(false);
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "2");
+    }
+
+    #[tokio::test]
+    async fn status_agrees_with_the_answer_and_sources_are_kept() {
+        let cases = [
+            Error::Route(RouteError::Query("n")),
+            Error::Rewrite(RewriteError::UnknownNamespace("x.io".into())),
+            Error::ManifestNotAccepted("a/b".into()),
+            Error::Upstream(Kind::Tags, UpstreamError::Status(404)),
+            Error::Upstream(
+                Kind::Blob,
+                UpstreamError::Timeout("hub: read timeout".into()),
+            ),
+            Error::Hinted(Box::new(Error::BlobUnknown), "a hint".into()),
+            Error::Access(Denied::Unauthenticated),
+            Error::Offline(Kind::Blob),
+            Error::Passthrough(409, None, bytes::Bytes::from_static(b"{}")),
+            Error::Internal("x".into()),
+        ];
+        for e in cases {
+            let (status, code) = e.status_code();
+            assert_eq!(e.status(), status);
+            let text = format!("{e:?}");
+            let (s, v) = body_json(e).await;
+            assert_eq!(s, status, "{text}");
+            if s != 409 {
+                assert_eq!(v["errors"][0]["code"], code, "{text}");
+            }
+        }
+        let e = Error::Upstream(Kind::Manifest, UpstreamError::Timeout("hub: 30s".into()));
+        let source = std::error::Error::source(&e).map(|s| s.to_string());
+        assert_eq!(source.as_deref(), Some("upstream timed out: hub: 30s"));
     }
 }

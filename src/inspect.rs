@@ -1,16 +1,17 @@
 //! `regcache ls` and `regcache stats`: what a cache folder holds, read straight from disk
-//! without a running server (directory listings, inode metadata, tag records and manifests;
-//! blobs are never read).
+//! without a running server through the cache's one layout walk (directory listings, inode
+//! metadata, tag records and manifests; blobs are never read).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::cache::budget::references;
-use crate::cache::store::{FsStore, TagRecord, content_path, parse_tag_record};
+use crate::cache::budget::{EntryKind, references};
+use crate::cache::layout::{Area, Item, Layout};
+use crate::cache::store::{FsStore, TagRecord, parse_tag_record};
 use crate::reference::Digest;
 use crate::units::{HumanDuration, count, human_bytes};
 
@@ -56,6 +57,8 @@ pub struct Stats {
     pub in_progress_bytes: u64,
     /// The configured `cache.max_size`, if any.
     pub limit: Option<u64>,
+    /// Files in the cache folder that are not cache entries (ignored by regcache).
+    pub stray: u64,
     /// Oldest last use of a blob or manifest, seconds since the Unix epoch.
     pub oldest_use: Option<u64>,
     /// Newest last use.
@@ -85,30 +88,12 @@ fn meta(path: &Path) -> Option<Meta> {
     })
 }
 
-fn files(dir: &Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) -> io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for e in entries {
-        let e = e?;
-        let m = e.metadata()?;
-        if m.is_dir() {
-            files(&e.path(), out)?;
-        } else {
-            out.push((e.path(), m));
-        }
-    }
-    Ok(())
-}
-
 // Adds a manifest's own file and everything it references (one level of index children).
-fn image_size(root: &Path, digest: &Digest, row: &mut TagRow, seen: &mut BTreeSet<Digest>) {
+fn image_size(layout: &Layout, digest: &Digest, row: &mut TagRow, seen: &mut BTreeSet<Digest>) {
     if !seen.insert(digest.clone()) {
         return;
     }
-    let path = content_path(root, "manifests", digest);
+    let path = layout.manifest(digest);
     let Some(m) = meta(&path) else {
         row.missing += 1;
         return;
@@ -121,13 +106,13 @@ fn image_size(root: &Path, digest: &Digest, row: &mut TagRow, seen: &mut BTreeSe
         None => &body[..],
     };
     for r in references(body) {
-        if let Some(b) = meta(&content_path(root, "blobs", &r)) {
+        if let Some(b) = meta(&layout.blob(&r)) {
             if seen.insert(r.clone()) {
                 row.size += b.size;
                 row.last_use = row.last_use.max(b.used);
             }
-        } else if content_path(root, "manifests", &r).exists() {
-            image_size(root, &r, row, seen);
+        } else if layout.manifest(&r).exists() {
+            image_size(layout, &r, row, seen);
         } else if seen.insert(r) {
             row.missing += 1;
         }
@@ -137,22 +122,15 @@ fn image_size(root: &Path, digest: &Digest, row: &mut TagRow, seen: &mut BTreeSe
 /// Every cached tag, sorted by upstream, repository and tag.
 pub fn list(root: &Path) -> io::Result<Vec<TagRow>> {
     check_root(root)?;
+    let layout = Layout::new(root);
     let mut records = Vec::new();
-    files(&root.join("tags"), &mut records)?;
-    let mut rows: BTreeMap<(String, String, String, String), TagRow> = BTreeMap::new();
-    for (path, _) in records {
-        let Ok(rel) = path.strip_prefix(root.join("tags")) else {
-            continue;
-        };
-        let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
-        // <upstream>/<repo...>/_tags/<tag>@<key>
-        let n = parts.len();
-        if n < 4 || parts[n - 2] != "_tags" {
-            continue;
+    layout.walk(&[Area::Tags], &mut |e| {
+        if let Item::Tag(key) = e.item {
+            records.push((key, e.path));
         }
-        let Some((tag, _key)) = parts[n - 1].rsplit_once('@') else {
-            continue;
-        };
+    })?;
+    let mut rows: BTreeMap<(String, String, String, String), TagRow> = BTreeMap::new();
+    for (key, path) in records {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
@@ -160,16 +138,16 @@ pub fn list(root: &Path) -> io::Result<Vec<TagRow>> {
             continue;
         };
         let mut row = TagRow {
-            upstream: parts[0].to_owned(),
-            repository: parts[1..n - 2].join("/"),
-            tag: tag.to_owned(),
+            upstream: key.upstream,
+            repository: key.repository.to_string(),
+            tag: key.tag.to_string(),
             digest: digest.to_string(),
-            media_type: media_type.to_owned(),
+            media_type,
             size: 0,
             missing: 0,
             last_use: 0,
         };
-        image_size(root, &digest, &mut row, &mut BTreeSet::new());
+        image_size(&layout, &digest, &mut row, &mut BTreeSet::new());
         let key = (
             row.upstream.clone(),
             row.repository.clone(),
@@ -188,36 +166,31 @@ pub fn stats(root: &Path, limit: Option<u64>) -> io::Result<Stats> {
         limit,
         ..Stats::default()
     };
-    for kind in ["blobs", "manifests"] {
-        let mut found = Vec::new();
-        files(&root.join(kind), &mut found)?;
-        let (count, bytes) = if kind == "blobs" {
-            (&mut s.blobs, &mut s.blob_bytes)
-        } else {
-            (&mut s.manifests, &mut s.manifest_bytes)
-        };
-        *count += found.len() as u64;
-        *bytes += found.iter().map(|(_, m)| m.len()).sum::<u64>();
-        for (_, m) in &found {
-            let used = m.modified().map(epoch).unwrap_or(0);
+    let mut repos = BTreeSet::new();
+    let areas = [Area::Content, Area::Tags, Area::Staging];
+    Layout::new(root).walk(&areas, &mut |e| match e.item {
+        Item::Content((kind, _)) => {
+            let (count, bytes) = match kind {
+                EntryKind::Blob => (&mut s.blobs, &mut s.blob_bytes),
+                EntryKind::Manifest => (&mut s.manifests, &mut s.manifest_bytes),
+            };
+            *count += 1;
+            *bytes += e.len;
+            let used = epoch(e.modified);
             s.oldest_use = Some(s.oldest_use.map_or(used, |o| o.min(used)));
             s.newest_use = Some(s.newest_use.map_or(used, |o| o.max(used)));
         }
-    }
-    let mut tags = Vec::new();
-    files(&root.join("tags"), &mut tags)?;
-    let mut repos = BTreeSet::new();
-    for (p, _) in &tags {
-        if let Some(parent) = p.parent().and_then(Path::parent) {
-            repos.insert(parent.to_owned());
+        Item::Tag(key) => {
+            s.tag_records += 1;
+            repos.insert((key.upstream, key.repository));
         }
-    }
-    s.tag_records = tags.len() as u64;
+        Item::Staged => {
+            s.in_progress += 1;
+            s.in_progress_bytes += e.len;
+        }
+        Item::Stray { .. } => s.stray += 1,
+    })?;
     s.repositories = repos.len() as u64;
-    let mut tmp = Vec::new();
-    files(&root.join("tmp"), &mut tmp)?;
-    s.in_progress = tmp.len() as u64;
-    s.in_progress_bytes = tmp.iter().map(|(_, m)| m.len()).sum();
     Ok(s)
 }
 
@@ -296,13 +269,17 @@ pub fn render_stats(s: &Stats, now: SystemTime) -> String {
         ),
         _ => format!("{} (no limit)", human_bytes(total)),
     };
+    let stray = match s.stray {
+        0 => String::new(),
+        n => format!("stray files:   {n} (not cache entries; ignored)\n"),
+    };
     format!(
         "cache size:    {limit}\n\
          blobs:         {} ({})\n\
          manifests:     {} ({})\n\
          tags:          {} in {}\n\
          in progress:   {} ({})\n\
-         last use:      newest {}, oldest {}\n",
+         last use:      newest {}, oldest {}\n{stray}",
         s.blobs,
         human_bytes(s.blob_bytes),
         s.manifests,
@@ -379,16 +356,26 @@ mod tests {
         assert!(text.contains("(1 missing)"), "{text}");
 
         std::fs::write(dir.path().join("tmp/x.part"), b"half").unwrap();
+        // Junk is counted apart, never as an entry, and does not stop the listing.
+        std::fs::write(dir.path().join("blobs/notes.txt"), b"junk").unwrap();
+        std::fs::write(
+            dir.path().join("tags/docker.io/library/alpine/_tags/x"),
+            b"junk",
+        )
+        .unwrap();
+        assert_eq!(list(dir.path()).unwrap(), rows);
         let st = stats(dir.path(), Some(1 << 20)).unwrap();
         assert_eq!((st.blobs, st.blob_bytes), (2, 1002));
         assert_eq!((st.manifests, st.manifest_bytes), (1, manifest_file));
         assert_eq!((st.tag_records, st.repositories), (2, 1));
         assert_eq!((st.in_progress, st.in_progress_bytes), (1, 4));
+        assert_eq!(st.stray, 2);
         let text = render_stats(&st, SystemTime::now());
         assert!(text.contains("of 1.0 MiB"), "{text}");
         assert!(text.contains("blobs:         2 (1002 B)"), "{text}");
         assert!(text.contains("2 records in 1 repository"), "{text}");
         assert!(text.contains("1 download (4 B)"), "{text}");
+        assert!(text.contains("stray files:   2"), "{text}");
     }
 
     #[test]

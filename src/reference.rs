@@ -3,10 +3,12 @@
 //! The grammar follows the distribution reference grammar: repository path components are
 //! lowercase alphanumerics joined by `.`, `_`, `__` or runs of `-`, separated by `/`, at most
 //! 255 bytes in all; tags are `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`; digests are
-//! `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase.
+//! `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase. [`Hasher`] computes digests incrementally.
 
 use std::fmt;
 use std::str::FromStr;
+
+use sha2::{Digest as _, Sha256, Sha512};
 
 /// Longest repository name accepted, as in distribution.
 pub const MAX_REPOSITORY_LEN: usize = 255;
@@ -209,7 +211,7 @@ impl Digest {
 
     /// The digest of `data` under `algorithm`.
     pub fn of(algorithm: Algorithm, data: &[u8]) -> Self {
-        let mut h = crate::cache::hasher::Hasher::new(algorithm);
+        let mut h = Hasher::new(algorithm);
         h.update(data);
         h.finish()
     }
@@ -217,6 +219,41 @@ impl Digest {
     /// The SHA-256 digest of `data`.
     pub fn sha256(data: &[u8]) -> Self {
         Self::of(Algorithm::Sha256, data)
+    }
+}
+
+/// A running hash of one digest algorithm, fed incrementally (downloads, uploads, imports).
+#[derive(Clone)]
+pub enum Hasher {
+    /// SHA-256 state.
+    Sha256(Sha256),
+    /// SHA-512 state.
+    Sha512(Sha512),
+}
+
+impl Hasher {
+    /// A fresh hash for `algorithm`.
+    pub fn new(algorithm: Algorithm) -> Self {
+        match algorithm {
+            Algorithm::Sha256 => Hasher::Sha256(Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(Sha512::new()),
+        }
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        match self {
+            Hasher::Sha256(h) => Digest::from_raw(Algorithm::Sha256, &h.finalize()),
+            Hasher::Sha512(h) => Digest::from_raw(Algorithm::Sha512, &h.finalize()),
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 
 use http::Method;
 
-use crate::reference::{Digest, ParseError, Reference, Repository};
+pub use crate::error::RouteError;
+use crate::reference::{Digest, Reference, Repository};
 
 /// What a client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,29 +76,6 @@ pub struct Parsed {
     pub head: bool,
     /// containerd's `ns=<registry host>` query parameter.
     pub ns: Option<String>,
-}
-
-/// Why a request line was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
-    /// No such route.
-    #[error("unknown route")]
-    NotFound,
-    /// The route exists but not with this method.
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    /// The route is part of the API but not offered here (push, catalog, delete).
-    #[error("{0}")]
-    Unsupported(&'static str),
-    /// A name, tag or digest in the path is malformed.
-    #[error(transparent)]
-    Invalid(#[from] ParseError),
-    /// A query parameter is malformed.
-    #[error("invalid query parameter {0}")]
-    Query(&'static str),
-    /// An upload id that regcache never handed out.
-    #[error("upload unknown")]
-    UploadUnknown,
 }
 
 /// Parses method, path and query. Query parameters other than `ns`, `n` and `last` are ignored.
@@ -216,6 +194,7 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>) -> Result<Parsed,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::ParseError;
 
     const D: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 

@@ -26,6 +26,7 @@ use super::oci::{self, Descriptor, INDEX_FILE, LAYOUT_FILE, Node};
 use super::progress::human_bytes;
 use super::verify::{self, StageError, Staged, read_small, remove_staged};
 use super::{AirgapError, io_error, record_tag};
+use crate::cache::layout::Layout;
 use crate::cache::store::{BlobStore, FsStore, StoredManifest};
 use crate::config::Config;
 use crate::reference::{Digest, Reference, Repository, Tag};
@@ -519,7 +520,7 @@ pub async fn run(config: &Config, args: ImportArgs) -> Result<bool, AirgapError>
     let context = format!("cache_dir {}", config.cache_dir.display());
     // An existing cache is opened as `regcache gc` opens it, leaving `tmp/` alone, so an
     // offline regcache serving the folder keeps running; a new one is created.
-    let store = if config.cache_dir.join("blobs").is_dir() {
+    let store = if Layout::new(&config.cache_dir).exists() {
         FsStore::open_shared(&config.cache_dir).map_err(io_error(context))?
     } else {
         FsStore::open(&config.cache_dir)

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
+use crate::config::CacheConfig;
 use crate::flight::lock;
 use crate::reference::Digest;
 
@@ -47,6 +48,13 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The limits `[cache]` configures, when `max_size` bounds the cache.
+    pub fn from_config(cache: &CacheConfig) -> Option<Self> {
+        cache
+            .max_size
+            .map(|m| Limits::new(m.0, cache.high_watermark, cache.low_watermark))
+    }
+
     /// Limits for `max` bytes with watermarks given as fractions of it (`0 < low < high ≤ 1`).
     pub fn new(max: u64, high: f64, low: f64) -> Self {
         let frac = |f: f64| ((max as f64) * f).floor() as u64;
@@ -297,6 +305,13 @@ mod tests {
                 high: 900,
                 low: 800
             }
+        );
+        let mut cache = CacheConfig::default();
+        assert_eq!(Limits::from_config(&cache), None);
+        cache.max_size = Some(crate::units::ByteSize(1000));
+        assert_eq!(
+            Limits::from_config(&cache),
+            Some(Limits::new(1000, cache.high_watermark, cache.low_watermark))
         );
     }
 

@@ -3,31 +3,21 @@
 //! Removing them makes the next pull of the tag ask the upstream again.
 
 use std::io;
-use std::path::Path;
 
-use super::store::{content_path, parse_tag_record};
+use super::layout::{Area, Item, Layout};
+use super::store::parse_tag_record;
 
-/// Removes every tag record under `root/tags` whose manifest is not in `root/manifests`;
-/// damaged records are left for the server's own handling. Returns how many were removed.
-pub fn remove_dangling_tags(root: &Path) -> io::Result<u64> {
-    let mut removed = 0;
-    walk(root, &root.join("tags"), &mut removed)?;
-    Ok(removed)
-}
-
-fn walk(root: &Path, dir: &Path, removed: &mut u64) -> io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            walk(root, &path, removed)?;
-            continue;
+/// Removes every tag record whose manifest is not in the cache; damaged records are left
+/// for the server's own handling. Returns how many were removed.
+pub fn remove_dangling_tags(layout: &Layout) -> io::Result<u64> {
+    let mut records = Vec::new();
+    layout.walk(&[Area::Tags], &mut |e| {
+        if let Item::Tag(_) = e.item {
+            records.push(e.path);
         }
+    })?;
+    let mut removed = 0;
+    for path in records {
         // A record written while this runs is complete (written whole, then renamed).
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
@@ -35,13 +25,13 @@ fn walk(root: &Path, dir: &Path, removed: &mut u64) -> io::Result<()> {
         let Some(record) = parse_tag_record(&text) else {
             continue;
         };
-        if !content_path(root, "manifests", &record.digest).exists() {
+        if !layout.manifest(&record.digest).exists() {
             match std::fs::remove_file(&path) {
-                Ok(()) => *removed += 1,
+                Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
     }
-    Ok(())
+    Ok(removed)
 }

@@ -1,10 +1,9 @@
 //! The narrow storage interface (`BlobStore`) and its filesystem backend: content-addressed
 //! blobs and manifests, tag records, temp files fsynced and renamed into place.
 //!
-//! Layout under the cache folder:
-//! `blobs/sha256/ab/<hex>`, `manifests/sha256/ab/<hex>` (first line: media type),
-//! `tags/<upstream>/<repo>/_tags/<tag>@<accept key>` and `tmp/` for downloads in progress.
-//! Everything in `tmp/` is removed at start-up: it was never verified.
+//! Where each file lives is [`super::layout`]'s; a manifest file's first line is its media
+//! type, a tag record is `<digest> <media type>`. Everything in the staging folder (`tmp/`) is
+//! removed at start-up: it was never verified.
 //!
 //! A serving store keeps a [`Budget`]: the use order and sizes of what it holds, built by a
 //! background scan at start-up, which bounds the cache to `cache.max_size` by evicting the
@@ -21,6 +20,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use super::budget::{self, Budget, EntryKind, Key, Limits, Usage};
+use super::layout::{Area, Item, Layout, parse_tag_file_name};
 use crate::reference::{Digest, Repository, Tag};
 
 /// A committed blob opened for reading at some offset.
@@ -43,18 +43,7 @@ pub struct StoredManifest {
     pub body: Bytes,
 }
 
-/// Which tag answer: a tag of a repository at an upstream, for one set of accepted types.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TagKey {
-    /// Upstream name.
-    pub upstream: String,
-    /// Repository at the upstream.
-    pub repository: Repository,
-    /// The tag.
-    pub tag: Tag,
-    /// `media::Accept::key()` of the clients this answer is for.
-    pub accept: u8,
-}
+pub use super::layout::TagKey;
 
 /// What a tag resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +123,7 @@ const USE_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(3600)
 
 /// The filesystem backend. A file's modification time is its last use.
 pub struct FsStore {
-    root: PathBuf,
+    layout: Layout,
     tmp: PathBuf,
     seq: AtomicU64,
     // Digests whose use was recorded within the last hour: skipped, so a hot blob costs no
@@ -152,9 +141,10 @@ const HOT_MANIFEST_BYTES: u64 = 32 << 20;
 
 impl FsStore {
     fn at(root: &Path) -> Self {
+        let layout = Layout::new(root);
         FsStore {
-            root: root.to_owned(),
-            tmp: root.join("tmp"),
+            tmp: layout.staging_dir(),
+            layout,
             seq: AtomicU64::new(0),
             recently_used: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
@@ -173,7 +163,7 @@ impl FsStore {
     /// Opens a store another process may be serving from, for maintenance (`regcache gc`):
     /// nothing is created and the other process's downloads in `tmp/` are left alone.
     pub fn open_shared(root: &Path) -> io::Result<Self> {
-        if !root.join("blobs").is_dir() {
+        if !Layout::new(root).exists() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{} is not a regcache cache folder", root.display()),
@@ -190,10 +180,11 @@ impl FsStore {
     /// Opens (creating if needed) a store under `root`, clears stale temp files and starts
     /// counting what it holds in the background; with `limits`, evicts to stay within them.
     pub async fn open_limited(root: &Path, limits: Option<Limits>) -> io::Result<Self> {
-        for d in ["blobs", "manifests", "tags", "tmp"] {
-            tokio::fs::create_dir_all(root.join(d)).await?;
+        let layout = Layout::new(root);
+        for d in layout.folders() {
+            tokio::fs::create_dir_all(d).await?;
         }
-        let tmp = root.join("tmp");
+        let tmp = layout.staging_dir();
         let mut cleared = 0u64;
         let mut entries = tokio::fs::read_dir(&tmp).await?;
         while let Some(e) = entries.next_entry().await? {
@@ -210,12 +201,11 @@ impl FsStore {
         let budget = Arc::new(Budget::new(limits));
         let mut store = FsStore::at(root);
         store.budget = Some(budget.clone());
-        let root = root.to_owned();
         // Start-up does not wait for this: requests are served while it counts.
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let scan_root = root.clone();
-            let scanned = match tokio::task::spawn_blocking(move || scan(&scan_root)).await {
+            let scan_layout = layout.clone();
+            let scanned = match tokio::task::spawn_blocking(move || scan(&scan_layout)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(error)) => {
                     tracing::error!(%error, "could not count the cache; no eviction until restart");
@@ -232,7 +222,7 @@ impl FsStore {
                 millis = started.elapsed().as_millis() as u64,
                 "cache counted"
             );
-            remove_victims(&root, victims).await;
+            remove_victims(&layout, victims).await;
         });
         Ok(store)
     }
@@ -242,10 +232,6 @@ impl FsStore {
         while self.budget.as_ref().is_some_and(|b| !b.usage().ready) {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-    }
-
-    fn content_path(&self, kind: &str, d: &Digest) -> PathBuf {
-        content_path(&self.root, kind, d)
     }
 
     fn forget(&self, key: Key) {
@@ -272,21 +258,13 @@ impl FsStore {
                 self.hot_manifests.invalidate(d);
             }
         }
-        remove_victims(&self.root, victims).await;
+        remove_victims(&self.layout, victims).await;
         Ok(())
     }
 
     /// Path of a committed blob (whether or not it exists).
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.content_path("blobs", d)
-    }
-
-    fn tag_path(&self, k: &TagKey) -> PathBuf {
-        let mut p = self.root.join("tags").join(&k.upstream);
-        for c in k.repository.components() {
-            p.push(c);
-        }
-        p.join("_tags").join(format!("{}@{:02x}", k.tag, k.accept))
+        self.layout.blob(d)
     }
 
     /// Writes `data` to a temp file, optionally fsyncs, and renames it to `dest`.
@@ -326,86 +304,37 @@ pub(crate) fn parse_tag_record(text: &str) -> Option<TagRecord> {
     })
 }
 
-/// Where a committed blob (`kind` "blobs") or manifest ("manifests") lives under `root`.
-pub(crate) fn content_path(root: &Path, kind: &str, d: &Digest) -> PathBuf {
-    root.join(kind)
-        .join(d.algorithm().as_str())
-        .join(&d.hex()[..2])
-        .join(d.hex())
-}
-
-fn kind_dir(kind: EntryKind) -> &'static str {
-    match kind {
-        EntryKind::Blob => "blobs",
-        EntryKind::Manifest => "manifests",
-    }
-}
-
-/// The entry a content file's path names: `<root>/<blobs|manifests>/<algorithm>/xx/<hex>`.
-fn key_of(path: &Path) -> Option<Key> {
-    let mut parts = path.iter().rev();
-    let hex = parts.next()?.to_str()?;
-    let _fan = parts.next()?;
-    let alg = parts.next()?.to_str()?;
-    let kind = match parts.next()?.to_str()? {
-        "blobs" => EntryKind::Blob,
-        "manifests" => EntryKind::Manifest,
-        _ => return None,
-    };
-    Some((kind, format!("{alg}:{hex}").parse().ok()?))
-}
-
 /// Every committed entry with its size, oldest use first. Reads directories and inode
-/// metadata only, never file contents.
-fn scan(root: &Path) -> io::Result<Vec<(Key, u64)>> {
+/// metadata only, never file contents; anything else in the content folders is counted and
+/// left alone.
+fn scan(layout: &Layout) -> io::Result<Vec<(Key, u64)>> {
     let mut found = Vec::new();
-    for kind in [EntryKind::Blob, EntryKind::Manifest] {
-        let top = root.join(kind_dir(kind));
-        for alg in read_dir_or_empty(&top)? {
-            for fan in read_dir_or_empty(&alg?.path())? {
-                for f in read_dir_or_empty(&fan?.path())? {
-                    let f = f?;
-                    let Ok(meta) = f.metadata() else { continue };
-                    let Some(key) = key_of(&f.path()) else {
-                        continue;
-                    };
-                    if meta.is_file() {
-                        let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-                        found.push((used, key, meta.len()));
-                    }
-                }
-            }
-        }
+    let mut stray = 0u64;
+    layout.walk(&[Area::Content], &mut |e| match e.item {
+        Item::Content(key) => found.push((e.modified, key, e.len)),
+        _ => stray += 1,
+    })?;
+    if stray > 0 {
+        tracing::warn!(
+            stray,
+            "files in the cache folder that are not cache entries; ignored"
+        );
     }
     found.sort_by_key(|(used, _, _)| *used);
     Ok(found.into_iter().map(|(_, k, size)| (k, size)).collect())
 }
 
-fn read_dir_or_empty(
-    dir: &Path,
-) -> io::Result<Box<dyn Iterator<Item = io::Result<std::fs::DirEntry>>>> {
-    match std::fs::read_dir(dir) {
-        Ok(e) => Ok(Box::new(e)),
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
-        {
-            Ok(Box::new(std::iter::empty()))
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// Deletes evicted files. Clients already reading one keep their open handle to the end;
 /// a crash part-way leaves only whole files, which the next start-up counts again.
-async fn remove_victims(root: &Path, victims: Vec<(Key, u64)>) {
+async fn remove_victims(layout: &Layout, victims: Vec<(Key, u64)>) {
     if victims.is_empty() {
         return;
     }
-    let root = root.to_owned();
+    let layout = layout.clone();
     let done = tokio::task::spawn_blocking(move || {
         let (mut files, mut bytes) = (0u64, 0u64);
         for ((kind, digest), size) in victims {
-            match std::fs::remove_file(content_path(&root, kind_dir(kind), &digest)) {
+            match std::fs::remove_file(layout.content(kind, &digest)) {
                 Ok(()) => {
                     files += 1;
                     bytes += size;
@@ -422,37 +351,34 @@ async fn remove_victims(root: &Path, victims: Vec<(Key, u64)>) {
     }
 }
 
-fn gc_walk(
-    dir: &Path,
+/// Removes every file of the content folders last used before `cutoff` (stray files too:
+/// nothing reads them), calling `removed` for each entry removed.
+fn collect(
+    layout: &Layout,
     cutoff: std::time::SystemTime,
-    report: &mut GcReport,
-    removed: &dyn Fn(&Path),
-) -> io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for e in entries {
-        let e = e?;
-        let meta = e.metadata()?;
-        if meta.is_dir() {
-            gc_walk(&e.path(), cutoff, report, removed)?;
-        } else if meta.modified()? < cutoff {
-            match std::fs::remove_file(e.path()) {
-                Ok(()) => {
-                    report.files += 1;
-                    report.bytes += meta.len();
-                    removed(&e.path());
+    removed: &dyn Fn(&Key),
+) -> io::Result<GcReport> {
+    let mut report = GcReport::default();
+    let mut old = Vec::new();
+    layout.walk(&[Area::Content], &mut |e| match e.item {
+        Item::Stray { dir: true } => {}
+        _ if e.modified < cutoff => old.push(e),
+        _ => report.kept += 1,
+    })?;
+    for e in old {
+        match std::fs::remove_file(&e.path) {
+            Ok(()) => {
+                report.files += 1;
+                report.bytes += e.len;
+                if let Item::Content(key) = &e.item {
+                    removed(key);
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
             }
-        } else {
-            report.kept += 1;
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
         }
     }
-    Ok(())
+    Ok(report)
 }
 
 async fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -533,7 +459,7 @@ impl BlobStore for FsStore {
 
     async fn commit_blob(&self, digest: &Digest, staged: &Path) -> io::Result<()> {
         let dest = self.blob_path(digest);
-        let parent = dest.parent().unwrap_or(&self.root).to_owned();
+        let parent = dest.parent().unwrap_or(self.layout.root()).to_owned();
         let size = tokio::fs::metadata(staged).await?.len();
         self.admit((EntryKind::Blob, digest.clone()), size, None)
             .await?;
@@ -553,8 +479,7 @@ impl BlobStore for FsStore {
         if let Some(m) = self.hot_manifests.get(digest) {
             return Ok(Some(m));
         }
-        let Some(raw) = absent(tokio::fs::read(self.content_path("manifests", digest)).await)?
-        else {
+        let Some(raw) = absent(tokio::fs::read(self.layout.manifest(digest)).await)? else {
             return Ok(None);
         };
         let raw = Bytes::from(raw);
@@ -590,7 +515,7 @@ impl BlobStore for FsStore {
         .await?;
         let result = self
             .write_atomic(
-                &self.content_path("manifests", digest),
+                &self.layout.manifest(digest),
                 &[head.as_bytes(), &m.body],
                 true,
             )
@@ -603,7 +528,7 @@ impl BlobStore for FsStore {
     }
 
     async fn tag(&self, key: &TagKey) -> io::Result<Option<TagRecord>> {
-        let Some(text) = absent(tokio::fs::read_to_string(self.tag_path(key)).await)? else {
+        let Some(text) = absent(tokio::fs::read_to_string(self.layout.tag(key)).await)? else {
             return Ok(None);
         };
         Ok(parse_tag_record(&text))
@@ -612,12 +537,12 @@ impl BlobStore for FsStore {
     async fn put_tag(&self, key: &TagKey, r: &TagRecord) -> io::Result<()> {
         let line = format!("{} {}\n", r.digest, r.media_type.replace('\n', ""));
         // A lost tag record only costs a revalidation, so no fsync here.
-        self.write_atomic(&self.tag_path(key), &[line.as_bytes()], false)
+        self.write_atomic(&self.layout.tag(key), &[line.as_bytes()], false)
             .await
     }
 
     async fn remove_tag(&self, key: &TagKey) -> io::Result<()> {
-        absent(tokio::fs::remove_file(self.tag_path(key)).await).map(|_| ())
+        absent(tokio::fs::remove_file(self.layout.tag(key)).await).map(|_| ())
     }
 
     async fn note_use(&self, digest: &Digest) {
@@ -631,7 +556,7 @@ impl BlobStore for FsStore {
             }
             self.recently_used.insert(d.clone(), ());
             paths.push(self.blob_path(d));
-            paths.push(self.content_path("manifests", d));
+            paths.push(self.layout.manifest(d));
         }
         if paths.is_empty() {
             return;
@@ -647,28 +572,23 @@ impl BlobStore for FsStore {
     }
 
     async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport> {
-        let roots = [self.root.join("blobs"), self.root.join("manifests")];
-        let root = self.root.clone();
+        let layout = self.layout.clone();
         let budget = self.budget.clone();
         let hot = self.hot_manifests.clone();
         tokio::task::spawn_blocking(move || {
             let cutoff = std::time::SystemTime::now()
                 .checked_sub(max_age)
                 .unwrap_or(std::time::UNIX_EPOCH);
-            let mut report = GcReport::default();
-            let removed = |p: &Path| {
-                let Some(k) = key_of(p) else { return };
+            let removed = |k: &Key| {
                 if k.0 == EntryKind::Manifest {
                     hot.invalidate(&k.1);
                 }
                 if let Some(b) = &budget {
-                    b.forget(&k);
+                    b.forget(k);
                 }
             };
-            for root in roots {
-                gc_walk(&root, cutoff, &mut report, &removed)?;
-            }
-            report.tags = super::dangling::remove_dangling_tags(&root)?;
+            let mut report = collect(&layout, cutoff, &removed)?;
+            report.tags = super::dangling::remove_dangling_tags(&layout)?;
             Ok(report)
         })
         .await
@@ -680,21 +600,14 @@ impl BlobStore for FsStore {
         upstream: &str,
         repository: &Repository,
     ) -> io::Result<Vec<(Tag, u8, TagRecord)>> {
-        let mut dir = self.root.join("tags").join(upstream);
-        for c in repository.components() {
-            dir.push(c);
-        }
-        dir.push("_tags");
+        let dir = self.layout.tag_dir(upstream, repository);
         let Some(mut entries) = absent(tokio::fs::read_dir(&dir).await)? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
         while let Some(e) = entries.next_entry().await? {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some((tag, accept)) = name.rsplit_once('@') else {
-                continue;
-            };
-            let (Ok(tag), Ok(accept)) = (tag.parse::<Tag>(), u8::from_str_radix(accept, 16)) else {
+            let Some((tag, accept)) = parse_tag_file_name(&name) else {
                 continue;
             };
             let key = TagKey {
@@ -824,7 +737,7 @@ mod tests {
         };
         let d = Digest::sha256(&m.body);
         s.put_manifest(&d, &m).await.unwrap();
-        let p = s.content_path("manifests", &d);
+        let p = s.layout.manifest(&d);
         std::fs::write(&p, b"a/b\n{\"x\":1}").unwrap();
         // A fresh start reads the file (the running store answers from the copy it verified).
         assert_eq!(s.manifest(&d).await.unwrap(), Some(m));

@@ -11,6 +11,8 @@
 //!   upstream (leading) and a peer (following).
 //! - [`peer`]: the peer token check and the byte source reading another replica.
 //! - [`upload`]: verified multipart writes of committed blobs to tier 2.
+//! - [`uploads`]: push upload state in the store, so any replica continues an upload.
+//! - [`tags`]: tag answers shared so the fleet revalidates each tag once per TTL.
 //! - [`probe`]: the start-up check that the store's conditional writes are atomic.
 //! - [`stats`]: the counters behind the `regcache_fleet_*` metrics and the status page.
 
@@ -31,7 +33,9 @@ pub mod probe;
 pub mod source;
 pub mod stats;
 pub mod store;
+pub mod tags;
 pub mod upload;
+pub mod uploads;
 
 use lease::Me;
 use peer::Peers;
@@ -90,7 +94,7 @@ impl Fleet {
         let inner = store::connect(&config.store).map_err(|e| setup(e.to_string()))?;
         let token = config.read_token().map_err(|e| setup(e.to_string()))?;
         let fleet = Self::with_store(inner, config, &token, None, upstream_open).map_err(setup)?;
-        fleet.check_at_start().await?;
+        fleet.check().await?;
         Ok(fleet)
     }
 
@@ -139,29 +143,28 @@ impl Fleet {
         }))
     }
 
-    /// The start-up check: refuses an unfit store, starts degraded on an unreachable one.
-    async fn check_at_start(self: &Arc<Self>) -> Result<(), FleetError> {
+    /// The start-up check: an unfit store is an error; an unreachable one starts the fleet
+    /// degraded and is watched until it answers.
+    pub async fn check(self: &Arc<Self>) -> Result<(), FleetError> {
         match probe::conditional_writes(&self.store, probe::RACERS).await {
-            Ok(()) => {
-                self.checked.store(true, Ordering::Relaxed);
-                Ok(())
+            Ok(()) => self.checked.store(true, Ordering::Relaxed),
+            Err(e) if e.is_unfit() => {
+                return Err(FleetError::Unfit {
+                    store: self.store.url().to_owned(),
+                    why: e.to_string(),
+                });
             }
-            Err(e) if e.is_unfit() => Err(FleetError::Unfit {
-                store: self.store.url().to_owned(),
-                why: e.to_string(),
-            }),
-            Err(_) => {
-                // Logged as the transition into degraded mode by the store client.
-                self.watch_store();
-                Ok(())
-            }
+            // Logged as the transition into degraded mode by the store client.
+            Err(_) => {}
         }
+        self.watch_store();
+        Ok(())
     }
 
-    /// While the store is down, asks it again every lease period until it answers; an
-    /// answering store not yet checked is checked first. Nothing is sent while it is up, so
-    /// hits cost no store request.
-    pub fn watch_store(self: &Arc<Self>) {
+    /// While the store is down (at start, or after any request found it so), asks it again
+    /// every lease period until it answers; an answering store not yet checked is checked
+    /// first. Nothing is sent while it is up, so hits cost no store request.
+    fn watch_store(self: &Arc<Self>) {
         let fleet = Arc::downgrade(self);
         let every = self.lease_ttl.max(Duration::from_millis(500));
         // Detached: it holds only a weak reference and ends with the fleet.
@@ -228,6 +231,15 @@ impl Fleet {
         local: Arc<dyn BlobStore>,
     ) -> source::FleetSource {
         source::FleetSource::new(self.clone(), digest.clone(), upstream, local)
+    }
+
+    /// The size of blob `digest` in tier 2, when the fleet is on and the store has it.
+    pub async fn blob_len(&self, digest: &Digest) -> Option<u64> {
+        if !self.active() {
+            return None;
+        }
+        let meta = self.store.head(&self.store.blob_key(digest)).await.ok()?;
+        Some(meta.size)
     }
 
     /// The verified manifest `digest` from tier 2, with its media type: `None` when the

@@ -152,7 +152,7 @@ async fn replica(store: Arc<Switched>, advertise: &str, peers: Arc<FakePeers>) -
         Duration::from_secs(5),
     )
     .unwrap();
-    f.check_at_start().await.unwrap();
+    f.check().await.unwrap();
     f
 }
 
@@ -204,7 +204,7 @@ async fn the_start_up_check_passes_an_atomic_store_and_refuses_a_racy_one() {
         Duration::from_secs(5),
     )
     .unwrap();
-    let e = f.check_at_start().await.unwrap_err().to_string();
+    let e = f.check().await.unwrap_err().to_string();
     println!("refused: {e}");
     assert!(e.contains("s3://bucket/fleet"), "names the store: {e}");
     assert!(e.contains("12 of 12 racing create-only writes"), "{e}");
@@ -246,6 +246,27 @@ async fn an_unreachable_store_at_start_is_degraded_not_refused_and_the_fleet_res
         1,
         "one transition, counted once"
     );
+
+    // The store stops while the replica runs: the next download finds it down and goes to
+    // the upstream alone; the store back, the fleet resumes.
+    store.down.store(true, Ordering::Relaxed);
+    let upstream = Arc::new(Fake::new(data.clone()));
+    let src = f.blob_source(&d, upstream.clone(), local.clone());
+    let opened = src.open(&d, 0).await.unwrap();
+    assert_eq!(read(opened.bytes).await, (data.clone(), None));
+    assert_eq!(upstream.opened(), vec![0]);
+    assert!(!f.active());
+    assert_eq!(f.summary(), "degraded: object store unreachable");
+    assert_eq!(f.stats().degraded_transitions(), 2);
+    store.down.store(false, Ordering::Relaxed);
+    for _ in 0..10 {
+        if f.active() {
+            break;
+        }
+        tokio::time::sleep(TTL).await;
+    }
+    assert!(f.active(), "fleet mode resumes again");
+    assert_eq!(f.stats().leases(LeaseResult::Won), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -211,10 +211,18 @@ pub async fn blob(
         match app.inflight.get(digest) {
             Some(f) => (f, None),
             None => {
-                let size = up
-                    .blob_size(repo, digest)
-                    .await
-                    .map_err(|e| Error::Upstream(Kind::Blob, e))?;
+                // The fleet's shared tier answers before the upstream is asked.
+                let shared = match &app.fleet {
+                    Some(f) => f.blob_len(digest).await,
+                    None => None,
+                };
+                let size = match shared {
+                    Some(len) => Some(len),
+                    None => up
+                        .blob_size(repo, digest)
+                        .await
+                        .map_err(|e| Error::Upstream(Kind::Blob, e))?,
+                };
                 let mut r = Response::new(body::empty());
                 blob_headers(&mut r, digest, size.unwrap_or(0));
                 if size.is_none() {

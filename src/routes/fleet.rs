@@ -187,6 +187,7 @@ mod tests {
             std::time::Duration::from_secs(5),
         )
         .unwrap();
+        fleet.check().await.unwrap();
         let app = App::with_fleet(Config::default(), store, Some(fleet)).unwrap();
         (dir, app)
     }
@@ -262,5 +263,94 @@ mod tests {
         }
         // Nothing was fetched or started.
         assert_eq!(app.downloads_in_flight(), 0);
+
+        // A hit through the registry API makes no store request.
+        let before = app.fleet().unwrap().stats().requests_total();
+        let (status, _, body) = get(&app, &format!("/v2/library/x/blobs/{d}"), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, data);
+        assert_eq!(app.fleet().unwrap().stats().requests_total(), before);
+    }
+
+    #[tokio::test]
+    async fn metrics_readiness_and_the_status_page_show_the_fleet() {
+        let (_dir, app) = app().await;
+        let (_, _, metrics) = get(&app, "/metrics", &[]).await;
+        let metrics = String::from_utf8(metrics).unwrap();
+        for line in [
+            "regcache_fleet_store_requests_total{op=\"put_create\"} 12",
+            "regcache_fleet_store_requests_total{op=\"get\"} 0",
+            "regcache_fleet_store_bytes_total{direction=\"read\"} 0",
+            "regcache_fleet_peer_bytes_total{direction=\"served\"} 0",
+            "regcache_fleet_leases_total{result=\"taken_over\"} 0",
+            "regcache_fleet_store_up 1",
+            "regcache_fleet_degraded_transitions_total 0",
+        ] {
+            assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+        }
+        let (status, _, ready) = get(&app, "/readyz", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let ready = String::from_utf8(ready).unwrap();
+        assert!(ready.contains("\"summary\":\"fleet: ok\""), "{ready}");
+        let (_, _, page) = get(&app, "/status", &[]).await;
+        let page = String::from_utf8(page).unwrap();
+        assert!(page.contains("<h2>Fleet</h2>"), "{page}");
+        assert!(
+            page.contains("id=\"fleet-state\" class=\"up\">fleet: ok"),
+            "{page}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_degraded_replica_stays_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsStore::open(dir.path()).await.unwrap());
+        let config = FleetConfig {
+            store: "s3://bucket/p".parse().unwrap(),
+            advertise: "http://127.0.0.1:1".parse().unwrap(),
+            peer_token_file: "/nonexistent".into(),
+            lease_ttl: crate::units::HumanDuration(std::time::Duration::from_secs(15)),
+        };
+        // Nothing listens on port 9 of loopback: every request is refused.
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("bucket")
+            .with_endpoint("http://127.0.0.1:9")
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        let fleet = Fleet::with_store(
+            Arc::new(s3),
+            &config,
+            "peer-secret",
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        fleet
+            .check()
+            .await
+            .expect("an unreachable store is not refused");
+        let app = App::with_fleet(Config::default(), store, Some(fleet)).unwrap();
+        let (status, _, ready) = get(&app, "/readyz", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let ready = String::from_utf8(ready).unwrap();
+        assert!(
+            ready.contains("degraded: object store unreachable"),
+            "{ready}"
+        );
+        let (_, _, metrics) = get(&app, "/metrics", &[]).await;
+        let metrics = String::from_utf8(metrics).unwrap();
+        assert!(metrics.contains("regcache_fleet_store_up 0"), "{metrics}");
+        assert!(
+            metrics.contains("regcache_fleet_degraded_transitions_total 1"),
+            "{metrics}"
+        );
     }
 }

@@ -171,9 +171,19 @@ impl App {
             Ok(r) => r,
             Err(e) => {
                 error_reason = Some(crate::metrics::error_reason(&e));
-                if let Error::Rewrite(crate::rewrite::RewriteError::UnknownNamespace(ns)) = &e {
-                    crate::hints::warn_unknown_namespace(ns);
-                }
+                let e = match e {
+                    Error::Rewrite(crate::rewrite::RewriteError::UnknownNamespace(ns)) => {
+                        crate::hints::warn_unknown_namespace(&ns);
+                        let hint = crate::hints::unknown_namespace(&ns);
+                        Error::Hinted(
+                            Box::new(Error::Rewrite(
+                                crate::rewrite::RewriteError::UnknownNamespace(ns),
+                            )),
+                            hint,
+                        )
+                    }
+                    e => e,
+                };
                 if e.status().is_server_error() {
                     tracing::warn!(parent: &span, error = %e, "request failed");
                 }

@@ -216,6 +216,9 @@ pub async fn start(
                 })?;
             let location = up.resolve_location(location).map_err(upstream_err)?;
             let id = hex::encode(rand::random::<[u8; 16]>());
+            if let Some(f) = &app.fleet {
+                share(f, &id, up.name.as_str(), repo, client_name, &location, 0).await;
+            }
             let spool = Arc::new(Mutex::new(new_spool(app, &format!("upload-{id}"))));
             app.uploads.sessions.insert(
                 id.clone(),
@@ -223,7 +226,11 @@ pub async fn start(
                     upstream,
                     repo: repo.clone(),
                     client_name: client_name.clone(),
-                    state: Mutex::new(Some(UploadState { location, spool })),
+                    state: Mutex::new(Some(UploadState {
+                        location,
+                        spool,
+                        step: 0,
+                    })),
                 }),
             );
             let mut r = answer(
@@ -242,6 +249,58 @@ pub async fn start(
     }
 }
 
+/// Writes where upload `id` stands to the fleet's store, so any replica continues it.
+async fn share(
+    fleet: &crate::fleet::Fleet,
+    id: &str,
+    upstream: &str,
+    repo: &Repository,
+    client_name: &Repository,
+    location: &url::Url,
+    step: u64,
+) {
+    let state = crate::fleet::uploads::SharedUpload {
+        upstream: upstream.to_owned(),
+        repository: repo.to_string(),
+        client_name: client_name.to_string(),
+        location: location.to_string(),
+        step,
+    };
+    if let Err(error) = fleet.put_upload(id, &state).await {
+        // The upload goes on; only a step on another replica would not find it.
+        tracing::warn!(%error, "cannot share an upload's state with the fleet");
+    }
+}
+
+/// An upload another replica started, taken up here from its shared state (without a local
+/// copy: its first bytes are elsewhere).
+fn adopt_upload(
+    app: &App,
+    id: &str,
+    s: &crate::fleet::uploads::SharedUpload,
+) -> Result<Arc<Upload>, Error> {
+    let upstream = app
+        .upstreams
+        .iter()
+        .position(|u| u.name == s.upstream)
+        .ok_or(Error::UploadUnknown)?;
+    let upload = Arc::new(Upload {
+        upstream,
+        repo: s.repository.parse().map_err(|_| Error::UploadUnknown)?,
+        client_name: s.client_name.parse().map_err(|_| Error::UploadUnknown)?,
+        state: Mutex::new(Some(UploadState {
+            // Checked as an upstream's own `Location` is.
+            location: app.upstreams[upstream]
+                .resolve_location(&s.location)
+                .map_err(|_| Error::UploadUnknown)?,
+            spool: Arc::new(Mutex::new(None)),
+            step: s.step,
+        })),
+    });
+    app.uploads.sessions.insert(id.to_owned(), upload.clone());
+    Ok(upload)
+}
+
 /// `PATCH|PUT|GET|DELETE /v2/<name>/blobs/uploads/<id>`.
 pub async fn continue_upload(
     app: &Arc<App>,
@@ -253,11 +312,31 @@ pub async fn continue_upload(
     body: Body,
 ) -> Result<Response<Body>, Error> {
     let client_name = &target.name;
-    let upload = app.uploads.sessions.get(id).ok_or(Error::UploadUnknown)?;
+    // In a fleet the store holds where the upload stands: the previous step may have gone
+    // to another replica.
+    let shared = match &app.fleet {
+        Some(f) => f.upload(id).await,
+        None => None,
+    };
+    let upload = match (app.uploads.sessions.get(id), &shared) {
+        (Some(u), _) => u,
+        (None, Some(s)) => adopt_upload(app, id, s)?,
+        (None, None) => return Err(Error::UploadUnknown),
+    };
     if upload.client_name != *client_name {
         return Err(Error::UploadUnknown);
     }
-    let (mut taken, location, spool) = Taken::new(upload.clone()).ok_or(Error::UploadUnknown)?;
+    let (mut taken, mut location, spool, mut step) =
+        Taken::new(upload.clone()).ok_or(Error::UploadUnknown)?;
+    if let Some(s) = shared.as_ref().filter(|s| s.step != step) {
+        // Another replica took the last steps: go on from there; the local copy misses
+        // their bytes, so this replica does not write the blob through.
+        location = app.upstreams[upload.upstream]
+            .resolve_location(&s.location)
+            .map_err(|_| Error::UploadUnknown)?;
+        step = s.step;
+        lock(&spool).take();
+    }
     let up = &app.upstreams[upload.upstream];
     let mut url = location.clone();
     if let Some(d) = &digest {
@@ -290,6 +369,9 @@ pub async fn continue_upload(
         (Method::PUT, StatusCode::CREATED) => {
             taken.finish();
             app.uploads.sessions.invalidate(id);
+            if let Some(f) = &app.fleet {
+                f.forget_upload(id).await;
+            }
             let d = digest.ok_or(Error::Upstream(
                 Kind::Blob,
                 UpstreamError::Invalid("upload closed without a digest".into()),
@@ -303,6 +385,9 @@ pub async fn continue_upload(
         (Method::DELETE, s) if s.is_success() => {
             taken.finish();
             app.uploads.sessions.invalidate(id);
+            if let Some(f) = &app.fleet {
+                f.forget_upload(id).await;
+            }
             let mut r = Response::new(body::empty());
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
@@ -314,9 +399,15 @@ pub async fn continue_upload(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|l| up.resolve_location(l).ok())
                 .unwrap_or(location);
+            let step = step + 1;
+            if let Some(f) = &app.fleet {
+                let (repo, name) = (&upload.repo, &upload.client_name);
+                share(f, id, up.name.as_str(), repo, name, &next, step).await;
+            }
             taken.put_back(UploadState {
                 location: next,
                 spool,
+                step,
             });
             // Seen again: a long request does not let the upload idle out.
             app.uploads.sessions.insert(id.to_owned(), upload.clone());
