@@ -194,6 +194,15 @@ impl PullTask {
     }
 }
 
+/// Sum of metric `name` with `labels` over `replicas` (those that answer).
+pub async fn metric_total_of(replicas: &[Replica], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for r in replicas {
+        sum += r.metric(name, labels).await.unwrap_or(0.0);
+    }
+    sum
+}
+
 /// One fleet on loopback: a store (with a fresh bucket), a counting relay the replicas reach
 /// the store through, a counting, gated upstream, a peer token and the replicas.
 pub struct Fleet {
