@@ -109,8 +109,10 @@ impl Fleet {
     ) -> Result<Arc<Self>, String> {
         let stats = Arc::new(FleetStats::default());
         let ttl = config.lease_ttl.0;
-        // Small requests (leases, HEADs) and a GET's headers: never longer than a lease.
-        let op_timeout = ttl.max(Duration::from_secs(1));
+        // Small requests (leases, HEADs) and a GET's headers. Generous: SeaweedFS 4.48 answers
+        // the losers of a create race with their 412 only after 1 to 6 seconds, and a loser
+        // timed out would count as the store being down.
+        let op_timeout = ttl.max(Duration::from_secs(10));
         let store = Store::new(
             inner,
             config.prefix(),

@@ -170,6 +170,20 @@ impl FleetSource {
         }
         match lease::acquire(&f.store, &d.digest, &f.me).await {
             Ok(Acquired::Won(held)) => self.lead(held),
+            // A lease of an earlier run of this replica (same address, another id): nobody
+            // renews it, so it is taken over at once rather than waited out.
+            Ok(Acquired::Taken(seen))
+                if seen.lease.advertise == f.me.advertise && seen.lease.replica != f.me.replica =>
+            {
+                match lease::take_over(&f.store, &d.digest, &seen, &f.me, 0).await {
+                    Ok(Some(held)) => self.lead(held),
+                    Ok(None) => self.set(Role::Follower {
+                        seen,
+                        retried: false,
+                    }),
+                    Err(_) => self.set(Role::Alone),
+                }
+            }
             Ok(Acquired::Taken(seen)) => self.set(Role::Follower {
                 seen,
                 retried: false,

@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use object_store::{
-    ClientOptions, GetOptions, GetRange, ObjectMeta, ObjectStore, PutMode, PutOptions, PutPayload,
-    PutResult, RetryConfig, UpdateVersion,
+    GetOptions, GetRange, ObjectMeta, ObjectStore, PutMode, PutOptions, PutPayload, PutResult,
+    RetryConfig, UpdateVersion,
 };
 use url::Url;
 
@@ -69,10 +69,12 @@ pub struct Store {
 /// few and short: a store that does not answer puts the fleet in degraded mode quickly
 /// rather than holding requests.
 pub fn connect(url: &Url) -> Result<Arc<dyn ObjectStore>, StoreError> {
-    let options = ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        // Blob bodies may take long; a stalled one is caught by the download's idle timeout.
-        .with_timeout_disabled();
+    use object_store::ClientConfigKey::{ConnectTimeout, Timeout};
+    // Set key by key on top of the environment's settings: replacing the client options
+    // would drop those the environment gave (AWS_ALLOW_HTTP among them).
+    let connect = "3s";
+    // Blob bodies may take long; a stalled one is caught by the download's idle timeout.
+    let whole = "1d";
     let retry = RetryConfig {
         max_retries: 2,
         retry_timeout: Duration::from_secs(10),
@@ -80,30 +82,42 @@ pub fn connect(url: &Url) -> Result<Arc<dyn ObjectStore>, StoreError> {
     };
     let bad = |e: object_store::Error| StoreError::Unsupported(e.to_string());
     let store: Arc<dyn ObjectStore> = match url.scheme() {
-        "s3" => Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url.as_str())
-                .with_client_options(options)
-                .with_retry(retry)
-                .build()
-                .map_err(bad)?,
-        ),
-        "gs" => Arc::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(url.as_str())
-                .with_client_options(options)
-                .with_retry(retry)
-                .build()
-                .map_err(bad)?,
-        ),
-        "az" => Arc::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(url.as_str())
-                .with_client_options(options)
-                .with_retry(retry)
-                .build()
-                .map_err(bad)?,
-        ),
+        "s3" => {
+            use object_store::aws::AmazonS3ConfigKey::Client;
+            Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url.as_str())
+                    .with_config(Client(ConnectTimeout), connect)
+                    .with_config(Client(Timeout), whole)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(bad)?,
+            )
+        }
+        "gs" => {
+            use object_store::gcp::GoogleConfigKey::Client;
+            Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url.as_str())
+                    .with_config(Client(ConnectTimeout), connect)
+                    .with_config(Client(Timeout), whole)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(bad)?,
+            )
+        }
+        "az" => {
+            use object_store::azure::AzureConfigKey::Client;
+            Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url.as_str())
+                    .with_config(Client(ConnectTimeout), connect)
+                    .with_config(Client(Timeout), whole)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(bad)?,
+            )
+        }
         other => {
             return Err(StoreError::Unsupported(format!(
                 "no object store for {other}://"

@@ -543,3 +543,30 @@ async fn manifests_by_digest_are_shared_verified_with_their_media_type() {
         .unwrap();
     assert_eq!(b.manifest(&other).await, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_left_by_an_earlier_run_of_this_replica_is_taken_over_at_once() {
+    let store = Arc::new(Switched::default());
+    let data = blob(2000);
+    let d = Digest::sha256(&data);
+    let before = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let Acquired::Won(_) = lease::acquire(&before.store, &d, &before.me).await.unwrap() else {
+        panic!("first lease")
+    };
+    // The process restarts on the same address; its old lease still stands.
+    let after = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let (_dir, local) = local_store().await;
+    let up = Arc::new(Fake::new(data.clone()));
+    let started = tokio::time::Instant::now();
+    let src = after.blob_source(&d, up.clone(), local);
+    let opened = src.open(&d, 0).await.unwrap();
+    assert_eq!(read(opened.bytes).await, (data, None));
+    assert_eq!(up.opened(), vec![0]);
+    assert_eq!(after.stats().leases(LeaseResult::TakenOver), 1);
+    assert!(started.elapsed() < TTL, "not waited out");
+    let now = lease::read(&after.store, &d).await.unwrap().unwrap();
+    assert_eq!(
+        (now.lease.replica, now.lease.generation),
+        (after.me.replica.clone(), 2)
+    );
+}
