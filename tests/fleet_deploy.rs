@@ -49,9 +49,10 @@ fn load(text: &str, what: &str) -> Config {
     let mut cfg: Config = toml::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}"));
     let token = tempfile::NamedTempFile::new().unwrap();
     fs::write(token.path(), "0123456789abcdef0123456789abcdef\n").unwrap();
-    let named = cfg.fleet.as_mut().map(|f| {
-        std::mem::replace(&mut f.peer_token_file, token.path().to_path_buf())
-    });
+    let named = cfg
+        .fleet
+        .as_mut()
+        .map(|f| std::mem::replace(&mut f.peer_token_file, token.path().to_path_buf()));
     let mut cfg = cfg.validate().unwrap_or_else(|e| panic!("{what}: {e}"));
     if let (Some(f), Some(named)) = (cfg.fleet.as_mut(), named) {
         f.peer_token_file = named;

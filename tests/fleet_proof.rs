@@ -479,7 +479,26 @@ async fn leader_paused_past_lease_ttl_loses_the_lease_and_corrupts_nothing() {
             .map(|g| (g.range.clone(), g.bytes))
             .collect::<Vec<_>>()
     );
-    assert!(gets.len() <= 2, "one fetch and one resumed range: {gets:?}");
+    let mut leases = Vec::new();
+    for r in &fleet.replicas {
+        let mut by = Vec::new();
+        for result in ["won", "followed", "taken_over", "renewal_refused"] {
+            let n = r
+                .metric("regcache_fleet_leases_total", &[("result", result)])
+                .await
+                .unwrap_or(-1.0);
+            by.push(format!("{result}={n}"));
+        }
+        leases.push(format!("{}: {}", r.name, by.join(" ")));
+    }
+    eprintln!("leases per replica: {leases:?}");
+    assert!(
+        gets.len() <= 2,
+        "one fetch and one resumed range: {:?}; leases {leases:?}",
+        gets.iter()
+            .map(|g| (g.range.clone(), g.bytes))
+            .collect::<Vec<_>>()
+    );
     // And the old leader serves the blob correctly afterwards.
     let pulled = PullTask::spawn(fleet.blob_url(leader, &digest), leader, None)
         .finish(PULL_LIMIT)
