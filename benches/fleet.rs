@@ -137,6 +137,22 @@ async fn run(s: &Settings) -> anyhow::Result<Outcome> {
     // 1. The fleet: 3 replicas, one bucket.
     let urls: Vec<String> = fleet.replicas.iter().map(|r| r.url()).collect();
     let wall = herd(&urls, &digests[0], s.clients, s.blob).await?;
+    // The upload to tier 2 runs after the clients are served: wait for the blob's key.
+    let key = fleet.key(&format!(
+        "blobs/sha256/{}",
+        digests[0].trim_start_matches("sha256:")
+    ));
+    let uploaded = support::fleet::wait_until(Duration::from_secs(300), || async {
+        fleet
+            .s3
+            .list(&fleet.bucket, &key)
+            .await
+            .is_ok_and(|keys| keys.contains(&key))
+    })
+    .await;
+    if !uploaded {
+        bail!("{key} not in the store 300 s after the herd");
+    }
     let written = metric_total_of(
         &fleet.replicas,
         "regcache_fleet_store_bytes_total",

@@ -99,8 +99,11 @@ async fn skopeo_and_docker_push_through_a_round_robin_balancer_then_pull_back() 
     let before = lb.log().len();
     docker.docker_ok(&["push", &target]).await.unwrap();
     let push_requests: Vec<_> = lb.log().into_iter().skip(before).collect();
-    let backends: std::collections::BTreeSet<_> =
-        push_requests.iter().map(|(_, _, b, _)| b.clone()).collect();
+    let backends: std::collections::BTreeSet<_> = push_requests
+        .iter()
+        .filter(|(_, _, b, _)| b != "-")
+        .map(|(_, _, b, _)| b.clone())
+        .collect();
     eprintln!(
         "docker push: {} requests over {} replicas: {push_requests:?}",
         push_requests.len(),

@@ -593,7 +593,7 @@ impl Balancer {
     pub fn spread(&self, part: &str) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for (_, path, backend, _) in self.log() {
-            if path.contains(part) {
+            if path.contains(part) && backend != "-" {
                 *out.entry(backend).or_insert(0) += 1;
             }
         }
