@@ -158,7 +158,12 @@ impl Access {
                 .build(),
             bcrypt_slots: tokio::sync::Semaphore::new(2),
             dummy_hash,
-            signer: Signer::random(),
+            // In a fleet every replica must accept the tokens any of them issued (a push behind
+            // a round-robin balancer lands on each in turn); alone, a random key will do.
+            signer: match &config.fleet {
+                Some(f) => Signer::shared(&f.read_token().map_err(|e| e.to_string())?),
+                None => Signer::random(),
+            },
             limiter: FailedLogins::new(auth.max_failed_logins, auth.failed_login_window.0),
         })
     }

@@ -14,6 +14,7 @@ use crate::cache::store::{BlobStore, FsStore, TagKey};
 use crate::cache::tags::TagEntry;
 use crate::config::Config;
 use crate::error::UpstreamError;
+use crate::fleet::Fleet;
 use crate::flight::Flight;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Repository};
@@ -67,6 +68,8 @@ pub struct App {
     pub(crate) referrers: crate::cache::referrers::ReferrersCache,
     /// Uncached blob downloads under way per client address (`limits.downloads_per_client`).
     pub(crate) downloads: Arc<crate::limits::PerClient>,
+    /// Fleet mode (`[fleet]`): the shared store, leases and peers; `None` alone.
+    pub(crate) fleet: Option<Arc<Fleet>>,
 }
 
 /// Start-up failure.
@@ -86,6 +89,10 @@ pub enum StartError {
     /// The htpasswd file or a static token cannot be used.
     #[error("{0}")]
     Access(String),
+    /// Fleet mode cannot start (an unfit object store, or a store client that cannot be
+    /// built): a configuration error.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
 }
 
 impl App {
@@ -97,11 +104,27 @@ impl App {
                 path: config.cache_dir.display().to_string(),
                 source,
             })?;
-        Self::with_store(config, Arc::new(store))
+        let fleet = match &config.fleet {
+            Some(f) => {
+                let open = config.timeouts.connect.0 + config.timeouts.response.0;
+                Some(Fleet::start(f, open).await?)
+            }
+            None => None,
+        };
+        Self::with_fleet(config, Arc::new(store), fleet)
     }
 
-    /// Builds the app on a given store backend.
+    /// Builds the app on a given store backend, alone (no fleet).
     pub fn with_store(config: Config, store: Arc<dyn BlobStore>) -> Result<Arc<Self>, StartError> {
+        Self::with_fleet(config, store, None)
+    }
+
+    /// Builds the app on a given store backend, in `fleet` when given.
+    pub fn with_fleet(
+        config: Config,
+        store: Arc<dyn BlobStore>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Result<Arc<Self>, StartError> {
         let mut metrics = Metrics::new();
         let upstreams = config
             .upstreams
@@ -114,6 +137,9 @@ impl App {
         let access = Arc::new(Access::new(&config).map_err(StartError::Access)?);
         let inflight = Arc::new(InFlight::default());
         metrics.observe(store.clone(), inflight.clone(), upstreams.clone());
+        if let Some(f) = &fleet {
+            metrics.observe_fleet(f.stats().clone());
+        }
         Ok(Arc::new(App {
             access,
             uploads: Uploads::default(),
@@ -129,6 +155,7 @@ impl App {
             request_id_prefix: format!("{:08x}", rand::random::<u32>()),
             metrics,
             downloads: crate::limits::PerClient::new(config.limits.downloads_per_client),
+            fleet,
             config,
         }))
     }
@@ -208,5 +235,10 @@ impl App {
     /// Prometheus metrics, upstream health and the most pulled repositories.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Fleet mode, when `[fleet]` is set.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
     }
 }

@@ -58,6 +58,7 @@ pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod flight;
 pub mod healthcheck;
 pub mod hints;

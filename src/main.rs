@@ -163,7 +163,15 @@ async fn main() -> anyhow::Result<()> {
     let fetches = !(config.offline || config.upstreams.iter().all(|u| u.offline));
     let _lock = CacheLock::take(&config.cache_dir, Holder::Server { fetches })
         .context("regcache cannot serve")?;
-    let app = regcache::app::App::new(config).await?;
+    let app = match regcache::app::App::new(config).await {
+        Ok(app) => app,
+        // An unfit object store is a configuration error, like the others.
+        Err(regcache::app::StartError::Fleet(e)) => {
+            eprintln!("regcache: {e}");
+            std::process::exit(2);
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(
         listen = %listener.local_addr()?,
         cache_dir = %app.config.cache_dir.display(),

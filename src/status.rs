@@ -107,6 +107,29 @@ pub struct DownloadView {
     pub elapsed: Duration,
 }
 
+/// The fleet on the page (`[fleet]` set).
+#[derive(Debug, Clone, Default)]
+pub struct FleetView {
+    /// `fleet: ok` or why it is degraded.
+    pub summary: &'static str,
+    /// The store's URL.
+    pub store: String,
+    /// This replica's advertised URL and id.
+    pub advertise: String,
+    /// This replica's id.
+    pub replica: String,
+    /// Leases won, followed, taken over, renewals refused.
+    pub leases: [u64; 4],
+    /// Store requests, all operations.
+    pub store_requests: u64,
+    /// Bytes read from and written to the store.
+    pub store_bytes: (u64, u64),
+    /// Blob bytes served to and received from other replicas.
+    pub peer_bytes: (u64, u64),
+    /// Times the replica went degraded.
+    pub degraded_transitions: u64,
+}
+
 /// Everything the page shows, gathered from the live state.
 #[derive(Debug, Clone, Default)]
 pub struct StatusView {
@@ -138,6 +161,8 @@ pub struct StatusView {
     pub top: Vec<(String, u64)>,
     /// Rates over the last hour, for the charts.
     pub history: Vec<crate::history::Interval>,
+    /// The fleet, when `[fleet]` is set.
+    pub fleet: Option<FleetView>,
 }
 
 impl StatusView {
@@ -322,6 +347,42 @@ pub fn render(v: &StatusView, now: SystemTime) -> String {
         );
     }
     h.push_str("</table>");
+
+    if let Some(f) = &v.fleet {
+        let state = if f.summary == "fleet: ok" {
+            "up"
+        } else {
+            "down"
+        };
+        let _ = write!(
+            h,
+            "<h2>Fleet</h2><p id=\"fleet-state\" class=\"{state}\">{}</p>\
+<p class=\"sub\">store <code>{}</code> · this replica <code>{}</code> ({})</p>\
+<table id=\"fleet\"><tr><th>figure</th><th>value</th></tr>\
+<tr><td>leases won</td><td class=\"n\" id=\"fleet-won\">{}</td></tr>\
+<tr><td>leases followed</td><td class=\"n\" id=\"fleet-followed\">{}</td></tr>\
+<tr><td>leases taken over</td><td class=\"n\" id=\"fleet-taken-over\">{}</td></tr>\
+<tr><td>lease renewals refused</td><td class=\"n\" id=\"fleet-renewal-refused\">{}</td></tr>\
+<tr><td>store requests</td><td class=\"n\" id=\"fleet-store-requests\">{}</td></tr>\
+<tr><td>store bytes read / written</td><td class=\"n\">{} / {}</td></tr>\
+<tr><td>peer bytes served / received</td><td class=\"n\">{} / {}</td></tr>\
+<tr><td>times degraded</td><td class=\"n\" id=\"fleet-degraded\">{}</td></tr></table>",
+            escape(f.summary),
+            escape(&f.store),
+            escape(&f.advertise),
+            escape(&f.replica),
+            f.leases[0],
+            f.leases[1],
+            f.leases[2],
+            f.leases[3],
+            f.store_requests,
+            human_bytes(f.store_bytes.0),
+            human_bytes(f.store_bytes.1),
+            human_bytes(f.peer_bytes.0),
+            human_bytes(f.peer_bytes.1),
+            f.degraded_transitions,
+        );
+    }
 
     h.push_str("<h2>Most pulled</h2>");
     if v.top.is_empty() {

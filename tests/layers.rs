@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "limits",
         "charts",
         "history",
+        "fleet",
     ],
     &[
         "router",
@@ -71,6 +72,10 @@ const SIDEWAYS: &[(&str, &str)] = &[
     ("hints", "flight"),
     ("hints", "reference"),
     ("status", "history"),
+    // The fleet's sources plug into the cache's byte-source seam and upload committed blobs.
+    ("fleet", "cache"),
+    // The metrics exposition reads the fleet's counters.
+    ("metrics", "fleet"),
 ];
 
 /// Imports against the layers that are still tolerated: none since the restructuring ended.

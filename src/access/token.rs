@@ -58,7 +58,18 @@ pub struct Claims {
     pub access: Vec<Grant>,
 }
 
-/// Signs and checks tokens with a key that lives as long as the process.
+/// HMAC-SHA256 of `data` under `key`.
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// Signs and checks tokens with a key that lives as long as the process (or, in a fleet,
+/// one derived from the shared peer token).
 pub struct Signer {
     key: [u8; 32],
 }
@@ -72,14 +83,18 @@ impl Signer {
         }
     }
 
+    /// A signer whose key is derived from a secret every replica of a fleet shares (the peer
+    /// token), so a token one replica issued is accepted by the others behind a balancer.
+    /// The derivation is one-way: a token never reveals the secret.
+    pub fn shared(secret: &str) -> Self {
+        Signer {
+            key: hmac_sha256(secret.as_bytes(), b"regcache client token signing key v1"),
+        }
+    }
+
     /// HMAC-SHA256 of `data` under the key.
     pub fn mac(&self, data: &[u8]) -> [u8; 32] {
-        use hmac::Mac;
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        mac.update(data);
-        mac.finalize().into_bytes().into()
+        hmac_sha256(&self.key, data)
     }
 
     /// The token for `claims`.
@@ -208,6 +223,15 @@ mod tests {
         let (_, sig) = t.split_once('.').unwrap();
         assert_eq!(s.verify(&format!("{forged_body}.{sig}"), 0), None);
         assert_eq!(Signer::random().verify(&t, 0), None);
+        // Replicas of a fleet derive one key from their shared secret; another secret's
+        // tokens are refused.
+        let (a, b) = (
+            Signer::shared("peer-secret-1"),
+            Signer::shared("peer-secret-1"),
+        );
+        let shared = a.issue(&more);
+        assert!(b.verify(&shared, 0).is_some());
+        assert_eq!(Signer::shared("peer-secret-2").verify(&shared, 0), None);
         for junk in ["", ".", "garbage", "a.b", "ci-token-1234567890"] {
             assert_eq!(s.verify(junk, 0), None, "{junk}");
             assert!(!looks_issued(junk), "{junk}");

@@ -44,6 +44,9 @@ pub(crate) struct UploadState {
     pub(crate) spool: SharedSpool,
     /// Bytes the upload holds: where the next chunk must start (`None`: not known).
     pub(crate) offset: Option<u64>,
+    /// Steps taken (in a fleet, compared with the shared state: another replica may have
+    /// taken some, and the local copy then misses their bytes).
+    pub(crate) step: u64,
 }
 
 /// One upload regcache handed out an id for.
@@ -68,10 +71,11 @@ pub(crate) struct Taken {
 }
 
 impl Taken {
-    /// Takes the upload's state; also returns where it stood upstream and its local copy.
-    pub(crate) fn new(upload: Arc<Upload>) -> Option<(Self, Url, SharedSpool)> {
+    /// Takes the upload's state; also returns where it stood upstream, its local copy and
+    /// its step.
+    pub(crate) fn new(upload: Arc<Upload>) -> Option<(Self, Url, SharedSpool, u64)> {
         let state = lock(&upload.state).take()?;
-        let (location, spool) = (state.location.clone(), state.spool.clone());
+        let (location, spool, step) = (state.location.clone(), state.spool.clone(), state.step);
         Some((
             Taken {
                 original: Some(state),
@@ -79,6 +83,7 @@ impl Taken {
             },
             location,
             spool,
+            step,
         ))
     }
 

@@ -14,12 +14,14 @@ use url::Url;
 use crate::units::{ByteSize, HumanDuration};
 
 mod auth;
+mod fleet;
 mod glob;
 mod redact;
 mod upstream;
 mod validate;
 
 pub use auth::{AuthConfig, MIN_TOKEN_LEN, Permission, RuleConfig, TokenConfig};
+pub use fleet::FleetConfig;
 pub use glob::glob_match;
 pub use redact::REDACTED;
 pub use upstream::{ECR_NOT_BUILT, EcrConfig, Encryption, TagMutability, UpstreamConfig};
@@ -117,6 +119,9 @@ pub struct Config {
     /// The upstream registries.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Replicas sharing an object store (`[fleet]`); unset: this replica works alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetConfig>,
 }
 
 /// TLS certificate and key (PEM files).
@@ -224,6 +229,7 @@ impl Default for Config {
                 // The literal is a valid URL; covered by the defaults test.
                 Url::parse(DOCKER_HUB_URL).expect("constant URL"),
             )],
+            fleet: None,
         }
     }
 }

@@ -39,6 +39,9 @@ impl Config {
         upstreams(&self)?;
         self.auth.validate(&self.upstreams)?;
         default_upstream_exists(&self)?;
+        if let Some(f) = &self.fleet {
+            f.validate()?;
+        }
         Ok(self)
     }
 }

@@ -186,6 +186,17 @@ pub async fn readiness(app: &Arc<App>) -> (bool, serde_json::Value) {
         "downloads_in_flight": app.downloads_in_flight(),
         "upstreams": upstreams,
     });
+    let mut report = report;
+    if let Some(f) = &app.fleet {
+        // Degraded is still ready: the local tier serves, with per-replica single flight.
+        report["fleet"] = json!({
+            "summary": f.summary(),
+            "store_up": f.stats().store_up(),
+            "active": f.active(),
+            "replica": f.me.replica,
+            "advertise": f.me.advertise,
+        });
+    }
     (ready, report)
 }
 
@@ -250,6 +261,20 @@ pub fn status_view(app: &Arc<App>) -> StatusView {
         downloads,
         top: crate::flight::lock(&m.pulls).top(status::SHOWN),
         history: m.history(),
+        fleet: app.fleet.as_ref().map(|f| {
+            let s = f.stats();
+            status::FleetView {
+                summary: f.summary(),
+                store: f.store.url().to_owned(),
+                advertise: f.me.advertise.clone(),
+                replica: f.me.replica.clone(),
+                leases: crate::fleet::stats::LeaseResult::ALL.map(|r| s.leases(r)),
+                store_requests: s.requests_total(),
+                store_bytes: s.store_bytes(),
+                peer_bytes: s.peer_bytes(),
+                degraded_transitions: s.degraded_transitions(),
+            }
+        }),
     }
 }
 

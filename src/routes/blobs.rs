@@ -211,10 +211,18 @@ pub async fn blob(
         match app.inflight.get(digest) {
             Some(f) => (f, None),
             None => {
-                let size = up
-                    .blob_size(repo, digest)
-                    .await
-                    .map_err(|e| Error::Upstream(Kind::Blob, e))?;
+                // The fleet's shared tier answers before the upstream is asked.
+                let shared = match &app.fleet {
+                    Some(f) => f.blob_len(digest).await,
+                    None => None,
+                };
+                let size = match shared {
+                    Some(len) => Some(len),
+                    None => up
+                        .blob_size(repo, digest)
+                        .await
+                        .map_err(|e| Error::Upstream(Kind::Blob, e))?,
+                };
                 let mut r = Response::new(body::empty());
                 blob_headers(&mut r, digest, size.unwrap_or(0));
                 if size.is_none() {
@@ -243,9 +251,21 @@ pub async fn blob(
             Join::Leader(guard) => {
                 let f = guard.fill().clone();
                 let stats = up.stats().clone();
-                fill::spawn(guard, app.store.clone(), source(up, repo), move |outcome| {
-                    stats.download_ended(outcome.err().map(download_failure));
-                });
+                let upstream = source(up, repo);
+                match &app.fleet {
+                    None => fill::spawn(guard, app.store.clone(), upstream, move |outcome| {
+                        stats.download_ended(outcome.err().map(download_failure));
+                    }),
+                    // The store, the lease's leader or the upstream, chosen by the fleet.
+                    Some(fleet) => {
+                        let fleet = fleet.blob_source(digest, upstream, app.store.clone());
+                        let end = fleet.clone();
+                        fill::spawn(guard, app.store.clone(), Arc::new(fleet), move |outcome| {
+                            stats.download_ended(outcome.err().map(download_failure));
+                            end.ended(outcome);
+                        });
+                    }
+                }
                 f
             }
         };

@@ -48,16 +48,80 @@ async fn manifest_by_digest(
         None if app.upstreams[target.upstream()].offline => {
             return Err(Error::Offline(Kind::Manifest));
         }
-        None => {
-            let reference = Reference::Digest(digest.clone());
-            let fetched = fetch_manifest(app, target, &reference, accept, Some(digest)).await?;
-            (fetched.manifest, CacheResult::Miss)
-        }
+        None => match fleet_manifest(app, digest).await {
+            Some(m) => (m, CacheResult::Miss),
+            None => {
+                let reference = Reference::Digest(digest.clone());
+                let fetched = fetch_manifest(app, target, &reference, accept, Some(digest)).await?;
+                (fetched.manifest, CacheResult::Miss)
+            }
+        },
     };
     if !accept.accepts(&m.media_type) {
         return Err(Error::ManifestNotAccepted(m.media_type));
     }
     Ok(served(&m, digest, head, result))
+}
+
+/// The manifest `digest` from the fleet's shared tier (verified there), kept on this
+/// replica's disk too.
+async fn fleet_manifest(app: &App, digest: &Digest) -> Option<StoredManifest> {
+    let (media_type, body) = app.fleet.as_ref()?.manifest(digest).await?;
+    let media_type = if media_type.is_empty() {
+        media::sniff(&body).unwrap_or_else(|| media::OCI_MANIFEST.to_owned())
+    } else {
+        media_type
+    };
+    let m = StoredManifest { media_type, body };
+    if let Err(e) = app.store.put_manifest(digest, &m).await {
+        tracing::warn!(error = %e, %digest, "cannot cache manifest; serving it uncached");
+    }
+    Some(m)
+}
+
+/// The fleet's answer for the tag when a replica confirmed it within `ttl`.
+async fn fleet_tag(
+    app: &App,
+    key: &TagKey,
+    ttl: std::time::Duration,
+) -> Option<crate::fleet::tags::SharedTag> {
+    let shared = app.fleet.as_ref()?.tag(key).await?;
+    (shared.age < ttl).then_some(shared)
+}
+
+/// Serves the fleet's answer and takes it as this replica's, confirmed when the other replica
+/// confirmed it (never shared again: only a real check refreshes the fleet's answer). `None`
+/// when its manifest is neither here nor in the shared tier, or not accepted.
+async fn adopt(
+    app: &App,
+    key: TagKey,
+    shared: crate::fleet::tags::SharedTag,
+    accept: &Accept,
+    head: bool,
+    result: CacheResult,
+) -> Result<Option<Response<Body>>, Error> {
+    let d = shared.record.digest.clone();
+    let m = match app.store.manifest(&d).await? {
+        Some(m) => Some(m),
+        None => fleet_manifest(app, &d).await,
+    };
+    let Some(m) = m.filter(|m| accept.accepts(&m.media_type)) else {
+        return Ok(None);
+    };
+    if let Err(e) = app.store.put_tag(&key, &shared.record).await {
+        tracing::warn!(error = %e, "cannot persist tag record");
+    }
+    let checked = tokio::time::Instant::now()
+        .checked_sub(shared.age)
+        .unwrap_or_else(tokio::time::Instant::now);
+    app.tags.insert(
+        key,
+        TagEntry {
+            record: shared.record,
+            checked: Some(checked),
+        },
+    );
+    Ok(Some(served(&m, &d, head, result)))
 }
 
 /// A manifest by tag: the cached answer while it may be served unchecked, else revalidated
@@ -82,10 +146,24 @@ async fn manifest_by_tag(
         if may_serve_unchecked(up, &entry, tag) {
             return Ok(served(&m, &digest, head, CacheResult::Hit));
         }
+        // Another replica of the fleet may have asked the upstream within the TTL.
+        if let Some(shared) = fleet_tag(app, &key, up.tag_ttl).await {
+            let answer = adopt(app, key.clone(), shared, accept, head, CacheResult::Hit).await?;
+            if let Some(r) = answer {
+                return Ok(r);
+            }
+        }
         let check = revalidate(app, target, tag, accept, &digest).await;
         if let Some(r) =
             after_revalidation(app, key.clone(), entry, &m, check, accept, head).await?
         {
+            return Ok(r);
+        }
+    }
+    // Cold here: the fleet's answer, with the manifest from its shared tier.
+    if let Some(shared) = fleet_tag(app, &key, up.tag_ttl).await {
+        let answer = adopt(app, key.clone(), shared, accept, head, CacheResult::Miss).await?;
+        if let Some(r) = answer {
             return Ok(r);
         }
     }
@@ -212,6 +290,9 @@ async fn after_revalidation(
     match check {
         Revalidation::Confirmed => {
             let r = served(m, digest, head, CacheResult::Hit);
+            if let Some(f) = &app.fleet {
+                f.put_tag(&key, &entry.record);
+            }
             app.tags.insert(key, TagEntry::confirmed(entry.record));
             Ok(Some(r))
         }
@@ -222,7 +303,11 @@ async fn after_revalidation(
         }
         Revalidation::Moved(new) => {
             tracing::info!(tag = %tag, repository = %repo, old = %digest, new = %new, "tag moved upstream");
-            match app.store.manifest(&new).await? {
+            let m = match app.store.manifest(&new).await? {
+                Some(m) => Some(m),
+                None => fleet_manifest(app, &new).await,
+            };
+            match m {
                 Some(m) if accept.accepts(&m.media_type) => {
                     remember_tag(app, key, &new, &m.media_type).await;
                     Ok(Some(served(&m, &new, head, CacheResult::Hit)))
@@ -289,6 +374,9 @@ async fn remember_tag(app: &App, key: TagKey, digest: &Digest, media_type: &str)
     if let Err(e) = app.store.put_tag(&key, &record).await {
         tracing::warn!(error = %e, "cannot persist tag record");
     }
+    if let Some(f) = &app.fleet {
+        f.put_tag(&key, &record);
+    }
     app.tags.insert(key, TagEntry::confirmed(record));
 }
 
@@ -337,6 +425,9 @@ async fn fetch_manifest(
             };
             if let Err(e) = app2.store.put_manifest(&actual, &manifest).await {
                 tracing::warn!(error = %e, digest = %actual, "cannot cache manifest; serving it uncached");
+            }
+            if let Some(fleet) = &app2.fleet {
+                fleet.put_manifest(&actual, &manifest.media_type, manifest.body.clone());
             }
             Ok((
                 Fetched {

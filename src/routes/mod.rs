@@ -23,6 +23,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod challenge;
 pub mod delete;
+pub mod fleet;
 pub mod manifests;
 pub mod push;
 pub mod referrers;
@@ -241,6 +242,14 @@ impl App {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let client = req.extensions().get::<ClientAddr>().copied();
+        if let Some(f) = &self.fleet
+            && req.uri().path().starts_with(crate::fleet::peer::PATH)
+        {
+            record.route = "fleet_peer";
+            return Ok(
+                fleet::peer_blob(self, f, req.method(), req.uri().path(), req.headers()).await,
+            );
+        }
         if self.config.admin_listen.is_none()
             && let Some(e) = admin::Endpoint::parse(req.method(), req.uri().path())
         {

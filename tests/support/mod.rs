@@ -16,11 +16,14 @@
 //!   and STS APIs), relays for endpoint variables, an AWS error server, log capture.
 //! - [`peers`]: `dockerd` and `containerd` guards, `hosts.toml` writer, free / dead ports and
 //!   the [`peers::Skip`] mechanism for peers that cannot start here.
+//! - [`fleet`]: the fleet harness: SeaweedFS and moto S3 stores, counting and gating relays,
+//!   nginx round-robin and real `regcache` replicas with `[fleet]`.
 //!
 //! Not every test binary uses every helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
 pub mod debian;
+pub mod fleet;
 pub mod image;
 pub mod moto;
 pub mod peers;

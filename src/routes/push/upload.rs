@@ -216,6 +216,14 @@ pub async fn start(
                 })?;
             let location = up.resolve_location(location).map_err(upstream_err)?;
             let id = hex::encode(rand::random::<[u8; 16]>());
+            if let Some(f) = &app.fleet {
+                let at = Step {
+                    location: &location,
+                    step: 0,
+                    offset: Some(0),
+                };
+                share(f, &id, up.name.as_str(), (repo, client_name), at).await;
+            }
             let spool = Arc::new(Mutex::new(new_spool(app, &format!("upload-{id}"))));
             app.uploads.sessions.insert(
                 id.clone(),
@@ -227,6 +235,7 @@ pub async fn start(
                         location,
                         spool,
                         offset: Some(0),
+                        step: 0,
                     })),
                 }),
             );
@@ -246,6 +255,65 @@ pub async fn start(
     }
 }
 
+/// Where an upload stands after a step.
+struct Step<'a> {
+    location: &'a url::Url,
+    step: u64,
+    offset: Option<u64>,
+}
+
+/// Writes where upload `id` stands to the fleet's store, so any replica continues it.
+async fn share(
+    fleet: &crate::fleet::Fleet,
+    id: &str,
+    upstream: &str,
+    (repo, client_name): (&Repository, &Repository),
+    at: Step<'_>,
+) {
+    let state = crate::fleet::uploads::SharedUpload {
+        upstream: upstream.to_owned(),
+        repository: repo.to_string(),
+        client_name: client_name.to_string(),
+        location: at.location.to_string(),
+        step: at.step,
+        offset: at.offset,
+    };
+    if let Err(error) = fleet.put_upload(id, &state).await {
+        // The upload goes on; only a step on another replica would not find it.
+        tracing::warn!(%error, "cannot share an upload's state with the fleet");
+    }
+}
+
+/// An upload another replica started, taken up here from its shared state (without a local
+/// copy: its first bytes are elsewhere).
+fn adopt_upload(
+    app: &App,
+    id: &str,
+    s: &crate::fleet::uploads::SharedUpload,
+) -> Result<Arc<Upload>, Error> {
+    let upstream = app
+        .upstreams
+        .iter()
+        .position(|u| u.name == s.upstream)
+        .ok_or(Error::UploadUnknown)?;
+    let upload = Arc::new(Upload {
+        upstream,
+        repo: s.repository.parse().map_err(|_| Error::UploadUnknown)?,
+        client_name: s.client_name.parse().map_err(|_| Error::UploadUnknown)?,
+        state: Mutex::new(Some(UploadState {
+            // Checked as an upstream's own `Location` is.
+            location: app.upstreams[upstream]
+                .resolve_location(&s.location)
+                .map_err(|_| Error::UploadUnknown)?,
+            spool: Arc::new(Mutex::new(None)),
+            offset: s.offset,
+            step: s.step,
+        })),
+    });
+    app.uploads.sessions.insert(id.to_owned(), upload.clone());
+    Ok(upload)
+}
+
 /// `PATCH|PUT|GET|DELETE /v2/<name>/blobs/uploads/<id>`.
 pub async fn continue_upload(
     app: &Arc<App>,
@@ -257,12 +325,33 @@ pub async fn continue_upload(
     body: Body,
 ) -> Result<Response<Body>, Error> {
     let client_name = &target.name;
-    let upload = app.uploads.sessions.get(id).ok_or(Error::UploadUnknown)?;
+    // In a fleet the store holds where the upload stands: the previous step may have gone
+    // to another replica.
+    let shared = match &app.fleet {
+        Some(f) => f.upload(id).await,
+        None => None,
+    };
+    let upload = match (app.uploads.sessions.get(id), &shared) {
+        (Some(u), _) => u,
+        (None, Some(s)) => adopt_upload(app, id, s)?,
+        (None, None) => return Err(Error::UploadUnknown),
+    };
     if upload.client_name != *client_name {
         return Err(Error::UploadUnknown);
     }
-    let (mut taken, location, spool) = Taken::new(upload.clone()).ok_or(Error::UploadUnknown)?;
-    let offset = taken.offset();
+    let (mut taken, mut location, spool, mut step) =
+        Taken::new(upload.clone()).ok_or(Error::UploadUnknown)?;
+    let mut offset = taken.offset();
+    if let Some(s) = shared.as_ref().filter(|s| s.step != step) {
+        // Another replica took the last steps: go on from there; the local copy misses
+        // their bytes, so this replica does not write the blob through.
+        location = app.upstreams[upload.upstream]
+            .resolve_location(&s.location)
+            .map_err(|_| Error::UploadUnknown)?;
+        step = s.step;
+        offset = s.offset;
+        lock(&spool).take();
+    }
     if *method == Method::PATCH || *method == Method::PUT {
         // A chunk sent twice or out of order never reaches the upstream; `taken` puts the
         // upload back as it was.
@@ -300,6 +389,9 @@ pub async fn continue_upload(
         (Method::PUT, StatusCode::CREATED) => {
             taken.finish();
             app.uploads.sessions.invalidate(id);
+            if let Some(f) = &app.fleet {
+                f.forget_upload(id).await;
+            }
             let d = digest.ok_or(Error::Upstream(
                 Kind::Blob,
                 UpstreamError::Invalid("upload closed without a digest".into()),
@@ -313,6 +405,9 @@ pub async fn continue_upload(
         (Method::DELETE, s) if s.is_success() => {
             taken.finish();
             app.uploads.sessions.invalidate(id);
+            if let Some(f) = &app.fleet {
+                f.forget_upload(id).await;
+            }
             let mut r = Response::new(body::empty());
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
@@ -329,10 +424,21 @@ pub async fn continue_upload(
             } else {
                 super::offset::after_chunk(offset, headers, resp.headers())
             };
+            let step = step + 1;
+            if let Some(f) = &app.fleet {
+                let at = Step {
+                    location: &next,
+                    step,
+                    offset,
+                };
+                let names = (&upload.repo, &upload.client_name);
+                share(f, id, up.name.as_str(), names, at).await;
+            }
             taken.put_back(UploadState {
                 location: next,
                 spool,
                 offset,
+                step,
             });
             // Seen again: a long request does not let the upload idle out.
             app.uploads.sessions.insert(id.to_owned(), upload.clone());

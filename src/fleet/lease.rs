@@ -1,0 +1,310 @@
+//! Download leases: one small object per digest saying which replica fetches it from the
+//! upstream. Created only if absent (the winner leads), renewed by compare-and-swap on its
+//! version every third of `lease_ttl`, judged expired by a follower's own monotonic clock
+//! (unchanged for `lease_ttl` since it first saw that version, never by comparing wall
+//! clocks), taken over by compare-and-swap, and deleted once the blob is in the store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::UpdateVersion;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::stats::LeaseResult;
+use super::store::{Store, StoreError};
+use crate::flight::lock;
+use crate::reference::Digest;
+
+/// The lease object's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Lease {
+    /// The leading replica's id (new at each start).
+    pub replica: String,
+    /// Where the other replicas stream the blob from while it downloads.
+    pub advertise: String,
+    /// 1 for the first leader, one more at each takeover.
+    pub generation: u64,
+    /// Bytes the leader had received at its last renewal (informational).
+    pub offset_hint: u64,
+    /// Renewals so far: every renewal changes the body, so its ETag changes on every store.
+    pub renewals: u64,
+}
+
+/// Who this replica is, as written into the leases it holds.
+#[derive(Debug, Clone)]
+pub struct Me {
+    /// A random id, new at each start.
+    pub replica: String,
+    /// The configured `advertise` URL.
+    pub advertise: String,
+}
+
+/// A lease as this replica last read it, and since when (its own clock) that version stands.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The body (default when it could not be read: a lease nobody can be followed on).
+    pub lease: Lease,
+    /// Its version, for a compare-and-swap takeover.
+    pub version: UpdateVersion,
+    /// When this replica first saw this version.
+    pub since: Instant,
+}
+
+impl Seen {
+    /// Whether `other` is the same version of the lease.
+    pub fn same_version(&self, other: &Seen) -> bool {
+        self.version == other.version
+    }
+}
+
+/// A lease this replica holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The body written last.
+    pub lease: Lease,
+    /// The version written last.
+    pub version: UpdateVersion,
+}
+
+/// What creating a lease gave.
+#[derive(Debug)]
+pub enum Acquired {
+    /// Created: this replica leads the download.
+    Won(Held),
+    /// Another replica's lease stands.
+    Taken(Seen),
+}
+
+fn body(lease: &Lease) -> Bytes {
+    // A struct of strings and numbers always serializes.
+    Bytes::from(serde_json::to_vec(lease).unwrap_or_default())
+}
+
+/// Creates the lease of `digest` for `me`, or reads the one that stands.
+pub async fn acquire(store: &Store, digest: &Digest, me: &Me) -> Result<Acquired, StoreError> {
+    let key = store.lease_key(digest);
+    let lease = Lease {
+        replica: me.replica.clone(),
+        advertise: me.advertise.clone(),
+        generation: 1,
+        offset_hint: 0,
+        renewals: 0,
+    };
+    // A lease deleted between the failed create and the read is tried again, a few times.
+    for _ in 0..3 {
+        match store.create(&key, body(&lease)).await {
+            Ok(put) => {
+                store.stats().lease(LeaseResult::Won);
+                return Ok(Acquired::Won(Held {
+                    lease,
+                    version: put.into(),
+                }));
+            }
+            Err(StoreError::Conflict) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(seen) = read(store, digest).await? {
+            store.stats().lease(LeaseResult::Followed);
+            return Ok(Acquired::Taken(seen));
+        }
+    }
+    Err(StoreError::Unreachable(
+        "the lease kept appearing and vanishing".into(),
+    ))
+}
+
+/// The lease of `digest` as it stands, if any.
+pub async fn read(store: &Store, digest: &Digest) -> Result<Option<Seen>, StoreError> {
+    match store.get_small(&store.lease_key(digest)).await {
+        Ok((bytes, meta)) => Ok(Some(Seen {
+            lease: serde_json::from_slice(&bytes).unwrap_or_default(),
+            version: UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            },
+            since: Instant::now(),
+        })),
+        Err(StoreError::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Swaps the stale lease `seen` for one led by `me`: `None` when another replica changed it
+/// first (or it is gone).
+pub async fn take_over(
+    store: &Store,
+    digest: &Digest,
+    seen: &Seen,
+    me: &Me,
+    offset: u64,
+) -> Result<Option<Held>, StoreError> {
+    let lease = Lease {
+        replica: me.replica.clone(),
+        advertise: me.advertise.clone(),
+        generation: seen.lease.generation + 1,
+        offset_hint: offset,
+        renewals: 0,
+    };
+    match store
+        .swap(&store.lease_key(digest), body(&lease), seen.version.clone())
+        .await
+    {
+        Ok(put) => {
+            store.stats().lease(LeaseResult::TakenOver);
+            Ok(Some(Held {
+                lease,
+                version: put.into(),
+            }))
+        }
+        Err(StoreError::Conflict | StoreError::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// How a watched lease moved.
+#[derive(Debug)]
+pub enum Watched {
+    /// Unchanged for `lease_ttl` on this replica's clock: its leader is presumed dead.
+    Expired(Seen),
+    /// Renewed or replaced: its leader (maybe a new one) lives.
+    Changed(Seen),
+    /// Deleted: the download ended (committed to the store, or failed).
+    Gone,
+}
+
+/// Re-reads the lease `seen` every third of `ttl` until it changes, goes, or stays the same
+/// for `ttl` since it was first seen.
+pub async fn watch(
+    store: &Store,
+    digest: &Digest,
+    seen: Seen,
+    ttl: Duration,
+) -> Result<Watched, StoreError> {
+    loop {
+        let deadline = seen.since + ttl;
+        let next = (Instant::now() + ttl / 3).min(deadline);
+        tokio::time::sleep_until(next).await;
+        match read(store, digest).await? {
+            None => return Ok(Watched::Gone),
+            Some(now) if !now.same_version(&seen) => return Ok(Watched::Changed(now)),
+            Some(_) if Instant::now() >= deadline => return Ok(Watched::Expired(seen)),
+            Some(_) => {}
+        }
+    }
+}
+
+/// A held lease kept alive by a renewal task until released.
+pub struct Keeper {
+    shared: Arc<KeeperShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct KeeperShared {
+    store: Store,
+    digest: Digest,
+    // The lease as last written; locked only to copy it out or replace it, never across an
+    // await.
+    held: std::sync::Mutex<Held>,
+    // Set once a renewal is refused: another replica took the download over.
+    lost: AtomicBool,
+    // Bytes received so far, written into the lease as its offset hint.
+    progress: Arc<AtomicU64>,
+}
+
+impl Keeper {
+    /// Renews `held` every `every` until released or refused.
+    /// `progress` counts the bytes received, written into each renewal as its offset hint.
+    pub fn start(
+        store: Store,
+        digest: Digest,
+        held: Held,
+        every: Duration,
+        progress: Arc<AtomicU64>,
+    ) -> Self {
+        let shared = Arc::new(KeeperShared {
+            store,
+            digest,
+            held: std::sync::Mutex::new(held),
+            lost: AtomicBool::new(false),
+            progress,
+        });
+        let s = shared.clone();
+        // Aborted by `release` or on drop: it holds nothing but the lease's state.
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !s.renew().await {
+                    return;
+                }
+            }
+        });
+        Keeper { shared, task }
+    }
+
+    /// Whether another replica took the download over (a renewal was refused).
+    pub fn lost(&self) -> bool {
+        self.shared.lost.load(Ordering::Relaxed)
+    }
+
+    /// The lease as last written.
+    pub fn held(&self) -> Held {
+        lock(&self.shared.held).clone()
+    }
+
+    /// Stops renewing and deletes the lease, unless another replica holds it now.
+    pub async fn release(self) {
+        self.task.abort();
+        if self.lost() {
+            return;
+        }
+        let s = &self.shared;
+        if let Err(error) = s.store.delete(&s.store.lease_key(&s.digest)).await {
+            // It expires: another replica takes over a download that has ended, at worst
+            // fetching once more.
+            tracing::warn!(%error, digest = %s.digest, "cannot delete a download lease");
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KeeperShared {
+    // One renewal; false once refused (the task then ends).
+    async fn renew(&self) -> bool {
+        let Held { mut lease, version } = lock(&self.held).clone();
+        lease.renewals += 1;
+        lease.offset_hint = self.progress.load(Ordering::Relaxed);
+        let key = self.store.lease_key(&self.digest);
+        match self.store.swap(&key, body(&lease), version).await {
+            Ok(put) => {
+                *lock(&self.held) = Held {
+                    lease,
+                    version: put.into(),
+                };
+                true
+            }
+            Err(StoreError::Conflict | StoreError::NotFound) => {
+                self.lost.store(true, Ordering::Relaxed);
+                self.store.stats().lease(LeaseResult::RenewalRefused);
+                tracing::warn!(
+                    digest = %self.digest,
+                    "lease renewal refused: another replica took the download over; \
+                     this replica keeps serving its own clients"
+                );
+                false
+            }
+            // The store is down (logged once by the store): try again at the next tick.
+            Err(_) => true,
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The fleet's byte source for one download: tier 2 (the store's verified blob) when it is
+//! there, else the download's lease decides. The winner leads and reads the upstream; the
+//! others stream from the leader's peer endpoint. When the leader's stream breaks, a
+//! follower looks again: the store (maybe it finished), the lease (maybe a new leader), and
+//! a lease unchanged for `lease_ttl` on its own clock is taken over by compare-and-swap, the
+//! upstream then read from the bytes already staged. The store unreachable: the upstream
+//! alone, with the replica's own single flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
+use super::Fleet;
+use super::lease::{self, Acquired, Keeper, Seen, Watched};
+use super::store::{Store, StoreError};
+use super::upload;
+use crate::cache::source::{ByteSource, SourceBytes, SourceError, SourceStream, Timeouts};
+use crate::cache::store::BlobStore;
+use crate::flight::lock;
+use crate::reference::Digest;
+
+fn store_error(e: StoreError) -> SourceError {
+    match e {
+        StoreError::NotFound => SourceError::NotFound,
+        other => SourceError::Unreachable(other.to_string()),
+    }
+}
+
+/// Tier 2: the store's verified blobs, from any offset.
+pub struct StoreSource {
+    store: Store,
+    timeouts: Timeouts,
+}
+
+impl StoreSource {
+    /// Reads `blobs/…` of `store`.
+    pub fn new(store: Store, timeouts: Timeouts) -> Self {
+        StoreSource { store, timeouts }
+    }
+}
+
+#[async_trait::async_trait]
+impl ByteSource for StoreSource {
+    fn name(&self) -> &str {
+        "store"
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    async fn open(&self, digest: &Digest, from: u64) -> Result<SourceStream, SourceError> {
+        let got = self
+            .store
+            .get(&self.store.blob_key(digest), from)
+            .await
+            .map_err(store_error)?;
+        Ok(SourceStream {
+            total_len: Some(got.size),
+            offset: from,
+            bytes: Box::pin(got.bytes.map(|r| r.map_err(store_error))),
+        })
+    }
+}
+
+/// What this replica does for the download.
+enum Role {
+    /// Nothing decided yet: look in the store, then take or follow the lease.
+    Undecided,
+    /// Reading tier 2.
+    Store,
+    /// The store is unreachable: the upstream, without a lease.
+    Alone,
+    /// Holding the lease: the upstream.
+    Leader(Keeper),
+    /// Another replica leads: its peer endpoint. `retried` once the stream was opened again
+    /// after a failure while the leader kept renewing.
+    Follower { seen: Seen, retried: bool },
+}
+
+/// One download's state on this replica, shared by the sources handed to the download.
+struct Download {
+    fleet: Arc<Fleet>,
+    digest: Digest,
+    upstream: Arc<dyn ByteSource>,
+    local: Arc<dyn BlobStore>,
+    // Locked only to read or replace the role, never across an await.
+    role: std::sync::Mutex<Role>,
+    // Bytes received from the upstream by this replica as leader (the lease's offset hint).
+    received: Arc<AtomicU64>,
+    // The lease version the peer stream's watch saw last (locked only to swap it).
+    watched: Arc<std::sync::Mutex<Option<Seen>>>,
+}
+
+/// The byte source of one download in fleet mode (see the module doc).
+#[derive(Clone)]
+pub struct FleetSource(Arc<Download>);
+
+/// The role without its state, to act on after the lock is released.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Undecided,
+    Store,
+    Alone,
+    Leader,
+    Follower,
+}
+
+impl FleetSource {
+    /// The source of `digest`'s download on this replica: `upstream` reads the registry,
+    /// `local` is the disk the download commits to.
+    pub fn new(
+        fleet: Arc<Fleet>,
+        digest: Digest,
+        upstream: Arc<dyn ByteSource>,
+        local: Arc<dyn BlobStore>,
+    ) -> Self {
+        FleetSource(Arc::new(Download {
+            fleet,
+            digest,
+            upstream,
+            local,
+            role: std::sync::Mutex::new(Role::Undecided),
+            received: Arc::new(AtomicU64::new(0)),
+            watched: Arc::default(),
+        }))
+    }
+
+    fn kind(&self) -> Kind {
+        match &*lock(&self.0.role) {
+            Role::Undecided => Kind::Undecided,
+            Role::Store => Kind::Store,
+            Role::Alone => Kind::Alone,
+            Role::Leader(_) => Kind::Leader,
+            Role::Follower { .. } => Kind::Follower,
+        }
+    }
+
+    fn set(&self, role: Role) {
+        *lock(&self.0.role) = role;
+    }
+
+    fn lead(&self, held: lease::Held) {
+        let f = &self.0.fleet;
+        let keeper = Keeper::start(
+            f.store.clone(),
+            self.0.digest.clone(),
+            held,
+            f.renew_every(),
+            self.0.received.clone(),
+        );
+        self.set(Role::Leader(keeper));
+    }
+
+    /// Looks in tier 2, then takes or follows the lease.
+    async fn decide(&self) {
+        let d = &self.0;
+        let f = &d.fleet;
+        if !f.active() {
+            self.set(Role::Alone);
+            return;
+        }
+        match f.store.head(&f.store.blob_key(&d.digest)).await {
+            Ok(_) => return self.set(Role::Store),
+            Err(StoreError::NotFound) => {}
+            Err(_) => return self.set(Role::Alone),
+        }
+        match lease::acquire(&f.store, &d.digest, &f.me).await {
+            Ok(Acquired::Won(held)) => self.lead(held),
+            // A lease of an earlier run of this replica (same address, another id): nobody
+            // renews it, so it is taken over at once rather than waited out.
+            Ok(Acquired::Taken(seen))
+                if seen.lease.advertise == f.me.advertise && seen.lease.replica != f.me.replica =>
+            {
+                match lease::take_over(&f.store, &d.digest, &seen, &f.me, 0).await {
+                    Ok(Some(held)) => self.lead(held),
+                    Ok(None) => self.set(Role::Follower {
+                        seen,
+                        retried: false,
+                    }),
+                    Err(_) => self.set(Role::Alone),
+                }
+            }
+            Ok(Acquired::Taken(seen)) => self.set(Role::Follower {
+                seen,
+                retried: false,
+            }),
+            Err(_) => self.set(Role::Alone),
+        }
+    }
+
+    fn open_upstream(
+        &self,
+        from: u64,
+    ) -> impl std::future::Future<Output = Result<SourceStream, SourceError>> + '_ {
+        let d = &self.0;
+        async move {
+            let mut opened = d.upstream.open(&d.digest, from).await?;
+            let received = d.received.clone();
+            received.store(opened.offset, Ordering::Relaxed);
+            let bytes =
+                std::mem::replace(&mut opened.bytes, Box::pin(futures_util::stream::empty()));
+            opened.bytes = Box::pin(bytes.inspect(move |r| {
+                if let Ok(b) = r {
+                    received.fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+            }));
+            Ok(opened)
+        }
+    }
+
+    async fn open_peer(&self, from: u64) -> Result<SourceStream, SourceError> {
+        let d = &self.0;
+        let seen = match &*lock(&d.role) {
+            Role::Follower { seen, .. } => seen.clone(),
+            _ => return Err(SourceError::NotFound),
+        };
+        let peer = d.fleet.peers.source(&seen.lease.advertise);
+        // A leader that answers nothing (paused) is judged by its lease after this.
+        let wait = d.fleet.lease_ttl + d.fleet.renew_every();
+        let mut opened = tokio::time::timeout(wait, peer.open(&d.digest, from))
+            .await
+            .map_err(|_| {
+                SourceError::Timeout(format!(
+                    "the download's leader {} did not answer",
+                    seen.lease.advertise
+                ))
+            })??;
+        let bytes = std::mem::replace(&mut opened.bytes, Box::pin(futures_util::stream::empty()));
+        opened.bytes = watched(
+            bytes,
+            d.fleet.store.clone(),
+            d.digest.clone(),
+            seen,
+            d.fleet.lease_ttl,
+            d.watched.clone(),
+        );
+        Ok(opened)
+    }
+
+    /// After the leader's stream failed with `reached` bytes staged: tier 2, a new leader, or
+    /// this replica taking over. False when nothing is left to try.
+    async fn recover(&self, reached: u64) -> bool {
+        let d = &self.0;
+        let f = &d.fleet;
+        let (mut seen, retried) = match &*lock(&d.role) {
+            Role::Follower { seen, retried } => (seen.clone(), *retried),
+            _ => return false,
+        };
+        // The peer stream's watch may have seen a newer version since.
+        if let Some(newer) = lock(&d.watched).take() {
+            if newer.since >= seen.since {
+                seen = newer;
+            }
+        }
+        // Past this, the upstream is read directly: safe (content is verified), it only
+        // costs a fetch more.
+        let give_up = Instant::now() + f.lease_ttl * 20;
+        while Instant::now() < give_up {
+            match f.store.head(&f.store.blob_key(&d.digest)).await {
+                Ok(_) => {
+                    self.set(Role::Store);
+                    return true;
+                }
+                Err(StoreError::NotFound) => {}
+                Err(_) => {
+                    self.set(Role::Alone);
+                    return true;
+                }
+            }
+            let now = match lease::read(&f.store, &d.digest).await {
+                Ok(n) => n,
+                Err(_) => {
+                    self.set(Role::Alone);
+                    return true;
+                }
+            };
+            match now {
+                None => {
+                    // The download ended without the blob reaching the store: lead it.
+                    match lease::acquire(&f.store, &d.digest, &f.me).await {
+                        Ok(Acquired::Won(held)) => self.lead(held),
+                        Ok(Acquired::Taken(s)) => self.set(Role::Follower {
+                            seen: s,
+                            retried: false,
+                        }),
+                        Err(_) => self.set(Role::Alone),
+                    }
+                    return true;
+                }
+                Some(now) if !now.same_version(&seen) => {
+                    if now.lease.replica != seen.lease.replica {
+                        // A new leader: attach to it.
+                        self.set(Role::Follower {
+                            seen: now,
+                            retried: false,
+                        });
+                        return true;
+                    }
+                    if !retried {
+                        // The leader lives: its stream may have broken by accident.
+                        self.set(Role::Follower {
+                            seen: now,
+                            retried: true,
+                        });
+                        return true;
+                    }
+                    // Alive but unreachable: wait for the store, a new leader or expiry.
+                    seen = now;
+                }
+                // Unchanged since first seen: judged below by this replica's clock.
+                Some(_) => {}
+            }
+            match lease::watch(&f.store, &d.digest, seen.clone(), f.lease_ttl).await {
+                Ok(Watched::Expired(stale)) => {
+                    match lease::take_over(&f.store, &d.digest, &stale, &f.me, reached).await {
+                        Ok(Some(held)) => {
+                            tracing::info!(digest = %d.digest, at = reached,
+                                dead = %stale.lease.advertise, "took over a download whose leader stopped renewing");
+                            self.lead(held);
+                            return true;
+                        }
+                        // Another replica swapped first: follow it (read at the next turn).
+                        Ok(None) => {}
+                        Err(_) => {
+                            self.set(Role::Alone);
+                            return true;
+                        }
+                    }
+                }
+                Ok(Watched::Changed(s)) => {
+                    if s.lease.replica != seen.lease.replica || !retried {
+                        // A new leader, or the same one alive: (re)attach once.
+                        let retried = s.lease.replica == seen.lease.replica;
+                        self.set(Role::Follower { seen: s, retried });
+                        return true;
+                    }
+                    seen = s;
+                }
+                Ok(Watched::Gone) => {}
+                Err(_) => {
+                    self.set(Role::Alone);
+                    return true;
+                }
+            }
+        }
+        tracing::warn!(digest = %d.digest, "the download's leader cannot be reached and keeps its lease; fetching from the upstream");
+        self.set(Role::Alone);
+        true
+    }
+
+    /// Tells the download's end: a leader puts the committed blob in the store, then
+    /// releases the lease (in the background; clients have their bytes already).
+    pub fn ended(&self, outcome: Result<u64, &crate::cache::inflight::FillError>) {
+        let role = std::mem::replace(&mut *lock(&self.0.role), Role::Undecided);
+        let Role::Leader(keeper) = role else {
+            return;
+        };
+        let d = self.0.clone();
+        let ok = outcome.is_ok();
+        // Detached: the upload must outlive the request that started the download.
+        tokio::spawn(async move {
+            if ok {
+                match upload::put_blob(&d.fleet.store, d.local.as_ref(), &d.digest).await {
+                    Ok(upload::Uploaded::Written(n)) => {
+                        tracing::info!(digest = %d.digest, bytes = n, "blob stored in the shared tier")
+                    }
+                    Ok(upload::Uploaded::Present) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, digest = %d.digest, "blob not stored in the shared tier")
+                    }
+                }
+            }
+            keeper.release().await;
+        });
+    }
+}
+
+/// The peer's `bytes`, failing with a timeout once the lease `seen` has stayed unchanged for
+/// `ttl` while no byte came: a paused or partitioned leader stops renewing, and this
+/// replica may take over. The lease is read only while the stream is stalled.
+fn watched(
+    bytes: SourceBytes,
+    store: Store,
+    digest: Digest,
+    seen: Seen,
+    ttl: Duration,
+    latest: Arc<std::sync::Mutex<Option<Seen>>>,
+) -> SourceBytes {
+    let check = ttl / 3;
+    Box::pin(futures_util::stream::unfold(
+        (bytes, seen, false),
+        move |(mut bytes, mut seen, done)| {
+            let store = store.clone();
+            let digest = digest.clone();
+            let latest = latest.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    match tokio::time::timeout(check, bytes.next()).await {
+                        Ok(Some(item)) => return Some((item, (bytes, seen, false))),
+                        Ok(None) => return None,
+                        Err(_) => {}
+                    }
+                    match lease::read(&store, &digest).await {
+                        Ok(Some(now)) if !now.same_version(&seen) => {
+                            *lock(&latest) = Some(now.clone());
+                            seen = now;
+                        }
+                        Ok(Some(_)) if Instant::now() >= seen.since + ttl => {
+                            *lock(&latest) = Some(seen.clone());
+                            let e = SourceError::Timeout(format!(
+                                "the download's leader {} stopped renewing its lease",
+                                seen.lease.advertise
+                            ));
+                            return Some((Err(e), (bytes, seen, true)));
+                        }
+                        // Renewing, gone (finishing) or unreadable: keep waiting.
+                        _ => {}
+                    }
+                }
+            }
+        },
+    ))
+}
+
+#[async_trait::async_trait]
+impl ByteSource for FleetSource {
+    fn name(&self) -> &str {
+        "fleet"
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        let up = self.0.upstream.timeouts();
+        let ttl = self.0.fleet.lease_ttl;
+        Timeouts {
+            // Looking in the store and taking the lease come first.
+            open: up.open + ttl * 2,
+            // A leader stalled on its upstream fails after the upstream's idle timeout; its
+            // followers wait that long, and a lease's life more.
+            idle: up.idle + ttl,
+        }
+    }
+
+    async fn open(&self, digest: &Digest, from: u64) -> Result<SourceStream, SourceError> {
+        debug_assert_eq!(digest, &self.0.digest);
+        if self.kind() == Kind::Undecided {
+            self.decide().await;
+        }
+        match self.kind() {
+            Kind::Store => {
+                StoreSource::new(self.0.fleet.store.clone(), self.timeouts())
+                    .open(digest, from)
+                    .await
+            }
+            Kind::Follower => self.open_peer(from).await,
+            Kind::Leader | Kind::Alone | Kind::Undecided => self.open_upstream(from).await,
+        }
+    }
+
+    async fn successor(&self, reached: u64, error: &SourceError) -> Option<Arc<dyn ByteSource>> {
+        match self.kind() {
+            Kind::Follower => {
+                tracing::info!(digest = %self.0.digest, %error, at = reached, "the download's leader stream failed");
+                self.recover(reached)
+                    .await
+                    .then(|| Arc::new(self.clone()) as _)
+            }
+            // The store's stream broke: decide again (the store, else the lease).
+            Kind::Store if error.is_retryable() || *error == SourceError::NotFound => {
+                self.set(Role::Undecided);
+                Some(Arc::new(self.clone()))
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The fleet's protocol on an in-memory store with paused time: the start-up check, leases
+//! (create, renew by compare-and-swap, expiry on the follower's clock, takeover, refusal of
+//! a stale leader), the choice of byte source, tier-2 writes and degraded mode.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+use super::lease::{self, Acquired, Keeper, Watched};
+use super::peer::Peers;
+use super::stats::{LeaseResult, Op};
+use super::*;
+use crate::cache::source::fake::{Fake, Fault};
+use crate::cache::source::{ByteSource, SourceError};
+use crate::cache::store::FsStore;
+
+const TTL: Duration = Duration::from_millis(1500);
+
+/// A store with switches: down (every request fails as a connection would), racy (create-
+/// only writes overwrite, as a store without atomic conditional writes).
+#[derive(Debug, Default)]
+struct Switched {
+    inner: InMemory,
+    down: AtomicBool,
+    racy: AtomicBool,
+}
+
+impl std::fmt::Display for Switched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Switched")
+    }
+}
+
+fn refused() -> object_store::Error {
+    object_store::Error::Generic {
+        store: "test",
+        source: "connection refused".into(),
+    }
+}
+
+impl Switched {
+    fn check(&self) -> object_store::Result<()> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(refused());
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Switched {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        mut opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.check()?;
+        if self.racy.load(Ordering::Relaxed) && opts.mode == PutMode::Create {
+            opts.mode = PutMode::Overwrite;
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.check()?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.check()?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        if self.down.load(Ordering::Relaxed) {
+            return futures_util::stream::once(async { Err(refused()) }).boxed();
+        }
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.check()?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, o: CopyOptions) -> object_store::Result<()> {
+        self.check()?;
+        self.inner.copy_opts(from, to, o).await
+    }
+}
+
+fn config(advertise: &str) -> FleetConfig {
+    FleetConfig {
+        store: "s3://bucket/fleet".parse().unwrap(),
+        advertise: advertise.parse().unwrap(),
+        peer_token_file: "/nonexistent".into(),
+        lease_ttl: crate::units::HumanDuration(TTL),
+    }
+}
+
+/// Other replicas, by advertised URL, as in-memory sources.
+#[derive(Default)]
+struct FakePeers(std::sync::Mutex<HashMap<String, Arc<dyn ByteSource>>>);
+
+impl Peers for FakePeers {
+    fn source(&self, advertise: &str) -> Arc<dyn ByteSource> {
+        let mut m = self.0.lock().unwrap();
+        m.entry(advertise.to_owned())
+            .or_insert_with(|| {
+                let mut gone = Fake::new(Bytes::new());
+                gone.fault = Fault::Refuse(SourceError::Unreachable("connection refused".into()));
+                Arc::new(gone)
+            })
+            .clone()
+    }
+}
+
+/// A replica's fleet on `store`, checked as at start.
+async fn replica(store: Arc<Switched>, advertise: &str, peers: Arc<FakePeers>) -> Arc<Fleet> {
+    let f = Fleet::with_store(
+        store,
+        &config(advertise),
+        "token",
+        Some(peers),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    f.check().await.unwrap();
+    f
+}
+
+fn blob(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+async fn read(s: crate::cache::source::SourceBytes) -> (Vec<u8>, Option<SourceError>) {
+    let mut s = s;
+    let mut out = Vec::new();
+    while let Some(r) = s.next().await {
+        match r {
+            Ok(b) => out.extend_from_slice(&b),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+    (out, None)
+}
+
+async fn local_store() -> (tempfile::TempDir, Arc<dyn crate::cache::store::BlobStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FsStore::open(dir.path()).await.unwrap());
+    (dir, store)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_start_up_check_passes_an_atomic_store_and_refuses_a_racy_one() {
+    let store = Arc::new(Switched::default());
+    let f = replica(store.clone(), "http://127.0.0.1:1", Arc::default()).await;
+    assert!(f.active());
+    assert_eq!(f.summary(), "fleet: ok");
+    let s = f.stats();
+    assert_eq!(s.requests(Op::PutCreate), probe::RACERS as u64);
+    assert_eq!(
+        s.requests(Op::PutUpdate),
+        2,
+        "one swap that must win, one that must lose"
+    );
+    // The probe key is gone afterwards.
+    let left: Vec<_> = store.inner.list(None).collect().await;
+    assert!(left.is_empty(), "{left:?}");
+
+    store.racy.store(true, Ordering::Relaxed);
+    let f = Fleet::with_store(
+        store.clone(),
+        &config("http://127.0.0.1:1"),
+        "t",
+        Some(Arc::new(FakePeers::default())),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let e = f.check().await.unwrap_err().to_string();
+    println!("refused: {e}");
+    assert!(e.contains("s3://bucket/fleet"), "names the store: {e}");
+    assert!(e.contains("12 of 12 racing create-only writes"), "{e}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_store_at_start_is_degraded_not_refused_and_the_fleet_resumes() {
+    let store = Arc::new(Switched::default());
+    store.down.store(true, Ordering::Relaxed);
+    let f = replica(store.clone(), "http://127.0.0.1:1", Arc::default()).await;
+    assert!(!f.active());
+    assert_eq!(f.summary(), "degraded: object store unreachable");
+    assert_eq!(f.stats().degraded_transitions(), 1);
+    assert!(!f.stats().store_up());
+
+    // Downloads go to the upstream alone, without a lease.
+    let data = blob(5000);
+    let d = Digest::sha256(&data);
+    let upstream = Arc::new(Fake::new(data.clone()));
+    let (_dir, local) = local_store().await;
+    let src = f.blob_source(&d, upstream.clone(), local.clone());
+    let opened = src.open(&d, 0).await.unwrap();
+    assert_eq!(read(opened.bytes).await, (data.clone(), None));
+    assert_eq!(upstream.opened(), vec![0]);
+    assert_eq!(f.stats().leases(LeaseResult::Won), 0);
+
+    // The store comes back: the background check finds it and runs the start-up check.
+    store.down.store(false, Ordering::Relaxed);
+    for _ in 0..10 {
+        if f.active() {
+            break;
+        }
+        tokio::time::sleep(TTL).await;
+    }
+    assert!(f.active(), "fleet mode resumes");
+    assert_eq!(f.summary(), "fleet: ok");
+    assert_eq!(
+        f.stats().degraded_transitions(),
+        1,
+        "one transition, counted once"
+    );
+
+    // The store stops while the replica runs: the next download finds it down and goes to
+    // the upstream alone; the store back, the fleet resumes.
+    store.down.store(true, Ordering::Relaxed);
+    let upstream = Arc::new(Fake::new(data.clone()));
+    let src = f.blob_source(&d, upstream.clone(), local.clone());
+    let opened = src.open(&d, 0).await.unwrap();
+    assert_eq!(read(opened.bytes).await, (data.clone(), None));
+    assert_eq!(upstream.opened(), vec![0]);
+    assert!(!f.active());
+    assert_eq!(f.summary(), "degraded: object store unreachable");
+    assert_eq!(f.stats().degraded_transitions(), 2);
+    store.down.store(false, Ordering::Relaxed);
+    for _ in 0..10 {
+        if f.active() {
+            break;
+        }
+        tokio::time::sleep(TTL).await;
+    }
+    assert!(f.active(), "fleet mode resumes again");
+    assert_eq!(f.stats().leases(LeaseResult::Won), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_lease_wins_renewals_swap_it_and_a_stale_leader_is_refused() {
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let d = Digest::sha256(b"blob");
+    let Acquired::Won(held) = lease::acquire(&a.store, &d, &a.me).await.unwrap() else {
+        panic!("the first create wins")
+    };
+    let Acquired::Taken(seen) = lease::acquire(&b.store, &d, &b.me).await.unwrap() else {
+        panic!("the second create loses")
+    };
+    assert_eq!(seen.lease.advertise, "http://a:5000");
+    assert_eq!(seen.lease.generation, 1);
+    assert_eq!(a.stats().leases(LeaseResult::Won), 1);
+    assert_eq!(b.stats().leases(LeaseResult::Followed), 1);
+
+    // A renews every third of the TTL: B sees the lease change, so A lives.
+    let keeper = Keeper::start(
+        a.store.clone(),
+        d.clone(),
+        held,
+        a.renew_every(),
+        Arc::default(),
+    );
+    let watched = lease::watch(&b.store, &d, seen, TTL).await.unwrap();
+    let Watched::Changed(renewed) = watched else {
+        panic!("a renewed lease is seen as changed: {watched:?}")
+    };
+    assert_eq!(renewed.lease.renewals, 1);
+    let before = a.stats().requests(Op::PutUpdate);
+
+    // A pauses (its renewals stop): B judges it by its own clock, a full TTL unchanged.
+    let paused_at = tokio::time::Instant::now();
+    let held_by_a = keeper.held();
+    drop(keeper);
+    let current = lease::read(&b.store, &d).await.unwrap().unwrap();
+    assert_eq!(current.version, held_by_a.version);
+    let Watched::Expired(stale) = lease::watch(&b.store, &d, current, TTL).await.unwrap() else {
+        panic!("an unrenewed lease expires")
+    };
+    let waited = paused_at.elapsed();
+    assert!(
+        waited >= TTL && waited < TTL + a.renew_every(),
+        "{waited:?}"
+    );
+    let taken = lease::take_over(&b.store, &d, &stale, &b.me, 4000)
+        .await
+        .unwrap();
+    let taken = taken.expect("the first swap of a stale lease wins");
+    assert_eq!(taken.lease.generation, 2);
+    assert_eq!(taken.lease.offset_hint, 4000);
+    assert_eq!(b.stats().leases(LeaseResult::TakenOver), 1);
+    // A second replica swapping the same stale version loses.
+    let c = replica(store.clone(), "http://c:5000", Arc::default()).await;
+    assert!(
+        lease::take_over(&c.store, &d, &stale, &c.me, 0)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A wakes and renews with its old version: refused; it stops and never deletes B's lease.
+    let zombie = Keeper::start(
+        a.store.clone(),
+        d.clone(),
+        held_by_a,
+        a.renew_every(),
+        Arc::default(),
+    );
+    tokio::time::sleep(a.renew_every() * 2).await;
+    assert!(zombie.lost());
+    assert_eq!(a.stats().leases(LeaseResult::RenewalRefused), 1);
+    assert_eq!(
+        a.stats().requests(Op::PutUpdate),
+        before + 1,
+        "stops after the refusal"
+    );
+    zombie.release().await;
+    let now = lease::read(&a.store, &d).await.unwrap().unwrap();
+    assert_eq!(now.lease.advertise, "http://b:5000");
+    assert_eq!(now.lease.generation, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_miss_leads_a_second_replica_follows_and_takes_over_a_dead_leader() {
+    let store = Arc::new(Switched::default());
+    let peers = Arc::new(FakePeers::default());
+    let data = blob(10_000);
+    let d = Digest::sha256(&data);
+    let a = replica(store.clone(), "http://a:5000", peers.clone()).await;
+    let b = replica(store.clone(), "http://b:5000", peers.clone()).await;
+    // A's peer endpoint streams 4000 bytes, then A dies.
+    let mut dying = Fake::new(data.clone());
+    dying.fault = Fault::FailAt(4000);
+    peers
+        .0
+        .lock()
+        .unwrap()
+        .insert("http://a:5000".into(), Arc::new(dying));
+
+    let (_da, local_a) = local_store().await;
+    let up_a = Arc::new(Fake::new(data.clone()));
+    let src_a = a.blob_source(&d, up_a.clone(), local_a);
+    let _leading = src_a.open(&d, 0).await.unwrap();
+    assert_eq!(up_a.opened(), vec![0], "the leader reads the upstream");
+    assert_eq!(a.stats().leases(LeaseResult::Won), 1);
+
+    let (_db, local_b) = local_store().await;
+    let up_b = Arc::new(Fake::new(data.clone()));
+    let src_b = b.blob_source(&d, up_b.clone(), local_b.clone());
+    let opened = src_b.open(&d, 0).await.unwrap();
+    assert_eq!(b.stats().leases(LeaseResult::Followed), 1);
+    let (first, error) = read(opened.bytes).await;
+    assert_eq!(first.len(), 4000);
+    assert!(
+        up_b.opened().is_empty(),
+        "a follower does not touch the upstream"
+    );
+
+    // A is killed: its renewals stop (its lease stays). B takes over within a TTL and a
+    // renewal period, and resumes the upstream from the bytes it has.
+    let killed = tokio::time::Instant::now();
+    drop(src_a);
+    let next = src_b
+        .successor(4000, &error.unwrap())
+        .await
+        .expect("a successor");
+    let took = killed.elapsed();
+    assert!(took <= TTL + b.renew_every(), "took over after {took:?}");
+    assert_eq!(b.stats().leases(LeaseResult::TakenOver), 1);
+    let rest = next.open(&d, 4000).await.unwrap();
+    assert_eq!(rest.offset, 4000);
+    let (second, error) = read(rest.bytes).await;
+    assert!(error.is_none());
+    assert_eq!(
+        up_b.opened(),
+        vec![4000],
+        "resumed with Range from the staged prefix"
+    );
+    assert_eq!([first, second].concat(), data);
+    println!(
+        "takeover after {took:?}; upstream asked from {:?}",
+        up_b.opened()
+    );
+
+    // B commits locally, then stores the blob in tier 2 and deletes the lease.
+    let staged = local_b.staging_path("t");
+    std::fs::write(&staged, &data).unwrap();
+    local_b.commit_blob(&d, &staged).await.unwrap();
+    src_b.ended(Ok(data.len() as u64));
+    for _ in 0..100 {
+        if store.inner.head(&b.store.lease_key(&d)).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stored = store.inner.get(&b.store.blob_key(&d)).await.unwrap();
+    assert_eq!(stored.bytes().await.unwrap(), Bytes::from(data.clone()));
+    assert!(
+        store.inner.head(&b.store.lease_key(&d)).await.is_err(),
+        "the lease is deleted after the commit"
+    );
+    assert!(
+        b.stats().requests(Op::Multipart) >= 3,
+        "create, part, complete"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_two_hit_streams_from_the_store_without_a_lease() {
+    let store = Arc::new(Switched::default());
+    let data = blob(3000);
+    let d = Digest::sha256(&data);
+    let f = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    store
+        .inner
+        .put(&f.store.blob_key(&d), PutPayload::from(data.clone()))
+        .await
+        .unwrap();
+    let (_dir, local) = local_store().await;
+    let up = Arc::new(Fake::new(data.clone()));
+    let creates = f.stats().requests(Op::PutCreate);
+    let src = f.blob_source(&d, up.clone(), local);
+    let opened = src.open(&d, 1000).await.unwrap();
+    assert_eq!(opened.total_len, Some(3000));
+    assert_eq!(read(opened.bytes).await, (data[1000..].to_vec(), None));
+    assert!(up.opened().is_empty(), "no upstream request");
+    assert_eq!(f.stats().requests(Op::PutCreate), creates, "no lease");
+    assert_eq!(f.stats().store_bytes().0, 2000);
+}
+
+#[tokio::test]
+async fn tier_two_writes_complete_only_on_a_digest_match() {
+    let store = Arc::new(Switched::default());
+    let f = Fleet::with_store(
+        store.clone(),
+        &config("http://a:5000"),
+        "t",
+        Some(Arc::new(FakePeers::default())),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let data = blob(upload::PART + 1000);
+    let d = Digest::sha256(&data);
+    let key = f.store.blob_key(&d);
+    let mut wrong = data.clone();
+    wrong[upload::PART + 10] ^= 1;
+    let chunks = |v: Vec<u8>| {
+        futures_util::stream::iter(
+            v.chunks(100_000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let e = upload::put_stream(&f.store, &key, &d, chunks(wrong))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, upload::UploadError::Mismatch(_)), "{e}");
+    assert!(
+        store.inner.head(&key).await.is_err(),
+        "nothing under the key"
+    );
+    let n = upload::put_stream(&f.store, &key, &d, chunks(data.clone()))
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as u64);
+    let got = store.inner.get(&key).await.unwrap().bytes().await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert_eq!(Digest::sha256(&got), d);
+}
+
+#[tokio::test(start_paused = true)]
+async fn manifests_by_digest_are_shared_verified_with_their_media_type() {
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let body = Bytes::from_static(
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#,
+    );
+    let d = Digest::sha256(&body);
+    assert_eq!(b.manifest(&d).await, None);
+    a.put_manifest(
+        &d,
+        "application/vnd.oci.image.manifest.v1+json",
+        body.clone(),
+    );
+    let mut got = None;
+    for _ in 0..100 {
+        got = b.manifest(&d).await;
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        got,
+        Some((
+            "application/vnd.oci.image.manifest.v1+json".to_owned(),
+            body
+        ))
+    );
+    // Bytes of another digest under the key are never served.
+    let other = Digest::sha256(b"other");
+    store
+        .inner
+        .put(
+            &a.store.manifest_key(&other),
+            PutPayload::from_static(b"tampered"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.manifest(&other).await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_left_by_an_earlier_run_of_this_replica_is_taken_over_at_once() {
+    let store = Arc::new(Switched::default());
+    let data = blob(2000);
+    let d = Digest::sha256(&data);
+    let before = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let Acquired::Won(_) = lease::acquire(&before.store, &d, &before.me).await.unwrap() else {
+        panic!("first lease")
+    };
+    // The process restarts on the same address; its old lease still stands.
+    let after = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let (_dir, local) = local_store().await;
+    let up = Arc::new(Fake::new(data.clone()));
+    let started = tokio::time::Instant::now();
+    let src = after.blob_source(&d, up.clone(), local);
+    let opened = src.open(&d, 0).await.unwrap();
+    assert_eq!(read(opened.bytes).await, (data, None));
+    assert_eq!(up.opened(), vec![0]);
+    assert_eq!(after.stats().leases(LeaseResult::TakenOver), 1);
+    assert!(started.elapsed() < TTL, "not waited out");
+    let now = lease::read(&after.store, &d).await.unwrap().unwrap();
+    assert_eq!(
+        (now.lease.replica, now.lease.generation),
+        (after.me.replica.clone(), 2)
+    );
+}
