@@ -286,7 +286,10 @@ async fn fill_held_mid_way(fleet: &mut Fleet, digest: &str, k: u64) -> (usize, V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sigkilled_mid_fill_a_follower_takes_over_and_resumes_with_range() {
     let mut fleet = require_peer!(fleet_of(3).await);
-    let size = 16 << 20;
+    // A layer's usual size. The upstream bytes counted include what the relay still writes
+    // into the dead leader's socket once the gate opens (about 1 MiB on loopback) before
+    // the kernel refuses it: a real upstream sends those too.
+    let size = 64 << 20;
     let data = blob_of(size, 2);
     let digest = fleet
         .upstream
@@ -445,6 +448,11 @@ async fn leader_paused_past_lease_ttl_loses_the_lease_and_corrupts_nothing() {
             > refused_before
     })
     .await;
+    if !refused {
+        for l in fleet.replicas[leader].log_lines("") {
+            eprintln!("the woken leader's log: {l}");
+        }
+    }
     assert!(
         refused,
         "the woken leader's renewal is refused; its log: {:?}",

@@ -213,6 +213,39 @@ struct KeeperShared {
     lost: AtomicBool,
     // Bytes received so far, written into the lease as its offset hint.
     progress: Arc<AtomicU64>,
+    // When the last renewal (or the lease's creation) was answered, on this replica's clock.
+    renewed: std::sync::Mutex<Instant>,
+}
+
+/// What a leader's upstream stream asks before passing bytes on: whether this replica still
+/// leads. A leader that was paused (or cut off from the store) for `lease_ttl` may have been
+/// replaced; it then stops reading the upstream and follows the new leader instead.
+#[derive(Clone)]
+pub struct Fence(Arc<KeeperShared>);
+
+impl Fence {
+    /// False once another replica holds the lease. Costs nothing while renewals succeed;
+    /// past `ttl` without one, the lease is read to see who holds it.
+    pub async fn holds(&self, ttl: Duration) -> bool {
+        let s = &self.0;
+        if s.lost.load(Ordering::Relaxed) {
+            return false;
+        }
+        if *lock(&s.renewed) + ttl > Instant::now() {
+            return true;
+        }
+        let me = lock(&s.held).lease.replica.clone();
+        match read(&s.store, &s.digest).await {
+            Ok(Some(now)) if now.lease.replica == me => true,
+            // Taken over, or gone (the new leader finished).
+            Ok(_) => {
+                s.refused();
+                false
+            }
+            // The store is unreachable: nobody can take over through it either.
+            Err(_) => true,
+        }
+    }
 }
 
 impl Keeper {
@@ -231,6 +264,7 @@ impl Keeper {
             held: std::sync::Mutex::new(held),
             lost: AtomicBool::new(false),
             progress,
+            renewed: std::sync::Mutex::new(Instant::now()),
         });
         let s = shared.clone();
         // Aborted by `release` or on drop: it holds nothing but the lease's state.
@@ -257,13 +291,30 @@ impl Keeper {
         lock(&self.shared.held).clone()
     }
 
-    /// Stops renewing and deletes the lease, unless another replica holds it now.
+    /// A handle the download's upstream stream checks before passing bytes on.
+    pub fn fence(&self) -> Fence {
+        Fence(self.shared.clone())
+    }
+
+    /// Stops renewing and deletes the lease, unless another replica holds it now. Deletes
+    /// cannot be conditional on every store, so the lease is read first: a takeover needs
+    /// the lease unchanged for `lease_ttl`, and this replica renewed it within a third of
+    /// that (else its fence stopped the download), so nobody swaps it between the two.
     pub async fn release(self) {
         self.task.abort();
         if self.lost() {
             return;
         }
         let s = &self.shared;
+        let me = lock(&s.held).lease.replica.clone();
+        match read(&s.store, &s.digest).await {
+            Ok(Some(now)) if now.lease.replica != me => {
+                s.refused();
+                return;
+            }
+            Ok(None) => return,
+            _ => {}
+        }
         if let Err(error) = s.store.delete(&s.store.lease_key(&s.digest)).await {
             // It expires: another replica takes over a download that has ended, at worst
             // fetching once more.
@@ -279,6 +330,18 @@ impl Drop for Keeper {
 }
 
 impl KeeperShared {
+    // Another replica holds the lease now: counted and logged once.
+    fn refused(&self) {
+        if !self.lost.swap(true, Ordering::Relaxed) {
+            self.store.stats().lease(LeaseResult::RenewalRefused);
+            tracing::warn!(
+                digest = %self.digest,
+                "lease renewal refused: another replica took the download over; \
+                 this replica stops reading the upstream and follows it"
+            );
+        }
+    }
+
     // One renewal; false once refused (the task then ends).
     async fn renew(&self) -> bool {
         let Held { mut lease, version } = lock(&self.held).clone();
@@ -291,16 +354,11 @@ impl KeeperShared {
                     lease,
                     version: put.into(),
                 };
+                *lock(&self.renewed) = Instant::now();
                 true
             }
             Err(StoreError::Conflict | StoreError::NotFound) => {
-                self.lost.store(true, Ordering::Relaxed);
-                self.store.stats().lease(LeaseResult::RenewalRefused);
-                tracing::warn!(
-                    digest = %self.digest,
-                    "lease renewal refused: another replica took the download over; \
-                     this replica keeps serving its own clients"
-                );
+                self.refused();
                 false
             }
             // The store is down (logged once by the store): try again at the next tick.

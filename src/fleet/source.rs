@@ -198,16 +198,24 @@ impl FleetSource {
     ) -> impl std::future::Future<Output = Result<SourceStream, SourceError>> + '_ {
         let d = &self.0;
         async move {
+            let fence = match &*lock(&d.role) {
+                Role::Leader(keeper) => Some(keeper.fence()),
+                _ => None,
+            };
             let mut opened = d.upstream.open(&d.digest, from).await?;
             let received = d.received.clone();
             received.store(opened.offset, Ordering::Relaxed);
             let bytes =
                 std::mem::replace(&mut opened.bytes, Box::pin(futures_util::stream::empty()));
-            opened.bytes = Box::pin(bytes.inspect(move |r| {
+            let bytes = Box::pin(bytes.inspect(move |r| {
                 if let Ok(b) = r {
                     received.fetch_add(b.len() as u64, Ordering::Relaxed);
                 }
             }));
+            opened.bytes = match fence {
+                Some(fence) => fenced(bytes, fence, d.fleet.lease_ttl),
+                None => bytes,
+            };
             Ok(opened)
         }
     }
@@ -251,7 +259,16 @@ impl FleetSource {
             _ => return false,
         };
         // The peer stream's watch may have seen a newer version since.
-        if let Some(newer) = lock(&d.watched).take() {
+        let newer = lock(&d.watched).take();
+        if let Some(newer) = newer {
+            if newer.lease.replica != seen.lease.replica {
+                // It saw a new leader: attach to it at once.
+                self.set(Role::Follower {
+                    seen: newer,
+                    retried: false,
+                });
+                return true;
+            }
             if newer.since >= seen.since {
                 seen = newer;
             }
@@ -325,6 +342,9 @@ impl FleetSource {
                         }
                         // Another replica swapped first: follow it (read at the next turn).
                         Ok(None) => {}
+                        // No answer: the swap may have happened or not; the next turn reads
+                        // the lease and sees. Alone only once the store counts as down.
+                        Err(_) if f.active() => {}
                         Err(_) => {
                             self.set(Role::Alone);
                             return true;
@@ -352,6 +372,34 @@ impl FleetSource {
         true
     }
 
+    fn lost_lease(&self) -> bool {
+        matches!(&*lock(&self.0.role), Role::Leader(keeper) if keeper.lost())
+    }
+
+    /// After losing the lease: the store when the blob is there, else the lease's holder.
+    async fn follow_current(&self) -> bool {
+        let f = &self.0.fleet;
+        let digest = &self.0.digest;
+        if f.store.head(&f.store.blob_key(digest)).await.is_ok() {
+            self.set(Role::Store);
+            return true;
+        }
+        match lease::read(&f.store, digest).await {
+            Ok(Some(seen)) if seen.lease.replica != f.me.replica => {
+                self.set(Role::Follower {
+                    seen,
+                    retried: false,
+                });
+                true
+            }
+            // Gone without the blob in the store, or unreadable: decide again.
+            _ => {
+                self.set(Role::Undecided);
+                true
+            }
+        }
+    }
+
     /// Tells the download's end: a leader puts the committed blob in the store, then
     /// releases the lease (in the background; clients have their bytes already).
     pub fn ended(&self, outcome: Result<u64, &crate::cache::inflight::FillError>) {
@@ -377,6 +425,27 @@ impl FleetSource {
             keeper.release().await;
         });
     }
+}
+
+/// A leader's upstream `bytes`, ending with an error before the first chunk it receives
+/// after another replica took its lease over (it was paused, or cut off, for `ttl`).
+fn fenced(bytes: SourceBytes, fence: lease::Fence, ttl: Duration) -> SourceBytes {
+    Box::pin(futures_util::stream::unfold(
+        (bytes, fence, false),
+        move |(mut bytes, fence, done)| async move {
+            if done {
+                return None;
+            }
+            let item = bytes.next().await?;
+            if item.is_ok() && !fence.holds(ttl).await {
+                let e = SourceError::Unreachable(
+                    "another replica took this download's lease over".into(),
+                );
+                return Some((Err(e), (bytes, fence, true)));
+            }
+            Some((item, (bytes, fence, false)))
+        },
+    ))
 }
 
 /// The peer's `bytes`, failing with a timeout once the lease `seen` has stayed unchanged for
@@ -408,6 +477,16 @@ fn watched(
                         Err(_) => {}
                     }
                     match lease::read(&store, &digest).await {
+                        // Another replica leads now (it took over from this stream's
+                        // leader): this stream will bring nothing more; attach to it.
+                        Ok(Some(now)) if now.lease.replica != seen.lease.replica => {
+                            *lock(&latest) = Some(now.clone());
+                            let e = SourceError::Timeout(format!(
+                                "the download's leader {} was replaced by {}",
+                                seen.lease.advertise, now.lease.advertise
+                            ));
+                            return Some((Err(e), (bytes, now, true)));
+                        }
                         Ok(Some(now)) if !now.same_version(&seen) => {
                             *lock(&latest) = Some(now.clone());
                             seen = now;
@@ -468,6 +547,15 @@ impl ByteSource for FleetSource {
             Kind::Follower => {
                 tracing::info!(digest = %self.0.digest, %error, at = reached, "the download's leader stream failed");
                 self.recover(reached)
+                    .await
+                    .then(|| Arc::new(self.clone()) as _)
+            }
+            // Replaced as leader (paused past the lease's life): follow whoever holds it
+            // now, from the bytes already written; a leader that just lost its upstream
+            // keeps its lease and fails as today.
+            Kind::Leader if self.lost_lease() => {
+                tracing::info!(digest = %self.0.digest, at = reached, "lost the download's lease; following its new leader");
+                self.follow_current()
                     .await
                     .then(|| Arc::new(self.clone()) as _)
             }

@@ -65,6 +65,11 @@ pub struct Store {
     op_timeout: Duration,
 }
 
+// Conditional writes wait longer than other small requests: a store may hold the losers of
+// a race for seconds (SeaweedFS 4.48: 1 to 6 s), and a loser timed out would count the
+// store as down and send its replica to the upstream alone.
+const CONDITIONAL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Builds the object-store client for `url` with settings from the environment. Retries are
 /// few and short: a store that does not answer puts the fleet in degraded mode quickly
 /// rather than holding requests.
@@ -225,12 +230,20 @@ impl Store {
         &self,
         f: impl std::future::Future<Output = Result<T, object_store::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.op_timeout, f).await {
+        self.timed_for(self.op_timeout, f).await
+    }
+
+    async fn timed_for<T>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = Result<T, object_store::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, f).await {
             Ok(r) => self.seen(r),
             Err(_) => {
                 let r = Err(StoreError::Unreachable(format!(
                     "no answer within {}",
-                    crate::units::HumanDuration(self.op_timeout)
+                    crate::units::HumanDuration(limit)
                 )));
                 self.note(&r);
                 r
@@ -318,13 +331,20 @@ impl Store {
             PutMode::Update(_) => Op::PutUpdate,
         });
         let n = body.len() as u64;
+        let limit = match mode {
+            PutMode::Overwrite => self.op_timeout,
+            PutMode::Create | PutMode::Update(_) => self.op_timeout.max(CONDITIONAL_TIMEOUT),
+        };
         let opts = PutOptions {
             mode,
             attributes,
             ..PutOptions::default()
         };
         let r = self
-            .timed(self.inner.put_opts(key, PutPayload::from(body), opts))
+            .timed_for(
+                limit,
+                self.inner.put_opts(key, PutPayload::from(body), opts),
+            )
             .await;
         if r.is_ok() {
             self.stats.store_written(n);

@@ -570,3 +570,98 @@ async fn a_lease_left_by_an_earlier_run_of_this_replica_is_taken_over_at_once() 
         (after.me.replica.clone(), 2)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replaced_leader_stops_reading_the_upstream_and_follows_the_new_one() {
+    let store = Arc::new(Switched::default());
+    let peers = Arc::new(FakePeers::default());
+    let data = blob(10_000);
+    let d = Digest::sha256(&data);
+    let a = replica(store.clone(), "http://a:5000", peers.clone()).await;
+    let b = replica(store.clone(), "http://b:5000", peers.clone()).await;
+    // B serves the blob from its peer endpoint once it leads.
+    peers
+        .0
+        .lock()
+        .unwrap()
+        .insert("http://b:5000".into(), Arc::new(Fake::new(data.clone())));
+
+    let (_da, local_a) = local_store().await;
+    let up_a = Arc::new(Fake::new(data.clone()));
+    let src_a = a.blob_source(&d, up_a.clone(), local_a);
+    let mut leading = src_a.open(&d, 0).await.unwrap().bytes;
+    let first = leading.next().await.unwrap().unwrap();
+    assert_eq!(first.len(), 1000);
+
+    // B swaps A's lease (as after A was paused past its life); A's next renewal is refused.
+    let seen = lease::read(&b.store, &d).await.unwrap().unwrap();
+    assert!(
+        lease::take_over(&b.store, &d, &seen, &b.me, 0)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    tokio::time::sleep(a.renew_every() * 2).await;
+    assert_eq!(a.stats().leases(LeaseResult::RenewalRefused), 1);
+
+    // A passes on no further upstream byte: its stream ends with an error ...
+    let error = match leading.next().await {
+        Some(Err(e)) => e,
+        other => panic!("a replaced leader's stream goes on: {other:?}"),
+    };
+    assert!(leading.next().await.is_none());
+    // ... and its download goes on from B, from the bytes it has.
+    let next = src_a
+        .successor(1000, &error)
+        .await
+        .expect("follows the new leader");
+    let rest = next.open(&d, 1000).await.unwrap();
+    let (rest, error) = read(rest.bytes).await;
+    assert!(error.is_none());
+    assert_eq!([first.to_vec(), rest].concat(), data);
+    assert_eq!(up_a.opened(), vec![0], "the upstream was read once, by A");
+    assert_eq!(
+        a.stats().leases(LeaseResult::RenewalRefused),
+        1,
+        "counted once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_without_a_renewal_for_a_lease_life_reads_who_leads_before_going_on() {
+    let store = Arc::new(Switched::default());
+    let peers = Arc::new(FakePeers::default());
+    let d = Digest::sha256(b"fenced");
+    let a = replica(store.clone(), "http://a:5000", peers.clone()).await;
+    let b = replica(store.clone(), "http://b:5000", peers).await;
+    let Acquired::Won(held) = lease::acquire(&a.store, &d, &a.me).await.unwrap() else {
+        panic!("A leads");
+    };
+    // No renewal in the meantime (a paused process renews nothing).
+    let keeper = Keeper::start(
+        a.store.clone(),
+        d.clone(),
+        held,
+        Duration::from_secs(3600),
+        Arc::default(),
+    );
+    let fence = keeper.fence();
+    assert!(fence.holds(TTL).await, "fresh: no store request");
+    let gets = a.stats().requests(Op::Get);
+    tokio::time::sleep(TTL * 2).await;
+    assert!(fence.holds(TTL).await, "stale but still A's");
+    assert!(a.stats().requests(Op::Get) > gets, "the lease was read");
+
+    let seen = lease::read(&b.store, &d).await.unwrap().unwrap();
+    lease::take_over(&b.store, &d, &seen, &b.me, 0)
+        .await
+        .unwrap()
+        .expect("B swaps the stale lease");
+    assert!(!fence.holds(TTL).await, "B leads now");
+    assert!(keeper.lost());
+    assert_eq!(a.stats().leases(LeaseResult::RenewalRefused), 1);
+    // Releasing never deletes B's lease.
+    keeper.release().await;
+    let now = lease::read(&a.store, &d).await.unwrap().unwrap();
+    assert_eq!(now.lease.advertise, "http://b:5000");
+}
