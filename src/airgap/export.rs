@@ -379,9 +379,10 @@ async fn add_referrers(
                 eprintln!("{name}: left out: referrer {r} of {subject}: {e}");
                 continue;
             }
-            let artifact_type = crate::cache::referrers::descriptor(r, &m)["artifactType"]
-                .as_str()
-                .map(str::to_owned);
+            let artifact_type =
+                crate::cache::referrers::descriptor(r, &m.media_type, &m.body)["artifactType"]
+                    .as_str()
+                    .map(str::to_owned);
             let entry =
                 Descriptor::unnamed(&m.media_type, r.clone(), m.body.len() as u64, artifact_type);
             for d in add_tree(store, r, m, plan, &mut gaps).await? {

@@ -12,7 +12,6 @@ use tokio::time::Instant;
 
 use serde::Deserialize;
 
-use super::store::StoredManifest;
 use crate::reference::{Digest, Repository};
 
 /// Which subject: upstream name, repository at the upstream, subject digest.
@@ -89,7 +88,7 @@ pub fn subject_of(body: &[u8]) -> Option<Digest> {
 /// The descriptor of a cached referrer, as a referrers index lists it: `mediaType`,
 /// `digest`, `size`, `artifactType` (the manifest's own, else its config's media type) and
 /// its `annotations`.
-pub fn descriptor(digest: &Digest, m: &StoredManifest) -> serde_json::Value {
+pub fn descriptor(digest: &Digest, media_type: &str, body: &[u8]) -> serde_json::Value {
     #[derive(Deserialize)]
     struct Config {
         #[serde(rename = "mediaType")]
@@ -102,11 +101,11 @@ pub fn descriptor(digest: &Digest, m: &StoredManifest) -> serde_json::Value {
         config: Option<Config>,
         annotations: Option<serde_json::Map<String, serde_json::Value>>,
     }
-    let shape = serde_json::from_slice::<Shape>(&m.body).ok();
+    let shape = serde_json::from_slice::<Shape>(body).ok();
     let mut d = serde_json::json!({
-        "mediaType": m.media_type,
+        "mediaType": media_type,
         "digest": digest.to_string(),
-        "size": m.body.len(),
+        "size": body.len(),
     });
     if let Some(s) = shape {
         let artifact_type = s
@@ -127,11 +126,8 @@ pub fn descriptor(digest: &Digest, m: &StoredManifest) -> serde_json::Value {
 mod tests {
     use super::*;
 
-    fn manifest(v: serde_json::Value) -> StoredManifest {
-        StoredManifest {
-            media_type: crate::media::OCI_MANIFEST.into(),
-            body: serde_json::to_vec(&v).unwrap().into(),
-        }
+    fn manifest(v: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
     }
 
     #[test]
@@ -141,7 +137,7 @@ mod tests {
             "schemaVersion": 2,
             "subject": {"mediaType": "x", "digest": s.to_string(), "size": 5},
         }));
-        assert_eq!(subject_of(&m.body), Some(s));
+        assert_eq!(subject_of(&m), Some(s));
         assert_eq!(subject_of(br#"{"schemaVersion":2}"#), None);
         assert_eq!(subject_of(br#"{"subject":{"digest":"sha256:zz"}}"#), None);
         assert_eq!(subject_of(br#"{"subject": not json"#), None);
@@ -155,11 +151,11 @@ mod tests {
             "config": {"mediaType": "application/vnd.oci.empty.v1+json"},
             "annotations": {"org.opencontainers.image.created": "2026-01-01T00:00:00Z"},
         }));
-        let d = Digest::sha256(&own.body);
-        let v = descriptor(&d, &own);
+        let d = Digest::sha256(&own);
+        let v = descriptor(&d, crate::media::OCI_MANIFEST, &own);
         assert_eq!(v["artifactType"], "application/spdx+json");
         assert_eq!(v["digest"], d.to_string());
-        assert_eq!(v["size"], own.body.len());
+        assert_eq!(v["size"], own.len());
         assert_eq!(v["mediaType"], crate::media::OCI_MANIFEST);
         assert_eq!(
             v["annotations"]["org.opencontainers.image.created"],
@@ -168,7 +164,7 @@ mod tests {
         let by_config = manifest(serde_json::json!({
             "schemaVersion": 2, "config": {"mediaType": "application/vnd.dev.cosign"},
         }));
-        let v = descriptor(&d, &by_config);
+        let v = descriptor(&d, crate::media::OCI_MANIFEST, &by_config);
         assert_eq!(v["artifactType"], "application/vnd.dev.cosign");
         assert!(v.get("annotations").is_none());
     }

@@ -85,7 +85,11 @@ async fn on_disk(app: &App, subject: &Digest) -> Result<Vec<serde_json::Value>, 
     let mut out = Vec::new();
     for d in app.store.referrers_of(subject).await? {
         if let Some(m) = app.store.manifest(&d).await? {
-            out.push(crate::cache::referrers::descriptor(&d, &m));
+            out.push(crate::cache::referrers::descriptor(
+                &d,
+                &m.media_type,
+                &m.body,
+            ));
         }
     }
     Ok(out)
