@@ -513,6 +513,118 @@ mod tests {
         assert!(choose_record(&[]).is_none());
     }
 
+    /// Puts a manifest in the store; its digest.
+    async fn put(store: &FsStore, v: serde_json::Value) -> Digest {
+        let body = Bytes::from(serde_json::to_vec(&v).unwrap());
+        let d = Digest::sha256(&body);
+        let m = StoredManifest {
+            media_type: media::OCI_MANIFEST.into(),
+            body,
+        };
+        store.put_manifest(&d, &m).await.unwrap();
+        d
+    }
+
+    async fn put_blob(store: &FsStore, data: &[u8]) -> serde_json::Value {
+        let d = Digest::sha256(data);
+        let staged = store.staging_path("blob");
+        fs::write(&staged, data).unwrap();
+        store.commit_blob(&d, &staged).await.unwrap();
+        serde_json::json!({"mediaType": "x/y", "digest": d.to_string(), "size": data.len()})
+    }
+
+    /// An image, an SBOM of it and a signature of the SBOM are found through the cached
+    /// manifests' subjects; a manifest file that is not JSON is skipped.
+    #[tokio::test]
+    async fn referrers_are_found_by_subject_recursively() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).await.unwrap();
+        let config = put_blob(&store, b"{}").await;
+        let image = put(
+            &store,
+            serde_json::json!({"schemaVersion": 2, "config": config, "layers": []}),
+        )
+        .await;
+        let subject = |d: &Digest| serde_json::json!({"digest": d.to_string(), "size": 1});
+        let sbom_blob = put_blob(&store, b"sbom").await;
+        let sbom = put(
+            &store,
+            serde_json::json!({"schemaVersion": 2, "artifactType": "application/spdx+json",
+                "config": config, "layers": [sbom_blob], "subject": subject(&image)}),
+        )
+        .await;
+        let sig_blob = put_blob(&store, b"sig").await;
+        let sig = put(
+            &store,
+            serde_json::json!({"schemaVersion": 2, "config": config,
+                "layers": [sig_blob], "subject": subject(&sbom)}),
+        )
+        .await;
+        let junk = Layout::new(dir.path()).manifest(&Digest::sha256(b"junk"));
+        fs::create_dir_all(junk.parent().unwrap()).unwrap();
+        fs::write(&junk, b"x/y\n{\"subject\": not json").unwrap();
+
+        let subjects = cached_subjects(&Layout::new(dir.path())).unwrap();
+        assert_eq!(subjects.len(), 2, "{subjects:?}");
+        assert_eq!(subjects[&image], vec![sbom.clone()]);
+        assert_eq!(subjects[&sbom], vec![sig.clone()]);
+
+        let name: ImageName = "app:1".parse().unwrap();
+        let mut plan = Plan::default();
+        let n = add_referrers(
+            &store,
+            &subjects,
+            &name,
+            vec![image.clone()],
+            false,
+            &mut plan,
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 2);
+        let listed: Vec<(&Digest, Option<&str>)> = plan
+            .entries
+            .iter()
+            .map(|e| (&e.digest, e.artifact_type.as_deref()))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(&sbom, Some("application/spdx+json")), (&sig, Some("x/y"))]
+        );
+        assert!(plan.entries.iter().all(|e| e.ref_name().is_none()));
+        assert!(plan.blobs.contains_key(&Digest::sha256(b"sig")));
+        // Again for another image naming the same subject: no second entry.
+        let again = add_referrers(
+            &store,
+            &subjects,
+            &name,
+            vec![image.clone()],
+            false,
+            &mut plan,
+        );
+        assert_eq!(again.await.unwrap(), 0);
+
+        // A referrer's blob that is not cached fails the image unless partial is allowed.
+        store.remove_content(&Digest::sha256(b"sig")).await.unwrap();
+        let mut plan = Plan::default();
+        let e = add_referrers(
+            &store,
+            &subjects,
+            &name,
+            vec![image.clone()],
+            false,
+            &mut plan,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, AirgapError::Missing(_)), "{e}");
+        let mut plan = Plan::default();
+        let n = add_referrers(&store, &subjects, &name, vec![image], true, &mut plan)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+    }
+
     #[test]
     fn tar_outputs_are_recognised() {
         assert!(is_tar(Path::new("/x/images.tar")));
