@@ -103,6 +103,10 @@ pub enum Command {
         /// failing.
         #[arg(long)]
         allow_partial: bool,
+        /// Leave out each image's cached referrers (signatures, SBOMs, attestations), which
+        /// are written with it by default.
+        #[arg(long)]
+        no_referrers: bool,
     },
     /// Ask the regcache this configuration describes whether it is healthy: `GET /healthz` on
     /// `admin_listen` when set, else on `listen` (over TLS when `[tls]` is set). Exit code 0
@@ -232,7 +236,17 @@ mod tests {
         let cli = Cli::try_parse_from(["regcache", "export", "a:1", "b", "-o", "out.tar"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Export { images, allow_partial: false, .. }) if images.len() == 2
+            Some(Command::Export { images, allow_partial: false, no_referrers: false, .. })
+                if images.len() == 2
+        ));
+        let cli = Cli::try_parse_from(["regcache", "export", "a:1", "-o", "d", "--no-referrers"])
+            .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Export {
+                no_referrers: true,
+                ..
+            })
         ));
         let cli =
             Cli::try_parse_from(["regcache", "import", "x.tar", "--repository", "alpine"]).unwrap();

@@ -323,11 +323,13 @@ async fn run_command(command: Command, config: Config) -> anyhow::Result<bool> {
             images,
             output,
             allow_partial,
+            no_referrers,
         } => {
             let args = export::ExportArgs {
                 images,
                 output,
                 allow_partial,
+                referrers: !no_referrers,
             };
             Ok(export::run(&config, args).await?)
         }

@@ -875,6 +875,75 @@ mod tests {
         assert!(s.manifest(&f.index).await.unwrap().is_some());
     }
 
+    /// Adds to the fixture a referrer of its index (an SBOM with its own blob), listed in
+    /// `index.json` without a ref name as `export` writes it; returns its digest and blob.
+    fn add_referrer(f: &mut Fixture) -> (Digest, Digest) {
+        let sbom = b"{\"spdxVersion\":\"SPDX-2.3\"}";
+        let blob = Digest::sha256(sbom);
+        let path = f._src.path().join(blob.hex());
+        fs::write(&path, sbom).unwrap();
+        f.plan.blobs.insert(blob.clone(), (path, sbom.len() as u64));
+        let index_len = f.plan.manifests[&f.index].len();
+        let m = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
+            "artifactType": "application/spdx+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                       "digest": blob.to_string(), "size": sbom.len()},
+            "layers": [],
+            "subject": {"mediaType": media::OCI_INDEX, "digest": f.index.to_string(),
+                        "size": index_len},
+        }))
+        .unwrap();
+        let d = Digest::sha256(&m);
+        f.plan.entries.push(Descriptor::unnamed(
+            media::OCI_MANIFEST,
+            d.clone(),
+            m.len() as u64,
+            Some("application/spdx+json".into()),
+        ));
+        f.plan.manifests.insert(d.clone(), Bytes::from(m));
+        (d, blob)
+    }
+
+    #[tokio::test]
+    async fn entries_without_a_ref_name_are_imported_by_digest_and_indexed_as_referrers() {
+        let mut f = fixture("docker.io/library/app:1");
+        let (referrer, blob) = add_referrer(&mut f);
+        let out = tempfile::tempdir().unwrap();
+        write_dir(&f.plan, out.path()).unwrap();
+        let (_cache, s) = store().await;
+        let r = import(s.clone(), &table(), &args(out.path()), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(r.entries.len(), 2);
+        assert_eq!(r.entries[1], (referrer.to_string(), referrer.clone(), None));
+        assert_imported(&s, &f).await;
+        assert!(s.manifest(&referrer).await.unwrap().is_some());
+        assert_eq!(s.blob_len(&blob).await.unwrap(), Some(26));
+        // No tag was made of it; its subject's referrers list it from the disk.
+        let repo: Repository = "library/app".parse().unwrap();
+        let tags = s.tags_of("docker.io", &repo).await.unwrap();
+        assert_eq!(tags.len(), 2);
+        assert!(tags.iter().all(|(_, _, t)| t.digest == f.index));
+        assert_eq!(s.referrers_of(&f.index).await.unwrap(), vec![referrer]);
+
+        // A damaged referrer refuses the whole layout, as any damaged manifest does.
+        let mut g = fixture("docker.io/library/app:2");
+        let (bad, _) = add_referrer(&mut g);
+        let out = tempfile::tempdir().unwrap();
+        write_dir(&g.plan, out.path()).unwrap();
+        let path = out.path().join(oci::blob_path(&bad));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] = b' ';
+        fs::write(&path, &bytes).unwrap();
+        let (cache, s) = store().await;
+        let e = import(s.clone(), &table(), &args(out.path()), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("hashes to"), "{e}");
+        assert!(files(cache.path()).is_empty(), "nothing lands");
+    }
+
     #[tokio::test]
     async fn ref_names_that_are_only_a_tag_need_a_repository() {
         let f = fixture("1");

@@ -79,6 +79,13 @@ pub struct Descriptor {
     /// Platform, for entries of an index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// What kind of artifact a referrer is (signature, SBOM, ...).
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub artifact_type: Option<String>,
     /// Annotations (`org.opencontainers.image.ref.name` in `index.json`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
@@ -97,7 +104,26 @@ impl Descriptor {
             digest,
             size,
             platform: None,
+            artifact_type: None,
             annotations: [(REF_NAME.to_owned(), ref_name.to_owned())].into(),
+        }
+    }
+
+    /// A top-level `index.json` entry without a ref name (the OCI image layout allows them):
+    /// a referrer, brought as content and found again by its `subject`.
+    pub fn unnamed(
+        media_type: &str,
+        digest: Digest,
+        size: u64,
+        artifact_type: Option<String>,
+    ) -> Self {
+        Descriptor {
+            media_type: media_type.to_owned(),
+            digest,
+            size,
+            platform: None,
+            artifact_type,
+            annotations: BTreeMap::new(),
         }
     }
 
@@ -244,7 +270,8 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<Descriptor>, FormatError> {
 }
 
 /// An `index.json` holding `existing` entries (kept as they are, whatever fields they have)
-/// except those whose ref name one of `new` takes over, then `new`.
+/// except those whose ref name one of `new` takes over, and entries without a ref name
+/// that one of `new` lists again, then `new`.
 pub fn index_json(existing: &[u8], new: &[Descriptor]) -> Result<Vec<u8>, FormatError> {
     let mut entries: Vec<serde_json::Value> = if existing.is_empty() {
         Vec::new()
@@ -255,8 +282,11 @@ pub fn index_json(existing: &[u8], new: &[Descriptor]) -> Result<Vec<u8>, Format
     };
     entries.retain(|e| {
         let name = e["annotations"][REF_NAME].as_str();
-        !new.iter()
-            .any(|n| n.ref_name().is_some() && n.ref_name() == name)
+        let digest = e["digest"].as_str();
+        !new.iter().any(|n| match n.ref_name() {
+            Some(_) => n.ref_name() == name,
+            None => name.is_none() && digest == Some(n.digest.to_string().as_str()),
+        })
     });
     for n in new {
         entries.push(serde_json::to_value(n).map_err(|e| bad(e.to_string()))?);
@@ -392,11 +422,31 @@ mod tests {
         )
         .unwrap();
         let entries = parse_index(&merged).unwrap();
+        let b = Descriptor {
+            artifact_type: Some("application/example".into()),
+            ..b
+        };
         assert_eq!(entries, vec![b, a2]);
         let raw: serde_json::Value = serde_json::from_slice(&merged).unwrap();
         assert_eq!(raw["manifests"][0]["artifactType"], "application/example");
         assert_eq!(raw["mediaType"], media::OCI_INDEX);
         assert_eq!(raw["schemaVersion"], 2);
         assert!(index_json(b"[", &[]).is_err());
+        // Entries without a ref name (referrers) are listed once, however often written.
+        let r = Descriptor::unnamed(
+            media::OCI_MANIFEST,
+            Digest::sha256(b"sbom"),
+            4,
+            Some("application/spdx+json".into()),
+        );
+        let once = index_json(&merged, std::slice::from_ref(&r)).unwrap();
+        let twice = index_json(&once, std::slice::from_ref(&r)).unwrap();
+        let entries = parse_index(&twice).unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[2], r);
+        assert_eq!(entries[2].ref_name(), None);
+        let raw: serde_json::Value = serde_json::from_slice(&twice).unwrap();
+        assert_eq!(raw["manifests"][2]["artifactType"], "application/spdx+json");
+        assert!(raw["manifests"][2].get("annotations").is_none());
     }
 }

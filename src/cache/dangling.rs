@@ -1,6 +1,7 @@
 //! Tag records left pointing at nothing: after garbage collection (or eviction) removed a
 //! manifest, its tags would still be listed by `regcache ls` and looked up by the server.
-//! Removing them makes the next pull of the tag ask the upstream again.
+//! Removing them makes the next pull of the tag ask the upstream again. Referrer markers
+//! whose manifest is gone go the same way.
 
 use std::io;
 
@@ -26,6 +27,21 @@ pub fn remove_dangling_tags(layout: &Layout) -> io::Result<u64> {
             continue;
         };
         if !layout.manifest(&record.digest).exists() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes every referrer marker whose manifest is not in the cache; returns how many.
+pub fn remove_dangling_referrers(layout: &Layout) -> io::Result<u64> {
+    let mut removed = 0;
+    for (path, referrer) in layout.referrer_markers()? {
+        if !layout.manifest(&referrer).exists() {
             match std::fs::remove_file(&path) {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

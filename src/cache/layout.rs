@@ -7,8 +7,14 @@
 //! <root>/blobs/<algorithm>/<first 2 hex>/<hex>        committed blob
 //! <root>/manifests/<algorithm>/<first 2 hex>/<hex>    committed manifest (first line: media type)
 //! <root>/tags/<upstream>/<repository...>/_tags/<tag>@<accept key, 2 hex>   tag record
+//! <root>/referrers/<algorithm>/<subject hex>/<algorithm>-<hex>   referrer marker (empty)
 //! <root>/tmp/...                                      staged downloads, never verified
 //! ```
+//!
+//! A referrer marker says that the committed manifest it names has a `subject` field naming
+//! the subject digest of its folder: an index on disk, so the referrers of a manifest are
+//! known without a running server's memory (offline serving after `regcache import`). It
+//! holds nothing; a marker whose manifest is gone is ignored and removed by `regcache gc`.
 //!
 //! Anything else found there (a stray name, a digest of the wrong length, a file where a
 //! folder belongs, a symbolic link) is reported as [`Item::Stray`], never followed and never
@@ -25,6 +31,7 @@ const BLOBS: &str = "blobs";
 const MANIFESTS: &str = "manifests";
 const TAGS: &str = "tags";
 const TMP: &str = "tmp";
+const REFERRERS: &str = "referrers";
 /// The folder that holds a repository's tag records, below its path components (a repository
 /// component cannot start with `_`, so it never clashes with one).
 const TAG_DIR: &str = "_tags";
@@ -133,6 +140,38 @@ impl Layout {
     /// Where a committed manifest lives.
     pub fn manifest(&self, digest: &Digest) -> PathBuf {
         self.content(EntryKind::Manifest, digest)
+    }
+
+    /// The folder of the markers of `subject`'s referrers.
+    pub fn referrers_dir(&self, subject: &Digest) -> PathBuf {
+        self.root
+            .join(REFERRERS)
+            .join(subject.algorithm().as_str())
+            .join(subject.hex())
+    }
+
+    /// The marker saying that manifest `referrer` refers to `subject`.
+    pub fn referrer_marker(&self, subject: &Digest, referrer: &Digest) -> PathBuf {
+        self.referrers_dir(subject).join(format!(
+            "{}-{}",
+            referrer.algorithm().as_str(),
+            referrer.hex()
+        ))
+    }
+
+    /// Every referrer marker: `(path, referrer)`, damaged names left out.
+    pub fn referrer_markers(&self) -> io::Result<Vec<(PathBuf, Digest)>> {
+        let mut out = Vec::new();
+        for alg in listing(&self.root.join(REFERRERS))? {
+            for subject in listing(&alg.path)?.into_iter().filter(|s| s.is_dir) {
+                for m in listing(&subject.path)? {
+                    if let Some(d) = m.name.to_str().and_then(parse_marker_name) {
+                        out.push((m.path, d));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The folder of a repository's tag records at an upstream.
@@ -269,6 +308,12 @@ pub fn parse_tag_file_name(name: &str) -> Option<(Tag, u8)> {
     Some((tag.parse().ok()?, u8::from_str_radix(accept, 16).ok()?))
 }
 
+/// The referrer a marker's file name spells (`<algorithm>-<hex>`).
+pub fn parse_marker_name(name: &str) -> Option<Digest> {
+    let (alg, hex) = name.split_once('-')?;
+    format!("{alg}:{hex}").parse().ok()
+}
+
 // Every file below `tmp/`, folders included (an import may stage a tree).
 fn walk_staging(dir: &Path, visit: &mut dyn FnMut(Entry)) -> io::Result<()> {
     for e in listing(dir)? {
@@ -389,6 +434,16 @@ mod tests {
             Some(("3.20".parse().unwrap(), 0x1f))
         );
         assert_eq!(parse_tag_file_name("3.20"), None);
+        let r = Digest::sha256(b"sbom");
+        let marker = l.referrer_marker(&d, &r);
+        assert_eq!(
+            marker,
+            PathBuf::from(format!("/c/referrers/sha256/{hex}/sha256-{}", r.hex()))
+        );
+        let name = marker.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_marker_name(name), Some(r));
+        assert_eq!(parse_marker_name("sha256:00"), None);
+        assert_eq!(parse_marker_name("md5-abc"), None);
         assert_eq!(parse_tag_file_name("3.20@1"), None);
         assert_eq!(parse_tag_file_name("-bad@1f"), None);
     }

@@ -5,6 +5,9 @@
 //! type, a tag record is `<digest> <media type>`. Everything in the staging folder (`tmp/`) is
 //! removed at start-up: it was never verified.
 //!
+//! A manifest with a `subject` also gets a referrer marker (see [`super::layout`]), so its
+//! subject's referrers can be listed from the disk alone.
+//!
 //! A serving store keeps a [`Budget`]: the use order and sizes of what it holds, built by a
 //! background scan at start-up, which bounds the cache to `cache.max_size` by evicting the
 //! least recently used entries as new ones are committed.
@@ -20,7 +23,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use super::budget::{self, Budget, EntryKind, Key, Limits, Usage};
-use super::layout::{Area, Item, Layout, parse_tag_file_name};
+use super::layout::{Area, Item, Layout, parse_marker_name, parse_tag_file_name};
 use crate::reference::{Digest, Repository, Tag};
 
 /// A committed blob opened for reading at some offset.
@@ -93,6 +96,13 @@ pub trait BlobStore: Send + Sync + 'static {
         upstream: &str,
         repository: &Repository,
     ) -> io::Result<Vec<(Tag, u8, TagRecord)>>;
+    /// Manifests whose `subject` is `subject`, from the on-disk referrers index, at most
+    /// [`super::referrers::MAX_ON_DISK`], sorted; some may have been removed since (reading
+    /// them says). None when the backend keeps no such index.
+    async fn referrers_of(&self, subject: &Digest) -> io::Result<Vec<Digest>> {
+        let _ = subject;
+        Ok(Vec::new())
+    }
     /// Removes a blob or manifest the upstream deleted, so it is not served again.
     async fn remove_content(&self, digest: &Digest) -> io::Result<()>;
     /// Every `(upstream, repository)` the cache holds tag answers for, sorted.
@@ -289,6 +299,23 @@ impl FsStore {
     /// Path of a committed blob (whether or not it exists).
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.layout.blob(d)
+    }
+
+    // Notes on disk that `referrer` refers to `subject`. An empty file, not synced: a lost one
+    // only hides the referrer from offline lookups until its manifest is stored again. The
+    // manifest is committed either way, so a failure is logged, not returned.
+    async fn mark_referrer(&self, subject: &Digest, referrer: &Digest) {
+        let marker = self.layout.referrer_marker(subject, referrer);
+        let written = async {
+            if let Some(parent) = marker.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            tokio::fs::write(&marker, b"").await
+        }
+        .await;
+        if let Err(error) = written {
+            tracing::warn!(%error, %subject, %referrer, "could not index a referrer on disk");
+        }
     }
 
     /// Writes `data` to a temp file, optionally fsyncs, and renames it to `dest`.
@@ -548,7 +575,30 @@ impl BlobStore for FsStore {
             Ok(()) => self.hot_manifests.insert(digest.clone(), m.clone()),
             Err(_) => self.forget((EntryKind::Manifest, digest.clone())),
         }
+        if result.is_ok() {
+            if let Some(subject) = super::referrers::subject_of(&m.body) {
+                self.mark_referrer(&subject, digest).await;
+            }
+        }
         result
+    }
+
+    async fn referrers_of(&self, subject: &Digest) -> io::Result<Vec<Digest>> {
+        let dir = self.layout.referrers_dir(subject);
+        let Some(mut entries) = absent(tokio::fs::read_dir(&dir).await)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while let Some(e) = entries.next_entry().await? {
+            if let Some(d) = e.file_name().to_str().and_then(parse_marker_name) {
+                out.push(d);
+            }
+            if out.len() >= super::referrers::MAX_ON_DISK {
+                break;
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     async fn tag(&self, key: &TagKey) -> io::Result<Option<TagRecord>> {
@@ -635,6 +685,7 @@ impl BlobStore for FsStore {
             };
             let mut report = collect(&layout, cutoff, &removed)?;
             report.tags = super::dangling::remove_dangling_tags(&layout)?;
+            super::dangling::remove_dangling_referrers(&layout)?;
             Ok(report)
         })
         .await
@@ -771,6 +822,41 @@ mod tests {
         assert_eq!(s.blob_len(&digests[0]).await.unwrap(), None);
         assert!(s.blob_len(&digests[1]).await.unwrap().is_some());
         assert!(s.blob_len(&digests[2]).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn manifests_with_a_subject_are_indexed_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStore::open(dir.path()).await.unwrap();
+        let subject = Digest::sha256(b"image");
+        let body = serde_json::json!({
+            "schemaVersion": 2, "config": {},
+            "subject": {"digest": subject.to_string(), "size": 5},
+        });
+        let m = StoredManifest {
+            media_type: crate::media::OCI_MANIFEST.into(),
+            body: serde_json::to_vec(&body).unwrap().into(),
+        };
+        let d = Digest::sha256(&m.body);
+        s.put_manifest(&d, &m).await.unwrap();
+        let plain = StoredManifest {
+            media_type: crate::media::OCI_MANIFEST.into(),
+            body: Bytes::from_static(b"{\"schemaVersion\":2}"),
+        };
+        s.put_manifest(&Digest::sha256(&plain.body), &plain)
+            .await
+            .unwrap();
+        // Read back by a fresh store: the index is on disk.
+        let again = FsStore::open(dir.path()).await.unwrap();
+        assert_eq!(again.referrers_of(&subject).await.unwrap(), vec![d.clone()]);
+        assert!(again.referrers_of(&d).await.unwrap().is_empty());
+        // Once the referrer is gone, garbage collection removes its marker.
+        again.remove_content(&d).await.unwrap();
+        again
+            .collect_garbage(std::time::Duration::from_secs(86400))
+            .await
+            .unwrap();
+        assert!(again.referrers_of(&subject).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -3,6 +3,10 @@
 //! schema (`upstream::referrers`); either way the client gets an OCI image index, filtered by
 //! `artifactType` (announced with `OCI-Filters-Applied`). Answers are cached per subject for
 //! the tag TTL and served stale, with a `Warning`, when the upstream cannot be reached.
+//!
+//! Without an answer in memory (after a restart, or for images loaded by `regcache import`),
+//! an offline upstream, or one that cannot be reached, is answered from the cache folder's
+//! referrers index: the cached manifests whose `subject` is the digest asked about.
 
 use std::sync::Arc;
 
@@ -41,7 +45,12 @@ pub async fn referrers(
         }
     }
     if up.offline {
-        return Err(Error::Offline(Kind::Manifest));
+        // The cache is all there is: when it holds the subject, what it has is the answer.
+        let subject_cached = app.store.manifest(subject).await?.is_some();
+        return match on_disk(app, subject).await? {
+            list if !list.is_empty() || subject_cached => Ok(answer(&list, wanted, head, false)),
+            _ => Err(Error::Offline(Kind::Manifest)),
+        };
     }
     match up.referrers(target.repository(), subject).await {
         Ok(manifests) => {
@@ -58,8 +67,32 @@ pub async fn referrers(
                 .unwrap_or_default();
             Ok(answer(&c, wanted, head, true))
         }
+        Err(e) if e.is_unhealthy() => match on_disk(app, subject).await? {
+            list if !list.is_empty() => {
+                tracing::warn!(error = %e, %subject, "serving referrers from the disk");
+                Ok(answer(&list, wanted, head, true))
+            }
+            _ => Err(Error::Upstream(Kind::Manifest, e)),
+        },
         Err(e) => Err(Error::Upstream(Kind::Manifest, e)),
     }
+}
+
+/// The descriptors of the cached manifests whose `subject` is `subject`, from the store's
+/// on-disk index (bounded by `cache::referrers::MAX_ON_DISK`); markers whose manifest is
+/// gone are skipped.
+async fn on_disk(app: &App, subject: &Digest) -> Result<Vec<serde_json::Value>, Error> {
+    let mut out = Vec::new();
+    for d in app.store.referrers_of(subject).await? {
+        if let Some(m) = app.store.manifest(&d).await? {
+            out.push(crate::cache::referrers::descriptor(
+                &d,
+                &m.media_type,
+                &m.body,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// The index answered to the client, filtered by `artifact_type`.
