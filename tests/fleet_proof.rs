@@ -26,7 +26,11 @@ const LEASE_TTL: Duration = Duration::from_millis(1500);
 const PULL_LIMIT: Duration = Duration::from_secs(60);
 
 async fn fleet_of(n: usize) -> Result<Fleet, support::peers::Skip> {
-    let mut fleet = Fleet::start(Lane::Seaweed, LEASE_TTL).await?;
+    fleet_on(Lane::Seaweed, n).await
+}
+
+async fn fleet_on(lane: Lane, n: usize) -> Result<Fleet, support::peers::Skip> {
+    let mut fleet = Fleet::start(lane, LEASE_TTL).await?;
     fleet.add_replicas(n).await.expect("replicas start");
     Ok(fleet)
 }
@@ -69,7 +73,23 @@ async fn wait_committed(fleet: &Fleet, digest: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_herd_one_upstream_get_then_hits_and_an_empty_replica_fill_from_the_store() {
-    let mut fleet = require_peer!(fleet_of(3).await);
+    cold_herd_then_hits(Lane::Seaweed).await;
+}
+
+/// The same on the second lane: moto's S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_moto_s3_cold_herd_one_upstream_get_then_hits_and_an_empty_replica_fill_from_the_store()
+{
+    cold_herd_then_hits(Lane::Moto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_moto_s3_leader_sigkilled_mid_fill_a_follower_takes_over_and_resumes_with_range() {
+    leader_sigkilled(Lane::Moto).await;
+}
+
+async fn cold_herd_then_hits(lane: Lane) {
+    let mut fleet = require_peer!(fleet_on(lane, 3).await);
     let data = blob_of(4 << 20, 1);
     let digest = fleet
         .upstream
@@ -285,7 +305,11 @@ async fn fill_held_mid_way(fleet: &mut Fleet, digest: &str, k: u64) -> (usize, V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sigkilled_mid_fill_a_follower_takes_over_and_resumes_with_range() {
-    let mut fleet = require_peer!(fleet_of(3).await);
+    leader_sigkilled(Lane::Seaweed).await;
+}
+
+async fn leader_sigkilled(lane: Lane) {
+    let mut fleet = require_peer!(fleet_on(lane, 3).await);
     // A layer's usual size. The upstream bytes counted include what the relay still writes
     // into the dead leader's socket once the gate opens (about 1 MiB on loopback) before
     // the kernel refuses it: a real upstream sends those too.
