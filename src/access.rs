@@ -174,11 +174,6 @@ impl Access {
         self.policy.challenges()
     }
 
-    /// Whether deleting through regcache is switched on.
-    pub fn deletes_enabled(&self) -> bool {
-        self.policy.delete_enabled()
-    }
-
     /// Whether the request carries a valid token regcache issued (so a refusal means its
     /// scope is too narrow, not that the client is unknown).
     pub fn holds_issued_token(&self, authorization: &HeaderValue) -> bool {

@@ -13,11 +13,7 @@ async fn the_first_cold_blob_carries_a_token() {
     let data = blob_of(10_000, 7);
     let d = up.add_blob(data.clone());
     let proxy = Proxy::start(config_for(&up.url())).await;
-    let r = client()
-        .get(proxy.url(&format!("/v2/lib/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get_blob(&d).await;
     assert_eq!(r.status(), 200);
     same(&r.bytes().await.unwrap(), &data);
     let seen = up.seen();
@@ -43,11 +39,7 @@ async fn the_first_cold_blob_carries_a_token() {
 
     // A second cold blob does not probe again.
     let d2 = up.add_blob(blob_of(5_000, 8));
-    let r = client()
-        .get(proxy.url(&format!("/v2/lib/app/blobs/{d2}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get_blob(&d2).await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.seen().iter().filter(|s| s.path == "/v2/").count(), 1);
     assert!(
@@ -69,11 +61,7 @@ async fn a_basic_auth_upstream_gets_credentials_on_the_first_blob() {
     cfg.upstreams[0].username = Some("u".into());
     cfg.upstreams[0].password = Some("p".into());
     let proxy = Proxy::start(cfg).await;
-    let r = client()
-        .get(proxy.url(&format!("/v2/lib/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get_blob(&d).await;
     assert_eq!(r.status(), 200);
     let blobs: Vec<_> = up
         .seen()

@@ -39,11 +39,7 @@ async fn a_redirect_to_another_loopback_address_is_never_connected() {
     let (internal, seen) = sentinel("127.0.0.2:0").await;
     up.redirect_blobs_to(&format!("http://{internal}"));
     let proxy = Proxy::start(config_for(&up.url())).await;
-    let r = client()
-        .get(proxy.url(&format!("/v2/lib/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get_blob(&d).await;
     refused_with_reason(r).await;
     assert_eq!(
         seen.load(Ordering::SeqCst),
@@ -65,11 +61,7 @@ async fn a_name_is_checked_by_the_addresses_it_resolves_to() {
     let (internal, seen) = sentinel("127.0.0.1:0").await;
     up.redirect_blobs_to(&format!("http://localhost:{}", internal.port()));
     let proxy = Proxy::start(config_for(&up.url())).await;
-    let r = client()
-        .get(proxy.url(&format!("/v2/lib/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get_blob(&d).await;
     refused_with_reason(r).await;
     assert_eq!(
         seen.load(Ordering::SeqCst),
@@ -89,11 +81,7 @@ async fn redirect_hosts_allow_an_internal_storage_host() {
     let mut cfg = config_for(&up.url());
     cfg.upstreams[0].redirect_hosts = vec!["127.0.0.*".into()];
     let proxy = Proxy::start(cfg).await;
-    let r = client()
-        .get(proxy.url(&format!("/v2/lib/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get_blob(&d).await;
     assert_eq!(r.status(), 200);
     same(&r.bytes().await.unwrap(), &data);
     assert_eq!(cdn.count("GET", "/cdn/"), 1);
@@ -109,11 +97,7 @@ async fn a_redirect_to_the_upstreams_own_address_is_followed() {
     cdn.add_blob(data.clone());
     up.redirect_blobs_to(&cdn.url());
     let proxy = Proxy::start(config_for(&up.url())).await;
-    let r = client()
-        .get(proxy.url(&format!("/v2/lib/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.get_blob(&d).await;
     assert_eq!(r.status(), 200);
     same(&r.bytes().await.unwrap(), &data);
 }

@@ -90,23 +90,9 @@ pub async fn run(mut config: Config, args: PrefetchArgs) -> Result<bool, AirgapE
     let mut failed = 0;
     for name in &args.images {
         let result = async {
-            let mut s = image(&app, name, &args.platforms, jobs).await?;
-            if let (true, Some(subject)) = (args.referrers, s.digest.clone()) {
-                let r = name.resolve(&app.routing)?;
-                let via = Via::App(&app);
-                let found = referrers_via(
-                    via,
-                    name,
-                    r.request_name,
-                    r.ns,
-                    &subject,
-                    &args.platforms,
-                    jobs,
-                )
-                .await?;
-                s.add(&found);
-            }
-            Ok::<_, AirgapError>(s)
+            let r = name.resolve(&app.routing)?;
+            let client = Client::new(Via::App(&app), r.request_name, &r.ns);
+            image_with_referrers(&client, name, r.reference, &args, jobs).await
         }
         .await;
         match result {
@@ -177,24 +163,8 @@ pub async fn run_remote(server: &Server, args: PrefetchArgs) -> Result<bool, Air
     for name in &args.images {
         let result = async {
             let (request_name, ns) = name.request_form(|_| false)?;
-            let via = Via::Server(server);
-            let mut s = image_via(
-                via,
-                name,
-                request_name.clone(),
-                ns.clone(),
-                name.reference(),
-                &args.platforms,
-                jobs,
-            )
-            .await?;
-            if let (true, Some(subject)) = (args.referrers, s.digest.clone()) {
-                let found =
-                    referrers_via(via, name, request_name, ns, &subject, &args.platforms, jobs)
-                        .await?;
-                s.add(&found);
-            }
-            Ok::<_, AirgapError>(s)
+            let client = Client::new(Via::Server(server), request_name, &ns);
+            image_with_referrers(&client, name, name.reference(), &args, jobs).await
         }
         .await;
         match result {
@@ -232,6 +202,17 @@ struct Client<'a> {
     via: Via<'a>,
     name: Repository,
     query: String,
+}
+
+impl<'a> Client<'a> {
+    /// Requests for `name` (with `ns=` when set) through `via`.
+    fn new(via: Via<'a>, name: Repository, ns: &Option<String>) -> Self {
+        Client {
+            via,
+            name,
+            query: ns_query(ns),
+        }
+    }
 }
 
 /// The OCI error body's first message, or the status alone.
@@ -288,20 +269,32 @@ impl Client<'_> {
         }
     }
 
-    async fn manifest(&self, reference: &Reference) -> Result<Fetched, AirgapError> {
-        let what = format!("manifest {reference}");
-        let resp = self
-            .send(self.get("manifests", &reference.to_string(), true)?)
-            .await?;
+    /// `GET /v2/<name>/<kind>/<reference>`, read whole; an error unless it succeeded.
+    async fn fetch(
+        &self,
+        kind: &str,
+        reference: &str,
+        accept: bool,
+        what: &str,
+    ) -> Result<(http::response::Parts, Bytes), AirgapError> {
+        let resp = self.send(self.get(kind, reference, accept)?).await?;
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()
             .await
-            .map_err(io_error(what.clone()))?
+            .map_err(io_error(what.to_owned()))?
             .to_bytes();
         if !parts.status.is_success() {
-            return Err(answer_error(&what, parts.status, &body));
+            return Err(answer_error(what, parts.status, &body));
         }
+        Ok((parts, body))
+    }
+
+    async fn manifest(&self, reference: &Reference) -> Result<Fetched, AirgapError> {
+        let what = format!("manifest {reference}");
+        let (parts, body) = self
+            .fetch("manifests", &reference.to_string(), true, &what)
+            .await?;
         let text = |name| {
             parts
                 .headers
@@ -417,36 +410,35 @@ fn wanted(platforms: &[PlatformFilter], d: &Descriptor) -> bool {
             .is_none_or(|p| platforms.iter().any(|f| f.matches(p)))
 }
 
+/// Prefetches one image and, when `args.referrers`, its referrers.
+async fn image_with_referrers(
+    client: &Client<'_>,
+    name: &ImageName,
+    reference: Reference,
+    args: &PrefetchArgs,
+    jobs: usize,
+) -> Result<Summary, AirgapError> {
+    let mut s = image_via(client, name, reference, &args.platforms, jobs).await?;
+    if let (true, Some(subject)) = (args.referrers, s.digest.clone()) {
+        let found = referrers_via(client, name, &subject, &args.platforms, jobs).await?;
+        s.add(&found);
+    }
+    Ok(s)
+}
+
 /// Prefetches the referrers of `subject` (signatures, SBOMs, attestations: what the
 /// referrers API lists, from the upstream's API or its tag schema), each with its blobs.
 async fn referrers_via(
-    via: Via<'_>,
+    client: &Client<'_>,
     name: &ImageName,
-    request_name: Repository,
-    ns: Option<String>,
     subject: &Digest,
     platforms: &[PlatformFilter],
     jobs: usize,
 ) -> Result<Summary, AirgapError> {
-    let query = ns_query(&ns);
-    let client = Client {
-        via,
-        name: request_name.clone(),
-        query,
-    };
     let what = format!("referrers of {subject}");
-    let resp = client
-        .send(client.get("referrers", &subject.to_string(), false)?)
+    let (_, body) = client
+        .fetch("referrers", &subject.to_string(), false, &what)
         .await?;
-    let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(io_error(what.clone()))?
-        .to_bytes();
-    if !parts.status.is_success() {
-        return Err(answer_error(&what, parts.status, &body));
-    }
     let index: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| AirgapError::Fetch(format!("{what}: not an index: {e}")))?;
     let listed: Vec<Digest> = index["manifests"]
@@ -459,16 +451,7 @@ async fn referrers_via(
         .unwrap_or_default();
     let mut total = Summary::default();
     for d in listed {
-        let s = image_via(
-            via,
-            name,
-            request_name.clone(),
-            ns.clone(),
-            Reference::Digest(d),
-            platforms,
-            jobs,
-        )
-        .await?;
+        let s = image_via(client, name, Reference::Digest(d), platforms, jobs).await?;
         total.add(&s);
         total.referrers += 1;
     }
@@ -487,42 +470,15 @@ fn ns_query(ns: &Option<String>) -> String {
     }
 }
 
-/// Prefetches one image: its manifests first, then its blobs, `jobs` at a time.
-pub async fn image(
-    app: &Arc<App>,
-    name: &ImageName,
-    platforms: &[PlatformFilter],
-    jobs: usize,
-) -> Result<Summary, AirgapError> {
-    let r = name.resolve(&app.routing)?;
-    image_via(
-        Via::App(app),
-        name,
-        r.request_name,
-        r.ns,
-        r.reference,
-        platforms,
-        jobs,
-    )
-    .await
-}
-
-/// Prefetches one image sent as `request_name` (with `ns=`) through `via`.
+/// Prefetches one image through `client`: its manifests first, then its blobs, `jobs` at a
+/// time.
 async fn image_via(
-    via: Via<'_>,
+    client: &Client<'_>,
     name: &ImageName,
-    request_name: Repository,
-    ns: Option<String>,
     reference: Reference,
     platforms: &[PlatformFilter],
     jobs: usize,
 ) -> Result<Summary, AirgapError> {
-    let query = ns_query(&ns);
-    let client = Client {
-        via,
-        name: request_name,
-        query,
-    };
     let top = client.manifest(&reference).await?;
     let mut summary = Summary {
         digest: Some(top.digest.clone()),
@@ -578,7 +534,7 @@ async fn image_via(
     // Polled together on this task (no spawn): the downloads themselves run detached inside
     // the app, and dropping this future only stops reading them.
     let results: Vec<(u64, Result<bool, String>)> = futures_util::stream::iter(&blobs)
-        .map(|b| async { (b.size, blob(&client, b, &progress).await) })
+        .map(|b| async { (b.size, blob(client, b, &progress).await) })
         .buffer_unordered(jobs)
         .collect()
         .await;

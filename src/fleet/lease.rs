@@ -234,9 +234,8 @@ impl Fence {
         if *lock(&s.renewed) + ttl > Instant::now() {
             return true;
         }
-        let me = lock(&s.held).lease.replica.clone();
         match read(&s.store, &s.digest).await {
-            Ok(Some(now)) if now.lease.replica == me => true,
+            Ok(Some(now)) if s.is_mine(&now) => true,
             // Taken over, or gone (the new leader finished).
             Ok(_) => {
                 s.refused();
@@ -306,9 +305,8 @@ impl Keeper {
             return;
         }
         let s = &self.shared;
-        let me = lock(&s.held).lease.replica.clone();
         match read(&s.store, &s.digest).await {
-            Ok(Some(now)) if now.lease.replica != me => {
+            Ok(Some(now)) if !s.is_mine(&now) => {
                 s.refused();
                 return;
             }
@@ -330,6 +328,11 @@ impl Drop for Keeper {
 }
 
 impl KeeperShared {
+    // Whether the lease as read names this replica.
+    fn is_mine(&self, now: &Seen) -> bool {
+        lock(&self.held).lease.replica == now.lease.replica
+    }
+
     // Another replica holds the lease now: counted and logged once.
     fn refused(&self) {
         if !self.lost.swap(true, Ordering::Relaxed) {

@@ -376,30 +376,6 @@ impl FleetSource {
         matches!(&*lock(&self.0.role), Role::Leader(keeper) if keeper.lost())
     }
 
-    /// After losing the lease: the store when the blob is there, else the lease's holder.
-    async fn follow_current(&self) -> bool {
-        let f = &self.0.fleet;
-        let digest = &self.0.digest;
-        if f.store.head(&f.store.blob_key(digest)).await.is_ok() {
-            self.set(Role::Store);
-            return true;
-        }
-        match lease::read(&f.store, digest).await {
-            Ok(Some(seen)) if seen.lease.replica != f.me.replica => {
-                self.set(Role::Follower {
-                    seen,
-                    retried: false,
-                });
-                true
-            }
-            // Gone without the blob in the store, or unreadable: decide again.
-            _ => {
-                self.set(Role::Undecided);
-                true
-            }
-        }
-    }
-
     /// Tells the download's end: a leader puts the committed blob in the store, then
     /// releases the lease (in the background; clients have their bytes already).
     pub fn ended(&self, outcome: Result<u64, &crate::cache::inflight::FillError>) {
@@ -550,16 +526,15 @@ impl ByteSource for FleetSource {
                     .await
                     .then(|| Arc::new(self.clone()) as _)
             }
-            // Replaced as leader (paused past the lease's life): follow whoever holds it
-            // now, from the bytes already written; a leader that just lost its upstream
-            // keeps its lease and fails as today.
+            // Replaced as leader (paused past the lease's life), or the store's stream
+            // broke: decide again from the bytes already written (the store when the blob
+            // is there, else the lease's holder). A leader that just lost its upstream keeps
+            // its lease and fails as today.
             Kind::Leader if self.lost_lease() => {
                 tracing::info!(digest = %self.0.digest, at = reached, "lost the download's lease; following its new leader");
-                self.follow_current()
-                    .await
-                    .then(|| Arc::new(self.clone()) as _)
+                self.set(Role::Undecided);
+                Some(Arc::new(self.clone()))
             }
-            // The store's stream broke: decide again (the store, else the lease).
             Kind::Store if error.is_retryable() || *error == SourceError::NotFound => {
                 self.set(Role::Undecided);
                 Some(Arc::new(self.clone()))

@@ -163,12 +163,9 @@ impl App {
         let head = method == http::Method::HEAD;
         // Only the Host is kept: the challenge realm is built for the rare 401 alone.
         let host = req.headers().get(header::HOST).cloned();
-        // Kept (cheap clones) to name the scope in a challenge.
-        let asked = (
-            req.method().clone(),
-            req.uri().clone(),
-            req.headers().get(header::AUTHORIZATION).cloned(),
-        );
+        // With the method and path of the record, what names the scope in a challenge.
+        let query = req.uri().query().map(str::to_owned);
+        let authorization = req.headers().get(header::AUTHORIZATION).cloned();
         let span = tracing::info_span!("request", request_id = %id, %method, path = %path);
         let mut record = RequestRecord::new(id.clone(), method, path);
         let mut pulled = None;
@@ -213,7 +210,8 @@ impl App {
                 if challenge {
                     // Point clients at regcache's own token endpoint (never the upstream's).
                     let realm = self.token_realm(host.as_ref());
-                    let value = self.challenge(&realm, asked);
+                    let asked = (&record.method, record.path.as_str(), query.as_deref());
+                    let value = self.challenge(&realm, asked, authorization.as_ref());
                     body::set_header(&mut r, header::WWW_AUTHENTICATE, &value);
                 }
                 r
@@ -422,15 +420,14 @@ impl App {
     fn challenge(
         &self,
         realm: &str,
-        (method, uri, authorization): (http::Method, http::Uri, Option<HeaderValue>),
+        (method, path, query): (&http::Method, &str, Option<&str>),
+        authorization: Option<&HeaderValue>,
     ) -> String {
-        let scope = router::parse(&method, uri.path(), uri.query())
+        let scope = router::parse(method, path, query)
             .ok()
             .and_then(|p| challenge::scope(&p.route));
-        let insufficient = scope.is_some()
-            && authorization
-                .as_ref()
-                .is_some_and(|v| self.access.holds_issued_token(v));
+        let insufficient =
+            scope.is_some() && authorization.is_some_and(|v| self.access.holds_issued_token(v));
         challenge::bearer(realm, SERVICE, scope.as_deref(), insufficient)
     }
 

@@ -229,7 +229,7 @@ impl Authenticator {
 
     /// Whether the upstream's scheme has been learned from a challenge.
     pub fn scheme_known(&self) -> bool {
-        self.known().is_some()
+        lock(&self.known).is_some()
     }
 
     /// The `Authorization` to send up front for `scope`, once the upstream's scheme is known.

@@ -662,6 +662,15 @@ impl Proxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET` of blob `d` of `lib/app` through the proxy, with a fresh test client.
+    pub async fn get_blob(&self, d: &str) -> reqwest::Response {
+        client()
+            .get(self.url(&format!("/v2/lib/app/blobs/{d}")))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Where the cache keeps the committed blob `d` (`sha256:<hex>`).
     pub fn blob_path(&self, d: &str) -> std::path::PathBuf {
         self.dir
