@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderValue, Response, header};
+use http::{Response, header};
 
 use crate::access::Caller;
 use crate::app::App;
@@ -58,9 +58,7 @@ pub async fn catalog(
     let mut r = body::json(payload, head);
     if let Some(next) = page.next {
         let link = format!("</v2/_catalog?last={next}&n={}>; rel=\"next\"", page.size);
-        if let Ok(v) = HeaderValue::from_str(&link) {
-            r.headers_mut().insert(header::LINK, v);
-        }
+        body::set_header(&mut r, header::LINK, &link);
     }
     Ok(r)
 }

@@ -126,7 +126,11 @@ impl RedirectPolicy {
                 .trim_end_matches(']')
                 .to_owned(),
             upstream_port: base.port_or_known_default().unwrap_or(443),
-            allowed_hosts: redirect_hosts.to_vec(),
+            // Lowercased once here: hosts are compared without case.
+            allowed_hosts: redirect_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
         }
     }
 
@@ -143,7 +147,7 @@ impl RedirectPolicy {
         let host = host.to_ascii_lowercase();
         self.allowed_hosts
             .iter()
-            .any(|p| crate::config::glob_match(&p.to_ascii_lowercase(), &host))
+            .any(|p| crate::config::glob_match(p, &host))
     }
 
     /// The upstream's own addresses (resolved now: they may change over time).
