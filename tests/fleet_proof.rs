@@ -625,10 +625,20 @@ async fn store_down_pulls_go_on_degraded_then_the_fleet_resumes() {
             &format!("r{r} after the store came back"),
         );
     }
-    assert_eq!(
-        fleet.upstream.blob_gets(&digests[1]).len(),
-        1,
-        "fleet mode again: one upstream GET fleet-wide"
-    );
+    let gets = fleet.upstream.blob_gets(&digests[1]).len();
+    if gets != 1 {
+        eprintln!("upstream GETs: {:?}", fleet.upstream.blob_gets(&digests[1]));
+        let hex = digests[1].trim_start_matches("sha256:");
+        for r in &fleet.replicas {
+            let lines: Vec<_> = r
+                .output()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains(hex))
+                .map(str::to_owned)
+                .collect();
+            eprintln!("{} log:\n{}", r.name, lines.join("\n"));
+        }
+    }
+    assert_eq!(gets, 1, "fleet mode again: one upstream GET fleet-wide");
     wait_committed(&fleet, &digests[1]).await;
 }

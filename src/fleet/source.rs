@@ -155,6 +155,24 @@ impl FleetSource {
         self.set(Role::Leader(keeper));
     }
 
+    /// Leads with the lease just won, unless the blob reached tier 2 since the first look: a
+    /// leader uploads before it deletes its lease, so a lease won right after that is
+    /// let go again and the store read, rather than the upstream fetched a second time.
+    async fn lead_unless_stored(&self, held: lease::Held) {
+        let f = &self.0.fleet;
+        self.lead(held);
+        if f.store
+            .head(&f.store.blob_key(&self.0.digest))
+            .await
+            .is_ok()
+        {
+            let role = std::mem::replace(&mut *lock(&self.0.role), Role::Store);
+            if let Role::Leader(keeper) = role {
+                keeper.release().await;
+            }
+        }
+    }
+
     /// Looks in tier 2, then takes or follows the lease.
     async fn decide(&self) {
         let d = &self.0;
@@ -169,14 +187,14 @@ impl FleetSource {
             Err(_) => return self.set(Role::Alone),
         }
         match lease::acquire(&f.store, &d.digest, &f.me).await {
-            Ok(Acquired::Won(held)) => self.lead(held),
+            Ok(Acquired::Won(held)) => self.lead_unless_stored(held).await,
             // A lease of an earlier run of this replica (same address, another id): nobody
             // renews it, so it is taken over at once rather than waited out.
             Ok(Acquired::Taken(seen))
                 if seen.lease.advertise == f.me.advertise && seen.lease.replica != f.me.replica =>
             {
                 match lease::take_over(&f.store, &d.digest, &seen, &f.me, 0).await {
-                    Ok(Some(held)) => self.lead(held),
+                    Ok(Some(held)) => self.lead_unless_stored(held).await,
                     Ok(None) => self.set(Role::Follower {
                         seen,
                         retried: false,

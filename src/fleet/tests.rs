@@ -20,6 +20,7 @@ use object_store::{
 use super::lease::{self, Acquired, Keeper, Watched};
 use super::peer::Peers;
 use super::stats::{LeaseResult, Op};
+use super::store::StoreError;
 use super::*;
 use crate::cache::source::fake::{Fake, Fault};
 use crate::cache::source::{ByteSource, SourceError};
@@ -28,12 +29,14 @@ use crate::cache::store::FsStore;
 const TTL: Duration = Duration::from_millis(1500);
 
 /// A store with switches: down (every request fails as a connection would), racy (create-
-/// only writes overwrite, as a store without atomic conditional writes).
+/// only writes overwrite, as a store without atomic conditional writes), and an object put
+/// just before the next create-only write (another replica finishing meanwhile).
 #[derive(Debug, Default)]
 struct Switched {
     inner: InMemory,
     down: AtomicBool,
     racy: AtomicBool,
+    before_create: std::sync::Mutex<Option<(Path, Vec<u8>)>>,
 }
 
 impl std::fmt::Display for Switched {
@@ -67,6 +70,13 @@ impl ObjectStore for Switched {
         mut opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.check()?;
+        let earlier = match opts.mode {
+            PutMode::Create => self.before_create.lock().unwrap().take(),
+            _ => None,
+        };
+        if let Some((key, body)) = earlier {
+            self.inner.put(&key, PutPayload::from(body)).await?;
+        }
         if self.racy.load(Ordering::Relaxed) && opts.mode == PutMode::Create {
             opts.mode = PutMode::Overwrite;
         }
@@ -459,6 +469,25 @@ async fn a_tier_two_hit_streams_from_the_store_without_a_lease() {
     assert!(up.opened().is_empty(), "no upstream request");
     assert_eq!(f.stats().requests(Op::PutCreate), creates, "no lease");
     assert_eq!(f.stats().store_bytes().0, 2000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_won_after_the_last_leader_stored_the_blob_reads_the_store() {
+    let store = Arc::new(Switched::default());
+    let data = blob(3000);
+    let d = Digest::sha256(&data);
+    let f = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    // The blob is not in tier 2 at the first look; its leader stores it and deletes its
+    // lease just before this replica's create-only write of the lease.
+    *store.before_create.lock().unwrap() = Some((f.store.blob_key(&d), data.clone()));
+    let (_dir, local) = local_store().await;
+    let up = Arc::new(Fake::new(data.clone()));
+    let src = f.blob_source(&d, up.clone(), local);
+    let opened = src.open(&d, 0).await.unwrap();
+    assert_eq!(read(opened.bytes).await, (data.clone(), None));
+    assert!(up.opened().is_empty(), "no second upstream fetch");
+    let lease = f.store.head(&f.store.lease_key(&d)).await;
+    assert_eq!(lease.err(), Some(StoreError::NotFound), "the lease let go");
 }
 
 #[tokio::test]
