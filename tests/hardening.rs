@@ -573,7 +573,13 @@ async fn a_client_over_its_download_limit_gets_429_until_one_finishes() {
     let r = c.get(url(&dc)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     same(&r.bytes().await.unwrap(), &cached);
-    assert_eq!(c.head(url(&d4)).send().await.unwrap().status(), 200);
+    let r = c.head(url(&d4)).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "HEAD while at the limit: {:?}",
+        r.headers()
+    );
 
     // The small one finishes; the large one stays unread, so it still holds its slot.
     drop(gate);
