@@ -9,17 +9,19 @@ pub mod limit;
 pub mod policy;
 pub mod token;
 
+mod caller;
+mod login;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use base64::Engine;
 use http::{HeaderMap, HeaderValue, header};
-use sha2::Digest as _;
 
 use crate::config::Config;
 use crate::reference::Repository;
 use crate::rewrite::{RoutingTable, Target};
+pub use caller::Caller;
 use limit::FailedLogins;
 use policy::Policy;
 use token::{Claims, Grant, Signer};
@@ -109,11 +111,6 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Compares two digests without an early exit.
-fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Access {
@@ -264,119 +261,6 @@ impl Access {
         }
         out
     }
-
-    /// Who the request's `Authorization` says it is. `accept_issued`: whether a token
-    /// regcache issued counts (not at the token endpoint, so tokens cannot be renewed
-    /// forever). Missing or wrong credentials are `Unauthenticated`; a wrong password or
-    /// static token counts as a failed login for `client`, and after too many of them
-    /// passwords and static tokens from there are not even checked.
-    async fn verify(
-        &self,
-        headers: &HeaderMap,
-        client: IpAddr,
-        accept_issued: bool,
-    ) -> Result<Principal, Denied> {
-        let value = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(Denied::Unauthenticated)?;
-        let value = value.trim();
-        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-        let rest = rest.trim();
-        if scheme.eq_ignore_ascii_case("bearer") {
-            if let Some(claims) = self.signer.verify(rest, unix_now()) {
-                if !accept_issued {
-                    return Err(Denied::Unauthenticated);
-                }
-                return Ok(Principal {
-                    identity: claims.sub.map_or(Identity::Anonymous, Identity::Named),
-                    scope: Some(claims.access),
-                });
-            }
-            if token::looks_issued(rest) {
-                // Expired, or signed before a restart: the client fetches a new one.
-                return Err(Denied::Unauthenticated);
-            }
-            self.limiter
-                .check(client)
-                .map_err(Denied::TooManyFailures)?;
-            let hash: [u8; 32] = sha2::Sha256::digest(rest.as_bytes()).into();
-            return match self.tokens.get(&hash) {
-                Some(name) => Ok(Principal {
-                    identity: Identity::Named(name.clone()),
-                    scope: None,
-                }),
-                None => {
-                    tracing::info!(client = %client, "client bearer token refused");
-                    self.failed_login(client);
-                    Err(Denied::Unauthenticated)
-                }
-            };
-        }
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return Err(Denied::Unauthenticated);
-        }
-        let (user, password) = basic_credentials(rest).ok_or(Denied::Unauthenticated)?;
-        self.limiter
-            .check(client)
-            .map_err(Denied::TooManyFailures)?;
-        if self.check_password(&user, password).await {
-            return Ok(Principal {
-                identity: Identity::Named(user),
-                scope: None,
-            });
-        }
-        tracing::info!(user = %user, client = %client, "client authentication failed");
-        self.failed_login(client);
-        Err(Denied::Unauthenticated)
-    }
-
-    fn failed_login(&self, client: IpAddr) {
-        if self.limiter.fail(client) {
-            tracing::warn!(
-                client = %client,
-                window = ?self.limiter.window(),
-                "too many failed logins; refusing logins from this address until the window ends"
-            );
-        }
-    }
-
-    /// Whether `password` is `user`'s: a static token's when `user` names one, otherwise
-    /// checked against the htpasswd file.
-    async fn check_password(&self, user: &str, password: String) -> bool {
-        if let Some(want) = self.token_by_name.get(user) {
-            let got: [u8; 32] = sha2::Sha256::digest(password.as_bytes()).into();
-            return same_digest(&got, want);
-        }
-        // Keyed with the process's secret, so the table holds no plain password hashes.
-        let key = self.signer.mac(format!("{user}:{password}").as_bytes());
-        if self.verified.get(&key).is_some_and(|u| u == user) {
-            return true;
-        }
-        if self.failed.contains_key(&key) {
-            return false;
-        }
-        let (known, hash) = match self.users.get(user) {
-            Some(h) => (true, h.clone()),
-            None => (false, self.dummy_hash.clone().unwrap_or_default()),
-        };
-        let verified = {
-            let Ok(_slot) = self.bcrypt_slots.acquire().await else {
-                return false;
-            };
-            // bcrypt is slow by design: keep it off the async workers.
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-                .await
-                .unwrap_or(false)
-        };
-        if verified && known {
-            self.verified.insert(key, user.to_owned());
-            true
-        } else {
-            self.failed.insert(key, ());
-            false
-        }
-    }
 }
 
 fn client_ip(client: Option<ClientAddr>) -> IpAddr {
@@ -384,132 +268,12 @@ fn client_ip(client: Option<ClientAddr>) -> IpAddr {
     client.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
 }
 
-/// The access checks of one request. Credentials are verified on first need and the outcome
-/// kept, so a request that is checked twice counts one failed login at most.
-pub struct Caller<'a> {
-    access: &'a Access,
-    headers: &'a HeaderMap,
-    client: IpAddr,
-    principal: tokio::sync::OnceCell<Result<Principal, Denied>>,
-}
-
-impl Caller<'_> {
-    async fn principal(&self) -> Result<&Principal, Denied> {
-        self.principal
-            .get_or_init(|| self.access.verify(self.headers, self.client, true))
-            .await
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
-    /// Who the request comes from; an anonymous token counts, no credentials do not.
-    pub async fn identify(&self) -> Result<&Identity, Denied> {
-        self.principal().await.map(|p| &p.identity)
-    }
-
-    /// Whether the request may do `need` on `name` (as the client wrote it), routed to
-    /// `target` (the upstream and its name for the repository). A pull anonymous clients may
-    /// do ignores whatever `Authorization` it carries (Docker sends Docker Hub credentials to
-    /// mirrors).
-    pub async fn require(
-        &self,
-        need: Need,
-        name: &Repository,
-        target: &Target,
-    ) -> Result<(), Denied> {
-        self.decide(need, name, target, true).await
-    }
-
-    /// Like [`Caller::require`] for a request that has another way to go: true when it
-    /// carries credentials that allow `need`; refusals are not logged.
-    pub async fn permits(&self, need: Need, name: &Repository, target: &Target) -> bool {
-        self.headers.contains_key(header::AUTHORIZATION)
-            && self.decide(need, name, target, false).await.is_ok()
-    }
-
-    /// Whether the request must identify itself before a listing filtered by access: it
-    /// carries no credentials and anonymous clients may pull nothing anywhere, so it is
-    /// challenged (and comes back with credentials) instead of getting an empty list.
-    pub fn must_identify_to_list(&self) -> bool {
-        !self.headers.contains_key(header::AUTHORIZATION)
-            && !self.access.policy.anonymous_pulls_somewhere()
-    }
-
-    /// Whether the client's identity may pull `target`, by the rules alone: the scope of an
-    /// issued token is not consulted (a catalog token names the catalog, not repositories).
-    /// Refusals are not logged; for listings filtered by access.
-    pub async fn may_pull(&self, target: &Target) -> bool {
-        let policy = &self.access.policy;
-        let (upstream, repository) = (target.upstream, target.repository.as_str());
-        if policy.allows(&Identity::Anonymous, Need::Pull, upstream, repository) {
-            return true;
-        }
-        match self.principal().await {
-            Ok(p) => policy.allows(&p.identity, Need::Pull, upstream, repository),
-            Err(_) => false,
-        }
-    }
-
-    async fn decide(
-        &self,
-        need: Need,
-        name: &Repository,
-        target: &Target,
-        log: bool,
-    ) -> Result<(), Denied> {
-        let policy = &self.access.policy;
-        if need == Need::Push && !policy.push_enabled() {
-            return Err(Denied::PushDisabled);
-        }
-        if need == Need::Delete && !policy.delete_enabled() {
-            return Err(Denied::DeleteDisabled);
-        }
-        let (upstream, repository) = (target.upstream, target.repository.as_str());
-        if need == Need::Pull && policy.allows(&Identity::Anonymous, need, upstream, repository) {
-            return Ok(());
-        }
-        let p = self.principal().await?;
-        let allowed = policy.allows(&p.identity, need, upstream, repository);
-        let in_scope = p
-            .scope
-            .as_ref()
-            .is_none_or(|s| s.iter().any(|g| g.covers(name, need)));
-        match (&p.identity, allowed) {
-            (_, true) if in_scope => Ok(()),
-            // Allowed, but the token was not issued for this: the challenge sends the client
-            // back to the token endpoint.
-            (Identity::Named(_), true) => Err(Denied::Unauthenticated),
-            (Identity::Anonymous, _) => Err(Denied::Unauthenticated),
-            (Identity::Named(who), false) => {
-                if log {
-                    tracing::info!(
-                        user = %who,
-                        upstream = %self.access.routing.name(upstream),
-                        repository,
-                        action = need.as_str(),
-                        "access denied"
-                    );
-                }
-                Err(Denied::Forbidden(who.clone()))
-            }
-        }
-    }
-}
-
-/// The user and password of a `Basic` credential (the part after the scheme).
-fn basic_credentials(encoded: &str) -> Option<(String, String)> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (u, p) = text.split_once(':')?;
-    Some((u.to_owned(), p.to_owned()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
     use http::HeaderValue;
+    use sha2::Digest as _;
     use std::io::Write;
 
     const CI_TOKEN: &str = "ci-token-0123456789abcdef";

@@ -12,25 +12,30 @@
 //! writes) needs `--repository NAME` to say which image it is; an entry without a ref name,
 //! or with a digest one, brings content only.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod commit;
+mod target;
+mod walk;
+
+use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use super::archive::stage_tar;
 use super::name::ImageName;
-use super::oci::{self, Descriptor, INDEX_FILE, LAYOUT_FILE, Node};
+use super::oci::{self, Descriptor, INDEX_FILE, LAYOUT_FILE};
 use super::progress::{Progress, human_bytes};
-use super::verify::{self, StageError, Staged, read_small, remove_staged};
-use super::{AirgapError, io_error, record_tag};
+use super::verify::read_small;
+use super::{AirgapError, io_error};
 use crate::cache::layout::Layout;
-use crate::cache::store::{BlobStore, FsStore, StoredManifest};
+use crate::cache::store::FsStore;
 use crate::config::Config;
-use crate::reference::{Digest, Reference, Repository, Tag};
+use crate::reference::Digest;
 use crate::rewrite::RoutingTable;
+use commit::commit;
+pub use target::{TagTarget, target_of};
+use walk::{Importer, Source, Walk};
 
 /// What to import.
 #[derive(Debug, Clone)]
@@ -41,98 +46,6 @@ pub struct ImportArgs {
     pub repository: Option<ImageName>,
     /// Import even when content the layout refers to is missing from it.
     pub allow_partial: bool,
-}
-
-/// Where the layout's content is read from.
-enum Source {
-    /// A layout directory, read in place.
-    Dir(PathBuf),
-    /// A tar, every blob of which was staged (and checked against its name) in one pass.
-    Tar(HashMap<Digest, Staged>),
-}
-
-/// Where an `index.json` entry's tag goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TagTarget {
-    /// Upstream name.
-    pub upstream: String,
-    /// Repository at the upstream.
-    pub repository: Repository,
-    /// The tag.
-    pub tag: Tag,
-}
-
-/// Where an `index.json` entry's ref name says it belongs: a tag, or content only (no ref
-/// name, or a digest one, which must be the entry's digest).
-pub fn target_of(
-    entry: &Descriptor,
-    table: &RoutingTable,
-    repository: Option<&ImageName>,
-) -> Result<Option<TagTarget>, AirgapError> {
-    let Some(rn) = entry.ref_name() else {
-        return Ok(None);
-    };
-    let bare = !rn.contains(['/', ':', '@']);
-    let name: ImageName = if bare {
-        let Some(repo) = repository else {
-            return Err(AirgapError::Other(format!(
-                "ref name {rn:?} is only a tag; say which image it is with --repository NAME"
-            )));
-        };
-        repo.with_tag(
-            rn.parse::<Tag>()
-                .map_err(|source| super::name::NameError::Parse {
-                    name: rn.to_owned(),
-                    source,
-                })?,
-        )
-    } else {
-        rn.parse()?
-    };
-    if !name.has_reference() {
-        return Err(AirgapError::Other(format!(
-            "ref name {rn:?} has no tag or digest"
-        )));
-    }
-    let r = name.resolve(table)?;
-    match r.reference {
-        Reference::Tag(tag) => Ok(Some(TagTarget {
-            upstream: table.name(r.upstream).to_owned(),
-            repository: r.repository,
-            tag,
-        })),
-        Reference::Digest(d) if d == entry.digest => Ok(None),
-        Reference::Digest(d) => Err(AirgapError::Corrupt(vec![format!(
-            "ref name {rn:?} names {d} but the entry is {}",
-            entry.digest
-        )])),
-    }
-}
-
-/// Everything found while walking the layout from `index.json`.
-#[derive(Default)]
-struct Walk {
-    /// Manifests in discovery order (parents before children).
-    manifests: Vec<(Digest, StoredManifest)>,
-    seen: HashSet<Digest>,
-    /// Blobs the manifests name, each once, with where they were named.
-    pending: Vec<(Descriptor, String)>,
-    pending_seen: HashSet<Digest>,
-    /// Blobs ready to commit: staged, or `None` when the cache already has them.
-    blobs: BTreeMap<Digest, Option<Staged>>,
-    problems: Vec<String>,
-    missing: Vec<String>,
-}
-
-/// The store and the layout being read.
-struct Importer {
-    store: Arc<FsStore>,
-    source: Source,
-    max_manifest: u64,
-    /// Tar content that did not match its name (already reported).
-    bad: HashSet<Digest>,
-    /// Blobs read and checked so far, for the live line.
-    progress: Arc<Progress>,
 }
 
 /// What an import did.
@@ -150,202 +63,6 @@ pub struct Report {
     pub new_bytes: u64,
     /// What was missing and left out (`--allow-partial`).
     pub left_out: Vec<String>,
-}
-
-impl Importer {
-    /// A manifest's bytes from the layout (`None` when it is not there).
-    fn layout_manifest(&self, d: &Descriptor) -> Result<Option<Vec<u8>>, String> {
-        let path = match &self.source {
-            Source::Dir(root) => root.join(oci::blob_path(&d.digest)),
-            Source::Tar(staged) => match staged.get(&d.digest) {
-                Some(s) => s.path.clone(),
-                None => return Ok(None),
-            },
-        };
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        if d.size > self.max_manifest {
-            return Err(format!(
-                "manifest {} is {} bytes, more than cache.max_manifest_size",
-                d.digest, d.size
-            ));
-        }
-        let mut buf = Vec::new();
-        f.take(self.max_manifest + 1)
-            .read_to_end(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Some(buf))
-    }
-
-    /// Walks the manifests under one `index.json` entry, checking each.
-    async fn walk(&self, entry: &Descriptor, w: &mut Walk) -> Result<(), AirgapError> {
-        let mut stack = vec![(entry.clone(), "listed in index.json".to_owned(), 0)];
-        while let Some((d, context, depth)) = stack.pop() {
-            if self.bad.contains(&d.digest) || !w.seen.insert(d.digest.clone()) {
-                continue;
-            }
-            let body = match self.layout_manifest(&d) {
-                Ok(Some(b)) => Bytes::from(b),
-                Ok(None) => {
-                    match self
-                        .store
-                        .manifest(&d.digest)
-                        .await
-                        .map_err(io_error("reading the cache"))?
-                    {
-                        // Already cached: what it refers to is checked all the same.
-                        Some(m) => children(&d, &m, depth, &mut stack, w),
-                        None => w.missing.push(format!("manifest {} ({context})", d.digest)),
-                    }
-                    continue;
-                }
-                Err(why) => {
-                    w.problems.push(why);
-                    continue;
-                }
-            };
-            let actual = Digest::of(d.digest.algorithm(), &body);
-            if actual != d.digest {
-                w.problems
-                    .push(format!("{}: content hashes to {actual}", d.digest));
-                continue;
-            }
-            if body.len() as u64 != d.size {
-                w.problems.push(format!(
-                    "{}: {} bytes, listed as {}",
-                    d.digest,
-                    body.len(),
-                    d.size
-                ));
-                continue;
-            }
-            let media_type = match oci::manifest_media_type(&d.media_type, &body) {
-                Ok(mt) => mt,
-                Err(e) => {
-                    w.problems.push(format!("manifest {}: {e}", d.digest));
-                    continue;
-                }
-            };
-            let m = StoredManifest { media_type, body };
-            children(&d, &m, depth, &mut stack, w);
-            w.manifests.push((d.digest.clone(), m));
-        }
-        Ok(())
-    }
-
-    /// Stages every pending blob the cache does not have yet, checking each.
-    async fn stage_blobs(&mut self, w: &mut Walk) -> Result<(), AirgapError> {
-        let pending = std::mem::take(&mut w.pending);
-        self.progress
-            .restart(pending.len(), pending.iter().map(|(b, _)| b.size).sum());
-        for (b, context) in pending {
-            self.progress.bytes(b.size);
-            self.progress.blob_done();
-            if self.bad.contains(&b.digest) {
-                continue;
-            }
-            let cached = self
-                .store
-                .blob_len(&b.digest)
-                .await
-                .map_err(io_error("reading the cache"))?;
-            if cached == Some(b.size) {
-                w.blobs.insert(b.digest, None);
-                continue;
-            }
-            let staged = match &mut self.source {
-                Source::Tar(staged) => match staged.remove(&b.digest) {
-                    Some(s) if s.len == b.size => Some(s),
-                    Some(s) => {
-                        w.problems.push(format!(
-                            "{}: {} bytes, listed as {}",
-                            b.digest, s.len, b.size
-                        ));
-                        remove_staged([s]);
-                        continue;
-                    }
-                    None => None,
-                },
-                Source::Dir(root) => {
-                    let src = root.join(oci::blob_path(&b.digest));
-                    let dest = self.store.staging_path(&format!("import-{}", b.digest));
-                    let (digest, size) = (b.digest.clone(), b.size);
-                    // Copying and hashing a large file is blocking work; awaited at once.
-                    let r = tokio::task::spawn_blocking(move || {
-                        let f = match File::open(&src) {
-                            Ok(f) => f,
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                            Err(e) => return Err(StageError::Io(e)),
-                        };
-                        verify::stage(f, &dest, &digest, Some(size))
-                            .map(|len| Some(Staged { path: dest, len }))
-                    })
-                    .await
-                    .map_err(|e| AirgapError::Other(e.to_string()))?;
-                    match r {
-                        Ok(s) => s,
-                        Err(StageError::Mismatch(why)) => {
-                            w.problems.push(why);
-                            continue;
-                        }
-                        Err(StageError::Io(e)) => {
-                            return Err(io_error(format!("staging {}", b.digest))(e));
-                        }
-                    }
-                }
-            };
-            match staged {
-                Some(s) => {
-                    w.blobs.insert(b.digest, Some(s));
-                }
-                None => w.missing.push(format!("blob {} {context}", b.digest)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes every staged file: what the walk took and what the tar left.
-    fn discard(&mut self, w: &mut Walk) {
-        remove_staged(std::mem::take(&mut w.blobs).into_values().flatten());
-        if let Source::Tar(staged) = &mut self.source {
-            remove_staged(staged.drain().map(|(_, s)| s));
-        }
-    }
-}
-
-/// Queues an index's manifests, or notes an image's blobs.
-fn children(
-    d: &Descriptor,
-    m: &StoredManifest,
-    depth: usize,
-    stack: &mut Vec<(Descriptor, String, usize)>,
-    w: &mut Walk,
-) {
-    match oci::parse_manifest(&m.media_type, &m.body) {
-        Err(e) => w.problems.push(format!("manifest {}: {e}", d.digest)),
-        Ok(Node::Index(_)) if depth >= oci::MAX_DEPTH => w.problems.push(format!(
-            "{}: indexes nested deeper than {}",
-            d.digest,
-            oci::MAX_DEPTH
-        )),
-        Ok(Node::Index(list)) => {
-            for c in list {
-                let context = format!("{} manifest of index {}", c.platform_text(), d.digest);
-                stack.push((c, context, depth + 1));
-            }
-        }
-        Ok(node @ Node::Image { .. }) => {
-            for b in node.blobs() {
-                if w.pending_seen.insert(b.digest.clone()) {
-                    w.pending
-                        .push((b.clone(), format!("of manifest {}", d.digest)));
-                }
-            }
-        }
-    }
 }
 
 /// Imports the layout at `args.path` into `store`: checks everything, then commits it all.
@@ -461,81 +178,6 @@ async fn check(
     Ok(targets)
 }
 
-/// Commits blobs, then manifests children first, then tag records, so that a tag never
-/// points at content that is not in the cache yet.
-async fn commit(
-    importer: &Importer,
-    w: &mut Walk,
-    targets: Vec<(Descriptor, Option<TagTarget>)>,
-) -> Result<Report, AirgapError> {
-    let store = &importer.store;
-    let cache_err = || io_error("writing the cache");
-    let mut report = Report {
-        manifests: w.manifests.len(),
-        blobs: w.blobs.len(),
-        ..Report::default()
-    };
-    // Taken one at a time, so that on an error the rest stay in `w` to be discarded.
-    while let Some((d, staged)) = w.blobs.pop_first() {
-        let Some(s) = staged else {
-            store.note_use(&d).await;
-            continue;
-        };
-        let committed = match store.blob_len(&d).await {
-            Ok(None) => store.commit_blob(&d, &s.path).await.map(|()| true),
-            Ok(Some(_)) => Ok(false),
-            Err(e) => Err(e),
-        };
-        match committed {
-            Ok(true) => {
-                report.new_blobs += 1;
-                report.new_bytes += s.len;
-            }
-            Ok(false) => remove_staged([s]),
-            Err(e) => {
-                remove_staged([s]);
-                return Err(cache_err()(e));
-            }
-        }
-    }
-    for (d, m) in w.manifests.iter().rev() {
-        store.put_manifest(d, m).await.map_err(cache_err())?;
-    }
-    for (entry, target) in targets {
-        let label = entry
-            .ref_name()
-            .map_or_else(|| entry.digest.to_string(), str::to_owned);
-        if let Some(t) = &target {
-            let media_type = w
-                .manifests
-                .iter()
-                .find(|(d, _)| *d == entry.digest)
-                .map(|(_, m)| m.media_type.clone());
-            let media_type = match media_type {
-                Some(mt) => mt,
-                None => store
-                    .manifest(&entry.digest)
-                    .await
-                    .map_err(cache_err())?
-                    .map(|m| m.media_type)
-                    .unwrap_or_else(|| entry.media_type.clone()),
-            };
-            record_tag(
-                store.as_ref(),
-                &t.upstream,
-                &t.repository,
-                &t.tag,
-                &entry.digest,
-                &media_type,
-            )
-            .await
-            .map_err(cache_err())?;
-        }
-        report.entries.push((label, entry.digest, target));
-    }
-    Ok(report)
-}
-
 /// Runs the command: one line per `index.json` entry, then totals. `Ok(false)` when the
 /// layout was refused.
 pub async fn run(config: &Config, args: ImportArgs) -> Result<bool, AirgapError> {
@@ -610,12 +252,15 @@ mod tests {
     use std::fs;
     use std::path::Path;
 
+    use bytes::Bytes;
+
     use super::*;
     use crate::airgap::archive::write_tar;
     use crate::airgap::export::{Plan, write_dir};
-    use crate::cache::store::TagKey;
+    use crate::cache::store::{BlobStore, TagKey};
     use crate::config::Config;
     use crate::media;
+    use crate::reference::Repository;
 
     /// A two-platform image: index → two manifests → a config and a layer each (one layer
     /// shared), as a plan whose blobs are files in `src`.
@@ -967,32 +612,5 @@ mod tests {
             })
         );
         assert_imported(&s, &f).await;
-    }
-
-    #[test]
-    fn targets_of_ref_names() {
-        let t = table();
-        let d = Digest::sha256(b"m");
-        let entry = |name: Option<&str>| {
-            let mut e = Descriptor::named(media::OCI_MANIFEST, d.clone(), 1, "x");
-            e.annotations.clear();
-            if let Some(n) = name {
-                e.annotations.insert(oci::REF_NAME.into(), n.into());
-            }
-            e
-        };
-        assert_eq!(target_of(&entry(None), &t, None).unwrap(), None);
-        assert_eq!(
-            target_of(&entry(Some(&format!("alpine@{d}"))), &t, None).unwrap(),
-            None
-        );
-        let other = Digest::sha256(b"other");
-        assert!(target_of(&entry(Some(&format!("alpine@{other}"))), &t, None).is_err());
-        let got = target_of(&entry(Some("alpine:3.20")), &t, None)
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.repository.as_str(), "library/alpine");
-        assert!(target_of(&entry(Some("library/alpine")), &t, None).is_err());
-        assert!(target_of(&entry(Some("quay.io/a/b:1")), &t, None).is_err());
     }
 }

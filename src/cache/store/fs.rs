@@ -1,153 +1,37 @@
-//! The narrow storage interface (`BlobStore`) and its filesystem backend: content-addressed
-//! blobs and manifests, tag records, temp files fsynced and renamed into place.
-//!
-//! Where each file lives is [`super::layout`]'s; a manifest file's first line is its media
-//! type, a tag record is `<digest> <media type>`. Everything in the staging folder (`tmp/`) is
-//! removed at start-up: it was never verified.
-//!
-//! A manifest with a `subject` also gets a referrer marker (see [`super::layout`]), so its
-//! subject's referrers can be listed from the disk alone.
-//!
-//! A serving store keeps a [`Budget`]: the use order and sizes of what it holds, built by a
-//! background scan at start-up, which bounds the cache to `cache.max_size` by evicting the
-//! least recently used entries as new ones are committed.
+//! The filesystem backend: a store's opening (clearing `tmp/`, counting what it holds in the
+//! background) and its answers to the [`BlobStore`] interface.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWriteExt};
 
-use super::budget::{self, Budget, EntryKind, Key, Limits, Usage};
-use super::layout::{Area, Item, Layout, parse_marker_name, parse_tag_file_name};
+use super::files::{absent, sync_dir};
+use super::upkeep::{collect, remove_victims, scan};
+use super::{BlobRead, BlobStore, GcReport, StoredManifest, TagKey, TagRecord, parse_tag_record};
+use crate::cache::budget::{self, Budget, EntryKind, Key, Limits, Usage};
+use crate::cache::layout::{Area, Item, Layout, parse_marker_name, parse_tag_file_name};
 use crate::reference::{Digest, Repository, Tag};
-
-/// A committed blob opened for reading at some offset.
-pub struct BlobRead {
-    /// Full size of the blob.
-    pub len: u64,
-    /// Reader positioned at the requested offset.
-    pub reader: Pin<Box<dyn AsyncRead + Send>>,
-    /// The same content as a local file, when the backend has one: lets a plain-HTTP
-    /// connection send it with `sendfile(2)` instead of copying it through user space.
-    pub file: Option<std::fs::File>,
-}
-
-/// A manifest with its media type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredManifest {
-    /// `Content-Type` to serve it with.
-    pub media_type: String,
-    /// The exact bytes (their digest is the manifest's digest).
-    pub body: Bytes,
-}
-
-pub use super::layout::TagKey;
-
-/// What a tag resolved to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TagRecord {
-    /// Manifest digest.
-    pub digest: Digest,
-    /// Its media type.
-    pub media_type: String,
-}
-
-/// Where verified content lives. The request path only ever talks to this trait, so another
-/// backend (object storage shared by a fleet) can replace the filesystem one. Downloads are
-/// staged in a local file first; `commit_blob` takes the verified file in.
-#[async_trait]
-pub trait BlobStore: Send + Sync + 'static {
-    /// A fresh local path where content is staged before `commit_blob`. `label` names what is
-    /// staged (a digest, an upload id) and must consist of `[a-z0-9:-]`.
-    fn staging_path(&self, label: &str) -> PathBuf;
-    /// Size of a committed blob, or `None` when absent.
-    async fn blob_len(&self, digest: &Digest) -> io::Result<Option<u64>>;
-    /// Opens a committed blob at `offset`.
-    async fn open_blob(&self, digest: &Digest, offset: u64) -> io::Result<Option<BlobRead>>;
-    /// A committed blob as an open local file and its size, in one step (one open, one stat
-    /// of the open file), or `None` when absent.
-    async fn open_blob_file(&self, digest: &Digest) -> io::Result<Option<(std::fs::File, u64)>>;
-    /// Takes a staged file whose content has been verified to hash to `digest` and synced.
-    async fn commit_blob(&self, digest: &Digest, staged: &Path) -> io::Result<()>;
-    /// A committed manifest.
-    async fn manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>>;
-    /// Stores a manifest whose body has been verified to hash to `digest`.
-    async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<()>;
-    /// A tag record.
-    async fn tag(&self, key: &TagKey) -> io::Result<Option<TagRecord>>;
-    /// Records what a tag resolved to.
-    async fn put_tag(&self, key: &TagKey, record: &TagRecord) -> io::Result<()>;
-    /// Forgets a tag (the upstream said it is gone).
-    async fn remove_tag(&self, key: &TagKey) -> io::Result<()>;
-    /// Records that a blob or manifest was just used (for garbage collection). Cheap: at most
-    /// one timestamp update per digest per hour, never an fsync.
-    async fn note_use(&self, digest: &Digest);
-    /// Removes blobs and manifests unused for longer than `max_age`; safe while serving
-    /// (readers holding a file open keep reading it).
-    async fn collect_garbage(&self, max_age: std::time::Duration) -> io::Result<GcReport>;
-    /// Every tag record of a repository: `(tag, accept key, record)`.
-    async fn tags_of(
-        &self,
-        upstream: &str,
-        repository: &Repository,
-    ) -> io::Result<Vec<(Tag, u8, TagRecord)>>;
-    /// Manifests whose `subject` is `subject`, from the on-disk referrers index, at most
-    /// [`super::referrers::MAX_ON_DISK`], sorted; some may have been removed since (reading
-    /// them says). None when the backend keeps no such index.
-    async fn referrers_of(&self, subject: &Digest) -> io::Result<Vec<Digest>> {
-        let _ = subject;
-        Ok(Vec::new())
-    }
-    /// Removes a blob or manifest the upstream deleted, so it is not served again.
-    async fn remove_content(&self, digest: &Digest) -> io::Result<()>;
-    /// Every `(upstream, repository)` the cache holds tag answers for, sorted.
-    async fn repositories(&self) -> io::Result<Vec<(String, Repository)>>;
-    /// Whether a blob of `len` bytes can be cached at all; a download of one that cannot is
-    /// streamed to its clients without being stored.
-    fn admits(&self, len: u64) -> bool {
-        let _ = len;
-        true
-    }
-    /// Size and eviction figures, when the backend keeps them.
-    fn usage(&self) -> Option<Usage> {
-        None
-    }
-}
-
-/// What a garbage collection removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GcReport {
-    /// Files removed.
-    pub files: u64,
-    /// Bytes freed.
-    pub bytes: u64,
-    /// Files kept.
-    pub kept: u64,
-    /// Tag records removed because their manifest is gone.
-    pub tags: u64,
-}
 
 /// How often a digest's last-use time is written at most.
 const USE_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The filesystem backend. A file's modification time is its last use.
 pub struct FsStore {
-    layout: Layout,
-    tmp: PathBuf,
-    seq: AtomicU64,
+    pub(super) layout: Layout,
+    pub(super) tmp: PathBuf,
+    pub(super) seq: AtomicU64,
     // Without a budget (maintenance opens): digests whose use was recorded within the last
     // hour, skipped so a hot blob costs no syscall per read. With one, the budget knows.
     recently_used: moka::sync::Cache<Digest, ()>,
     // Use order and sizes; absent for maintenance opens (`regcache gc`).
-    budget: Option<Arc<Budget>>,
+    pub(super) budget: Option<Arc<Budget>>,
     // Verified manifests recently read or stored, so a hot manifest costs no file read and
     // no re-hash per request. Bounded by bytes.
-    hot_manifests: moka::sync::Cache<Digest, StoredManifest>,
+    pub(super) hot_manifests: moka::sync::Cache<Digest, StoredManifest>,
 }
 
 /// Bytes of manifests kept in memory.
@@ -248,202 +132,9 @@ impl FsStore {
         }
     }
 
-    fn forget(&self, key: Key) {
-        if let Some(b) = &self.budget {
-            b.forget(&key);
-        }
-    }
-
-    // Sets the modification time of each entry's file to now (its last use), off the async
-    // threads; an entry whose file is gone is skipped.
-    async fn stamp(&self, entries: Vec<Key>) {
-        if entries.is_empty() {
-            return;
-        }
-        let paths: Vec<PathBuf> = entries
-            .iter()
-            .map(|(kind, d)| self.layout.content(*kind, d))
-            .collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for p in paths {
-                if let Ok(f) = std::fs::File::options().write(true).open(&p) {
-                    let _ = f.set_modified(std::time::SystemTime::now());
-                }
-            }
-        })
-        .await;
-    }
-
-    // Admits an entry about to be committed, removing what it displaces first so the cache
-    // never holds more than the high watermark.
-    async fn admit(&self, key: Key, size: u64, refs: Option<Arc<[Digest]>>) -> io::Result<()> {
-        let Some(b) = &self.budget else {
-            return Ok(());
-        };
-        if !b.admits(size) {
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                format!("{size} bytes do not fit under the cache's size limit"),
-            ));
-        }
-        let victims = b.admit(key, size, refs);
-        for ((kind, d), _) in &victims {
-            if *kind == EntryKind::Manifest {
-                self.hot_manifests.invalidate(d);
-            }
-        }
-        remove_victims(&self.layout, victims).await;
-        Ok(())
-    }
-
     /// Path of a committed blob (whether or not it exists).
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.layout.blob(d)
-    }
-
-    // Notes on disk that `referrer` refers to `subject`. An empty file, not synced: a lost one
-    // only hides the referrer from offline lookups until its manifest is stored again. The
-    // manifest is committed either way, so a failure is logged, not returned.
-    async fn mark_referrer(&self, subject: &Digest, referrer: &Digest) {
-        let marker = self.layout.referrer_marker(subject, referrer);
-        let written = async {
-            if let Some(parent) = marker.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            tokio::fs::write(&marker, b"").await
-        }
-        .await;
-        if let Err(error) = written {
-            tracing::warn!(%error, %subject, %referrer, "could not index a referrer on disk");
-        }
-    }
-
-    /// Writes `data` to a temp file, optionally fsyncs, and renames it to `dest`.
-    async fn write_atomic(&self, dest: &Path, parts: &[&[u8]], sync: bool) -> io::Result<()> {
-        if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .tmp
-            .join(format!("write.{}.{n}.part", std::process::id()));
-        let result = async {
-            let mut f = tokio::fs::File::create(&tmp).await?;
-            for p in parts {
-                f.write_all(p).await?;
-            }
-            if sync {
-                f.sync_all().await?;
-            }
-            drop(f);
-            tokio::fs::rename(&tmp, dest).await
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
-    }
-}
-
-/// A tag record file's content: `<digest> <media type>`; `None` when damaged.
-pub(crate) fn parse_tag_record(text: &str) -> Option<TagRecord> {
-    let (digest, media_type) = text.trim_end().split_once(' ')?;
-    Some(TagRecord {
-        digest: digest.parse().ok()?,
-        media_type: media_type.to_owned(),
-    })
-}
-
-/// Every committed entry with its size, oldest use first. Reads directories and inode
-/// metadata only, never file contents; anything else in the content folders is counted and
-/// left alone.
-fn scan(layout: &Layout) -> io::Result<Vec<(Key, u64)>> {
-    let mut found = Vec::new();
-    let mut stray = 0u64;
-    layout.walk(&[Area::Content], &mut |e| match e.item {
-        Item::Content(key) => found.push((e.modified, key, e.len)),
-        _ => stray += 1,
-    })?;
-    if stray > 0 {
-        tracing::warn!(
-            stray,
-            "files in the cache folder that are not cache entries; ignored"
-        );
-    }
-    found.sort_by_key(|(used, _, _)| *used);
-    Ok(found.into_iter().map(|(_, k, size)| (k, size)).collect())
-}
-
-/// Deletes evicted files. Clients already reading one keep their open handle to the end;
-/// a crash part-way leaves only whole files, which the next start-up counts again.
-async fn remove_victims(layout: &Layout, victims: Vec<(Key, u64)>) {
-    if victims.is_empty() {
-        return;
-    }
-    let layout = layout.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let (mut files, mut bytes) = (0u64, 0u64);
-        for ((kind, digest), size) in victims {
-            match std::fs::remove_file(layout.content(kind, &digest)) {
-                Ok(()) => {
-                    files += 1;
-                    bytes += size;
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => tracing::warn!(%error, %digest, "could not evict"),
-            }
-        }
-        (files, bytes)
-    })
-    .await;
-    if let Ok((files, bytes)) = done {
-        tracing::info!(files, bytes, "evicted least recently used entries");
-    }
-}
-
-/// Removes every file of the content folders last used before `cutoff` (stray files too:
-/// nothing reads them), calling `removed` for each entry removed.
-fn collect(
-    layout: &Layout,
-    cutoff: std::time::SystemTime,
-    removed: &dyn Fn(&Key),
-) -> io::Result<GcReport> {
-    let mut report = GcReport::default();
-    let mut old = Vec::new();
-    layout.walk(&[Area::Content], &mut |e| match e.item {
-        Item::Stray { dir: true } => {}
-        _ if e.modified < cutoff => old.push(e),
-        _ => report.kept += 1,
-    })?;
-    for e in old {
-        match std::fs::remove_file(&e.path) {
-            Ok(()) => {
-                report.files += 1;
-                report.bytes += e.len;
-                if let Item::Content(key) = &e.item {
-                    removed(key);
-                }
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(report)
-}
-
-async fn sync_dir(dir: &Path) -> io::Result<()> {
-    let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
-        .await
-        .map_err(io::Error::other)?
-}
-
-fn absent<T>(r: io::Result<T>) -> io::Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
     }
 }
 
@@ -576,7 +267,7 @@ impl BlobStore for FsStore {
             Err(_) => self.forget((EntryKind::Manifest, digest.clone())),
         }
         if result.is_ok() {
-            if let Some(subject) = super::referrers::subject_of(&m.body) {
+            if let Some(subject) = crate::cache::referrers::subject_of(&m.body) {
                 self.mark_referrer(&subject, digest).await;
             }
         }
@@ -593,7 +284,7 @@ impl BlobStore for FsStore {
             if let Some(d) = e.file_name().to_str().and_then(parse_marker_name) {
                 out.push(d);
             }
-            if out.len() >= super::referrers::MAX_ON_DISK {
+            if out.len() >= crate::cache::referrers::MAX_ON_DISK {
                 break;
             }
         }
@@ -684,8 +375,8 @@ impl BlobStore for FsStore {
                 }
             };
             let mut report = collect(&layout, cutoff, &removed)?;
-            report.tags = super::dangling::remove_dangling_tags(&layout)?;
-            super::dangling::remove_dangling_referrers(&layout)?;
+            report.tags = crate::cache::dangling::remove_dangling_tags(&layout)?;
+            crate::cache::dangling::remove_dangling_referrers(&layout)?;
             Ok(report)
         })
         .await

@@ -6,65 +6,25 @@
 //! upstream then read from the bytes already staged. The store unreachable: the upstream
 //! alone, with the replica's own single flight.
 
+mod recover;
+mod streams;
+mod tier2;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::time::Instant;
 
 use super::Fleet;
-use super::lease::{self, Acquired, Keeper, Seen, Watched};
-use super::store::{Store, StoreError};
+use super::lease::{self, Acquired, Keeper, Seen};
+use super::store::StoreError;
 use super::upload;
-use crate::cache::source::{ByteSource, SourceBytes, SourceError, SourceStream, Timeouts};
+use crate::cache::source::{ByteSource, SourceError, SourceStream, Timeouts};
 use crate::cache::store::BlobStore;
 use crate::flight::lock;
 use crate::reference::Digest;
-
-fn store_error(e: StoreError) -> SourceError {
-    match e {
-        StoreError::NotFound => SourceError::NotFound,
-        other => SourceError::Unreachable(other.to_string()),
-    }
-}
-
-/// Tier 2: the store's verified blobs, from any offset.
-pub struct StoreSource {
-    store: Store,
-    timeouts: Timeouts,
-}
-
-impl StoreSource {
-    /// Reads `blobs/…` of `store`.
-    pub fn new(store: Store, timeouts: Timeouts) -> Self {
-        StoreSource { store, timeouts }
-    }
-}
-
-#[async_trait::async_trait]
-impl ByteSource for StoreSource {
-    fn name(&self) -> &str {
-        "store"
-    }
-
-    fn timeouts(&self) -> Timeouts {
-        self.timeouts
-    }
-
-    async fn open(&self, digest: &Digest, from: u64) -> Result<SourceStream, SourceError> {
-        let got = self
-            .store
-            .get(&self.store.blob_key(digest), from)
-            .await
-            .map_err(store_error)?;
-        Ok(SourceStream {
-            total_len: Some(got.size),
-            offset: from,
-            bytes: Box::pin(got.bytes.map(|r| r.map_err(store_error))),
-        })
-    }
-}
+use streams::{fenced, watched};
+pub use tier2::StoreSource;
 
 /// What this replica does for the download.
 enum Role {
@@ -267,129 +227,6 @@ impl FleetSource {
         Ok(opened)
     }
 
-    /// After the leader's stream failed with `reached` bytes staged: tier 2, a new leader, or
-    /// this replica taking over. False when nothing is left to try.
-    async fn recover(&self, reached: u64) -> bool {
-        let d = &self.0;
-        let f = &d.fleet;
-        let (mut seen, retried) = match &*lock(&d.role) {
-            Role::Follower { seen, retried } => (seen.clone(), *retried),
-            _ => return false,
-        };
-        // The peer stream's watch may have seen a newer version since.
-        let newer = lock(&d.watched).take();
-        if let Some(newer) = newer {
-            if newer.lease.replica != seen.lease.replica {
-                // It saw a new leader: attach to it at once.
-                self.set(Role::Follower {
-                    seen: newer,
-                    retried: false,
-                });
-                return true;
-            }
-            if newer.since >= seen.since {
-                seen = newer;
-            }
-        }
-        // Past this, the upstream is read directly: safe (content is verified), it only
-        // costs a fetch more.
-        let give_up = Instant::now() + f.lease_ttl * 20;
-        while Instant::now() < give_up {
-            match f.store.head(&f.store.blob_key(&d.digest)).await {
-                Ok(_) => {
-                    self.set(Role::Store);
-                    return true;
-                }
-                Err(StoreError::NotFound) => {}
-                Err(_) => {
-                    self.set(Role::Alone);
-                    return true;
-                }
-            }
-            let now = match lease::read(&f.store, &d.digest).await {
-                Ok(n) => n,
-                Err(_) => {
-                    self.set(Role::Alone);
-                    return true;
-                }
-            };
-            match now {
-                None => {
-                    // The download ended without the blob reaching the store: lead it.
-                    match lease::acquire(&f.store, &d.digest, &f.me).await {
-                        Ok(Acquired::Won(held)) => self.lead(held),
-                        Ok(Acquired::Taken(s)) => self.set(Role::Follower {
-                            seen: s,
-                            retried: false,
-                        }),
-                        Err(_) => self.set(Role::Alone),
-                    }
-                    return true;
-                }
-                Some(now) if !now.same_version(&seen) => {
-                    if now.lease.replica != seen.lease.replica {
-                        // A new leader: attach to it.
-                        self.set(Role::Follower {
-                            seen: now,
-                            retried: false,
-                        });
-                        return true;
-                    }
-                    if !retried {
-                        // The leader lives: its stream may have broken by accident.
-                        self.set(Role::Follower {
-                            seen: now,
-                            retried: true,
-                        });
-                        return true;
-                    }
-                    // Alive but unreachable: wait for the store, a new leader or expiry.
-                    seen = now;
-                }
-                // Unchanged since first seen: judged below by this replica's clock.
-                Some(_) => {}
-            }
-            match lease::watch(&f.store, &d.digest, seen.clone(), f.lease_ttl).await {
-                Ok(Watched::Expired(stale)) => {
-                    match lease::take_over(&f.store, &d.digest, &stale, &f.me, reached).await {
-                        Ok(Some(held)) => {
-                            tracing::info!(digest = %d.digest, at = reached,
-                                dead = %stale.lease.advertise, "took over a download whose leader stopped renewing");
-                            self.lead(held);
-                            return true;
-                        }
-                        // Another replica swapped first: follow it (read at the next turn).
-                        Ok(None) => {}
-                        // No answer: the swap may have happened or not; the next turn reads
-                        // the lease and sees. Alone only once the store counts as down.
-                        Err(_) if f.active() => {}
-                        Err(_) => {
-                            self.set(Role::Alone);
-                            return true;
-                        }
-                    }
-                }
-                Ok(Watched::Changed(s)) => {
-                    if s.lease.replica != seen.lease.replica || !retried {
-                        // A new leader, or the same one alive: (re)attach once.
-                        let retried = s.lease.replica == seen.lease.replica;
-                        self.set(Role::Follower { seen: s, retried });
-                        return true;
-                    }
-                    seen = s;
-                }
-                Ok(Watched::Gone) => {}
-                Err(_) => {
-                    self.set(Role::Alone);
-                    return true;
-                }
-            }
-        }
-        tracing::warn!(digest = %d.digest, "the download's leader cannot be reached and keeps its lease; fetching from the upstream");
-        self.set(Role::Alone);
-        true
-    }
-
     fn lost_lease(&self) -> bool {
         matches!(&*lock(&self.0.role), Role::Leader(keeper) if keeper.lost())
     }
@@ -419,87 +256,6 @@ impl FleetSource {
             keeper.release().await;
         });
     }
-}
-
-/// A leader's upstream `bytes`, ending with an error before the first chunk it receives
-/// after another replica took its lease over (it was paused, or cut off, for `ttl`).
-fn fenced(bytes: SourceBytes, fence: lease::Fence, ttl: Duration) -> SourceBytes {
-    Box::pin(futures_util::stream::unfold(
-        (bytes, fence, false),
-        move |(mut bytes, fence, done)| async move {
-            if done {
-                return None;
-            }
-            let item = bytes.next().await?;
-            if item.is_ok() && !fence.holds(ttl).await {
-                let e = SourceError::Unreachable(
-                    "another replica took this download's lease over".into(),
-                );
-                return Some((Err(e), (bytes, fence, true)));
-            }
-            Some((item, (bytes, fence, false)))
-        },
-    ))
-}
-
-/// The peer's `bytes`, failing with a timeout once the lease `seen` has stayed unchanged for
-/// `ttl` while no byte came: a paused or partitioned leader stops renewing, and this
-/// replica may take over. The lease is read only while the stream is stalled.
-fn watched(
-    bytes: SourceBytes,
-    store: Store,
-    digest: Digest,
-    seen: Seen,
-    ttl: Duration,
-    latest: Arc<std::sync::Mutex<Option<Seen>>>,
-) -> SourceBytes {
-    let check = ttl / 3;
-    Box::pin(futures_util::stream::unfold(
-        (bytes, seen, false),
-        move |(mut bytes, mut seen, done)| {
-            let store = store.clone();
-            let digest = digest.clone();
-            let latest = latest.clone();
-            async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    match tokio::time::timeout(check, bytes.next()).await {
-                        Ok(Some(item)) => return Some((item, (bytes, seen, false))),
-                        Ok(None) => return None,
-                        Err(_) => {}
-                    }
-                    match lease::read(&store, &digest).await {
-                        // Another replica leads now (it took over from this stream's
-                        // leader): this stream will bring nothing more; attach to it.
-                        Ok(Some(now)) if now.lease.replica != seen.lease.replica => {
-                            *lock(&latest) = Some(now.clone());
-                            let e = SourceError::Timeout(format!(
-                                "the download's leader {} was replaced by {}",
-                                seen.lease.advertise, now.lease.advertise
-                            ));
-                            return Some((Err(e), (bytes, now, true)));
-                        }
-                        Ok(Some(now)) if !now.same_version(&seen) => {
-                            *lock(&latest) = Some(now.clone());
-                            seen = now;
-                        }
-                        Ok(Some(_)) if Instant::now() >= seen.since + ttl => {
-                            *lock(&latest) = Some(seen.clone());
-                            let e = SourceError::Timeout(format!(
-                                "the download's leader {} stopped renewing its lease",
-                                seen.lease.advertise
-                            ));
-                            return Some((Err(e), (bytes, seen, true)));
-                        }
-                        // Renewing, gone (finishing) or unreadable: keep waiting.
-                        _ => {}
-                    }
-                }
-            }
-        },
-    ))
 }
 
 #[async_trait::async_trait]
