@@ -201,6 +201,9 @@ pub enum Error {
     /// A fault inside regcache; the text is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A disk or other I/O fault inside regcache, with its cause kept; logged, never sent.
+    #[error("internal I/O error: {0}")]
+    Io(#[source] std::io::Error),
     /// An error answered as it is, with a hint for the operator as its detail.
     #[error("{0} ({1})")]
     Hinted(Box<Error>, String),
@@ -214,7 +217,7 @@ impl crate::flight::FlightError for UpstreamError {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Error::Internal(e.to_string())
+        Error::Io(e)
     }
 }
 
@@ -279,7 +282,7 @@ impl Error {
             Error::Malformed(_) => (S::BAD_REQUEST, "UNSUPPORTED"),
             Error::HeadTooLarge(_) => (S::REQUEST_HEADER_FIELDS_TOO_LARGE, "UNSUPPORTED"),
             Error::VersionNotSupported => (S::HTTP_VERSION_NOT_SUPPORTED, "UNSUPPORTED"),
-            Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            Error::Internal(_) | Error::Io(_) => (S::INTERNAL_SERVER_ERROR, "UNKNOWN"),
             Error::Hinted(inner, _) => inner.status_code(),
         }
     }
@@ -387,7 +390,7 @@ impl Error {
                 Some((*why).into()),
             ),
             Error::VersionNotSupported => fixed("HTTP version not supported"),
-            Error::Internal(_) => fixed("internal error"),
+            Error::Internal(_) | Error::Io(_) => fixed("internal error"),
             Error::Hinted(inner, hint) => (inner.message().0, Some(hint.clone())),
         }
     }
@@ -529,5 +532,14 @@ mod tests {
         let e = Error::Upstream(Kind::Manifest, UpstreamError::Timeout("hub: 30s".into()));
         let source = std::error::Error::source(&e).map(|s| s.to_string());
         assert_eq!(source.as_deref(), Some("upstream timed out: hub: 30s"));
+        let e = Error::from(std::io::Error::other("/cache/blobs: EIO"));
+        assert_eq!(
+            e.status_code(),
+            (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+        );
+        let source = std::error::Error::source(&e).map(|s| s.to_string());
+        assert_eq!(source.as_deref(), Some("/cache/blobs: EIO"));
+        let (_, v) = body_json(e).await;
+        assert!(!v.to_string().contains("/cache"), "no path sent: {v}");
     }
 }

@@ -43,7 +43,7 @@ pub fn error_reason(e: &Error) -> &'static str {
         Error::Upstream(_, u) => upstream_reason(u),
         Error::Passthrough(..) => "upstream_status",
         Error::Offline(_) => "offline",
-        Error::Internal(_) => "internal",
+        Error::Internal(_) | Error::Io(_) => "internal",
     }
 }
 
