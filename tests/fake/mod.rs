@@ -439,6 +439,19 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
         return r;
     }
     if let Some((_, reference)) = rest.rsplit_once("/manifests/") {
+        if req.method() == Method::DELETE {
+            // A registry that deletes tags as well as manifests by digest.
+            let gone = if reference.starts_with("sha256:") {
+                st.manifests.lock().unwrap().remove(reference).is_some()
+            } else {
+                let key = (repo.clone(), reference.to_owned());
+                st.tags.lock().unwrap().remove(&key).is_some()
+            };
+            return match gone {
+                true => full(StatusCode::ACCEPTED, ""),
+                false => oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            };
+        }
         let gate = st.head_gate.lock().unwrap().clone();
         if let (true, Some(g)) = (head, gate) {
             if let Ok(p) = g.acquire().await {
