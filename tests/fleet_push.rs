@@ -128,6 +128,31 @@ async fn skopeo_and_docker_push_through_a_round_robin_balancer_then_pull_back() 
         .await
         .unwrap();
     assert_eq!(out.trim(), HELLO);
+    drop(docker);
+
+    // docker with `registry-mirrors` at the balancer: a Docker Hub name goes to the mirror
+    // (its fallback, Docker Hub itself, is unreachable here, so only the fleet can answer).
+    let docker = require_peer!(Dockerd::start(&[host.as_str()], &[host.as_str()]).await);
+    let before = lb.log().len();
+    docker.docker_ok(&["pull", "team/pushed:1"]).await.unwrap();
+    let out = docker
+        .docker_ok(&["run", "--rm", "--network", "none", "team/pushed:1"])
+        .await
+        .unwrap();
+    assert_eq!(out.trim(), HELLO);
+    let mirrored: Vec<_> = lb
+        .log()
+        .into_iter()
+        .skip(before)
+        .filter(|(_, path, _, _)| path.starts_with("/v2/team/pushed/"))
+        .collect();
+    eprintln!("docker pull through registry-mirrors: {mirrored:?}");
+    assert!(
+        mirrored
+            .iter()
+            .any(|(_, p, _, _)| p.contains("/manifests/")),
+        "the pull went through the mirror: {mirrored:?}"
+    );
     eprintln!(
         "push through the balancer proven in {:?}",
         started.elapsed()
