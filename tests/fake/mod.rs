@@ -447,9 +447,10 @@ async fn handle(st: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Res
                 let key = (repo.clone(), reference.to_owned());
                 st.tags.lock().unwrap().remove(&key).is_some()
             };
-            return match gone {
-                true => full(StatusCode::ACCEPTED, ""),
-                false => oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            return if gone {
+                full(StatusCode::ACCEPTED, "")
+            } else {
+                oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
             };
         }
         let gate = st.head_gate.lock().unwrap().clone();

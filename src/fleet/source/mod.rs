@@ -103,7 +103,19 @@ impl FleetSource {
         *lock(&self.0.role) = role;
     }
 
-    fn lead(&self, held: lease::Held) {
+    /// Whether tier 2 holds the verified blob.
+    async fn in_tier2(&self) -> Result<(), StoreError> {
+        let f = &self.0.fleet;
+        f.store
+            .head(&f.store.blob_key(&self.0.digest))
+            .await
+            .map(|_| ())
+    }
+
+    /// Leads with a lease just won or taken over, unless the blob reached tier 2 since the
+    /// last look: a leader uploads before it deletes its lease, so a lease won right after
+    /// that is let go again and the store read, rather than the upstream fetched again.
+    async fn lead(&self, held: lease::Held) {
         let f = &self.0.fleet;
         let keeper = Keeper::start(
             f.store.clone(),
@@ -113,19 +125,7 @@ impl FleetSource {
             self.0.received.clone(),
         );
         self.set(Role::Leader(keeper));
-    }
-
-    /// Leads with the lease just won, unless the blob reached tier 2 since the first look: a
-    /// leader uploads before it deletes its lease, so a lease won right after that is
-    /// let go again and the store read, rather than the upstream fetched a second time.
-    async fn lead_unless_stored(&self, held: lease::Held) {
-        let f = &self.0.fleet;
-        self.lead(held);
-        if f.store
-            .head(&f.store.blob_key(&self.0.digest))
-            .await
-            .is_ok()
-        {
+        if self.in_tier2().await.is_ok() {
             let role = std::mem::replace(&mut *lock(&self.0.role), Role::Store);
             if let Role::Leader(keeper) = role {
                 keeper.release().await;
@@ -141,20 +141,20 @@ impl FleetSource {
             self.set(Role::Alone);
             return;
         }
-        match f.store.head(&f.store.blob_key(&d.digest)).await {
-            Ok(_) => return self.set(Role::Store),
+        match self.in_tier2().await {
+            Ok(()) => return self.set(Role::Store),
             Err(StoreError::NotFound) => {}
             Err(_) => return self.set(Role::Alone),
         }
         match lease::acquire(&f.store, &d.digest, &f.me).await {
-            Ok(Acquired::Won(held)) => self.lead_unless_stored(held).await,
+            Ok(Acquired::Won(held)) => self.lead(held).await,
             // A lease of an earlier run of this replica (same address, another id): nobody
             // renews it, so it is taken over at once rather than waited out.
             Ok(Acquired::Taken(seen))
                 if seen.lease.advertise == f.me.advertise && seen.lease.replica != f.me.replica =>
             {
                 match lease::take_over(&f.store, &d.digest, &seen, &f.me, 0).await {
-                    Ok(Some(held)) => self.lead_unless_stored(held).await,
+                    Ok(Some(held)) => self.lead(held).await,
                     Ok(None) => self.set(Role::Follower {
                         seen,
                         retried: false,

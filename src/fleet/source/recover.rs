@@ -37,8 +37,8 @@ impl FleetSource {
         // costs a fetch more.
         let give_up = Instant::now() + f.lease_ttl * 20;
         while Instant::now() < give_up {
-            match f.store.head(&f.store.blob_key(&d.digest)).await {
-                Ok(_) => {
+            match self.in_tier2().await {
+                Ok(()) => {
                     self.set(Role::Store);
                     return true;
                 }
@@ -59,7 +59,7 @@ impl FleetSource {
                 None => {
                     // The download ended without the blob reaching the store: lead it.
                     match lease::acquire(&f.store, &d.digest, &f.me).await {
-                        Ok(Acquired::Won(held)) => self.lead(held),
+                        Ok(Acquired::Won(held)) => self.lead(held).await,
                         Ok(Acquired::Taken(s)) => self.set(Role::Follower {
                             seen: s,
                             retried: false,
@@ -97,7 +97,7 @@ impl FleetSource {
                         Ok(Some(held)) => {
                             tracing::info!(digest = %d.digest, at = reached,
                                 dead = %stale.lease.advertise, "took over a download whose leader stopped renewing");
-                            self.lead(held);
+                            self.lead(held).await;
                             return true;
                         }
                         // Another replica swapped first: follow it (read at the next turn).
