@@ -53,7 +53,7 @@ pub struct App {
     /// upstream `HEAD` per tag and accepted types at a time, whatever the number of clients
     /// (Docker Hub counts each `HEAD` against the pull limit's request budget). The value is
     /// the digest the upstream named, if any.
-    pub(crate) tag_checks: Flight<ManifestKey, Option<Digest>, UpstreamError>,
+    pub(crate) tag_checks: Flight<ManifestKey, crate::fleet::tags::TagCheck, UpstreamError>,
     /// The number in the next request id this process makes up.
     pub(crate) next_request_id: AtomicU64,
     /// Tells this process's request ids from those of earlier runs.

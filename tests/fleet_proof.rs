@@ -10,6 +10,8 @@
 //!   is refused, nothing corrupt anywhere.
 //! - The store SIGKILLed: pulls go on (per-replica single flight), `/readyz` says degraded;
 //!   the store back: one upstream GET per digest again.
+//! - Tags fleet-wide: 24 clients over 3 replicas all past the tag TTL send one revalidation
+//!   `HEAD` per TTL, and one `HEAD` finds a tag that moved.
 
 mod support;
 
@@ -641,4 +643,156 @@ async fn store_down_pulls_go_on_degraded_then_the_fleet_resumes() {
     }
     assert_eq!(gets, 1, "fleet mode again: one upstream GET fleet-wide");
     wait_committed(&fleet, &digests[1]).await;
+}
+
+/// The tags' TTL in the tag test: the store dates objects to the second, so an answer can
+/// look up to a second older than it is.
+const TAG_TTL: Duration = Duration::from_secs(3);
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// `per_replica` concurrent `GET`s of `REPO:tag` on each replica, released together; returns
+/// the `Docker-Content-Digest` each got (after checking the status is 200).
+async fn tag_herd(fleet: &Fleet, tag: &str, per_replica: usize) -> Vec<(usize, String)> {
+    let n = fleet.replicas.len() * per_replica;
+    let start = Arc::new(Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|c| {
+            let i = c % fleet.replicas.len();
+            let url = format!(
+                "{}/v2/{}/manifests/{tag}",
+                fleet.replicas[i].url(),
+                support::fleet::REPO
+            );
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let r = support::fleet::client()
+                    .get(&url)
+                    .header("accept", OCI_MANIFEST)
+                    .send()
+                    .await
+                    .expect("the replica answers");
+                let status = r.status().as_u16();
+                let digest = r
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = r.text().await.unwrap_or_default();
+                assert_eq!(status, 200, "r{i}: {body}");
+                (i, digest)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("client task"));
+    }
+    out
+}
+
+/// The fleet's shared answer for `REPO:tag` as stored (one accept key is used here).
+async fn shared_tag(fleet: &Fleet, tag: &str) -> Option<serde_json::Value> {
+    let prefix = fleet.key(&format!("tags/up/{}/{tag}/", support::fleet::REPO));
+    let keys = fleet.s3.list(&fleet.bucket, &prefix).await.ok()?;
+    let key = keys.first()?;
+    let o = fleet.s3.get(&fleet.bucket, key).await.ok()?;
+    serde_json::from_slice(&o.body).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_past_the_tag_ttl_together_send_one_head_per_ttl() {
+    let mut fleet = require_peer!(Fleet::start(Lane::Seaweed, LEASE_TTL).await);
+    let mut spec = fleet.spec();
+    spec.extra = format!("[cache]\ntag_ttl = \"{}ms\"\n", TAG_TTL.as_millis());
+    for _ in 0..3 {
+        fleet.add_replica_with(&spec).await.expect("replicas start");
+    }
+    let repo = support::fleet::REPO;
+    let config = bytes::Bytes::from_static(b"{}");
+    let config_d = fleet.upstream.push_blob(repo, config).await.unwrap();
+    let manifest = |n: u32| {
+        bytes::Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_d}","size":2}},"layers":[],"annotations":{{"round":"{n}"}}}}"#
+        ))
+    };
+    let d1 = fleet
+        .upstream
+        .push_manifest(repo, "v1", OCI_MANIFEST, manifest(1))
+        .await
+        .unwrap();
+    fleet.upstream.relay.clear();
+    let heads = |f: &Fleet| f.upstream.relay.count("HEAD", "/manifests/v1");
+    let gets = |f: &Fleet| f.upstream.relay.count("GET", "/manifests/");
+
+    // Cold: r0 resolves the tag; once its answer is shared, r1 and r2 take it.
+    let (s, _) = fleet.replicas[0]
+        .get_manifest(repo, "v1", OCI_MANIFEST)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let shared = wait_until(Duration::from_secs(10), || async {
+        shared_tag(&fleet, "v1")
+            .await
+            .is_some_and(|v| v["digest"] == d1.as_str())
+    })
+    .await;
+    assert!(
+        shared,
+        "the answer is shared: {:?}",
+        shared_tag(&fleet, "v1").await
+    );
+    let mut answered = Instant::now();
+    for r in &fleet.replicas[1..] {
+        let (s, d) = r.get_manifest(repo, "v1", OCI_MANIFEST).await.unwrap();
+        assert_eq!((s, d.as_str()), (200, d1.as_str()), "{}", r.name);
+    }
+    assert_eq!(
+        (heads(&fleet), gets(&fleet)),
+        (0, 1),
+        "one cold GET fleet-wide"
+    );
+
+    // Past the TTL on every replica at once, twice: one HEAD fleet-wide each time.
+    for round in 1..=2 {
+        tokio::time::sleep_until((answered + TAG_TTL + Duration::from_millis(200)).into()).await;
+        let got = tag_herd(&fleet, "v1", 8).await;
+        answered = Instant::now();
+        assert!(got.iter().all(|(_, d)| *d == d1), "round {round}: {got:?}");
+        let stored = shared_tag(&fleet, "v1").await;
+        eprintln!(
+            "round {round}: upstream HEADs {}, GETs {}; shared answer {stored:?}",
+            heads(&fleet),
+            gets(&fleet)
+        );
+        assert_eq!(heads(&fleet), round, "one revalidation HEAD per TTL");
+        assert_eq!(gets(&fleet), 1, "no manifest GET for a confirmed tag");
+        let stored = stored.expect("a shared answer");
+        assert_eq!(stored["digest"], d1.as_str());
+        assert!(
+            stored.get("checking").is_none(),
+            "the check is over: {stored}"
+        );
+    }
+
+    // The tag moves upstream: one HEAD finds it, every replica answers the new digest.
+    let d2 = fleet
+        .upstream
+        .push_manifest(repo, "v1", OCI_MANIFEST, manifest(2))
+        .await
+        .unwrap();
+    tokio::time::sleep_until((answered + TAG_TTL + Duration::from_millis(200)).into()).await;
+    let got = tag_herd(&fleet, "v1", 8).await;
+    assert!(got.iter().all(|(_, d)| *d == d2), "moved: {got:?}");
+    eprintln!(
+        "moved: upstream HEADs {}, GETs {}",
+        heads(&fleet),
+        gets(&fleet)
+    );
+    assert_eq!(heads(&fleet), 3, "one HEAD found the move");
+    assert!(
+        gets(&fleet) <= 1 + fleet.replicas.len(),
+        "at most one GET of the moved tag per replica"
+    );
 }

@@ -1,36 +1,115 @@
 //! Tag answers shared by the fleet: `tags/<upstream>/<repository>/<tag>/<accept key>` holds
 //! the digest and media type a replica last confirmed with the upstream. Another replica
 //! whose own answer is past its TTL takes this one while it is younger than the TTL, so the
-//! fleet sends one revalidation per tag per TTL rather than one per replica. The answer's
-//! age is the store's `Last-Modified` against this replica's clock: a clock skew shifts only
-//! when a tag is next revalidated (leases never compare clocks).
+//! fleet sends one revalidation per tag per TTL rather than one per replica. Replicas past
+//! the TTL at the same moment agree on who asks by a compare-and-swap on that object: the
+//! winner marks it `checking`, asks, and writes the answer; the others wait for it, judging
+//! a claim dead once it stays unchanged for `lease_ttl` on their own clock (as for leases).
+//! The answer's age is the store's `Last-Modified` against this replica's clock: a clock
+//! skew shifts only when a tag is next revalidated (leases never compare clocks).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use object_store::PutMode;
+use object_store::{PutMode, UpdateVersion};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 use super::Fleet;
+use super::store::StoreError;
 use crate::cache::store::{TagKey, TagRecord};
 use crate::reference::Digest;
+
+/// How many times a replica re-reads a tag's object that keeps changing under it before it
+/// asks the upstream on its own.
+const MAX_TURNS: usize = 64;
+/// The first pause between reads of a tag another replica is checking; it doubles up to a
+/// sixth of `lease_ttl`.
+const FIRST_PAUSE: Duration = Duration::from_millis(20);
 
 #[derive(Serialize, Deserialize)]
 struct Shared {
     digest: String,
     media_type: String,
-    /// When it was confirmed, by the writer's clock (for people reading the bucket).
+    /// When it was written, by the writer's clock (for people reading the bucket).
     checked_unix: u64,
+    /// The replica asking the upstream now: `digest` is the answer before its check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checking: Option<String>,
+    /// The last check got no answer from the upstream: `digest` is not confirmed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    unconfirmed: bool,
+}
+
+impl Shared {
+    fn new(digest: &Digest, media_type: &str) -> Shared {
+        Shared {
+            digest: digest.to_string(),
+            media_type: media_type.to_owned(),
+            checked_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            checking: None,
+            unconfirmed: false,
+        }
+    }
+
+    fn bytes(&self) -> Bytes {
+        // A struct of strings, a number and a flag always serializes.
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// The confirmed answer this object holds, with `age`.
+    fn answer(&self, age: Duration) -> Option<SharedTag> {
+        if self.checking.is_some() || self.unconfirmed {
+            return None;
+        }
+        Some(SharedTag {
+            record: TagRecord {
+                digest: self.digest.parse().ok()?,
+                media_type: self.media_type.clone(),
+            },
+            age,
+        })
+    }
 }
 
 /// A tag answer from the store and how old it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedTag {
-    /// What the tag resolved to.
+    /// What the tag resolved to (the media type may be empty when the confirming replica
+    /// did not hold the manifest yet: the manifest's own says it).
     pub record: TagRecord,
     /// Time since a replica confirmed it.
     pub age: Duration,
+}
+
+/// What a fleet-wide check of a tag gave.
+#[derive(Debug, Clone)]
+pub enum TagCheck {
+    /// A replica confirmed the tag within the TTL: nothing was asked upstream.
+    Shared(SharedTag),
+    /// This replica asked the upstream: the digest it named, if it named one.
+    Asked(Option<Digest>),
+}
+
+/// Who asks the upstream about a tag.
+enum Claim {
+    /// This replica: it marked the tag's object `checking` and writes the answer.
+    Mine,
+    /// Another replica confirmed it while this one waited.
+    Answered(SharedTag),
+    /// This replica, without telling the fleet (store down, or contention without end).
+    Alone,
+}
+
+/// How long ago the store says the object of `meta` was written (by this replica's clock).
+fn age_of(meta: &object_store::ObjectMeta) -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::from(meta.last_modified))
+        .unwrap_or_default()
 }
 
 impl Fleet {
@@ -41,24 +120,15 @@ impl Fleet {
         ))
     }
 
-    /// The fleet's answer for `key`, if a replica confirmed one and the store answers.
+    /// The fleet's confirmed answer for `key`, if a replica confirmed one and the store
+    /// answers.
     pub async fn tag(&self, key: &TagKey) -> Option<SharedTag> {
         if !self.active() {
             return None;
         }
         let (body, meta) = self.store.get_small(&self.tag_key(key)).await.ok()?;
         let shared: Shared = serde_json::from_slice(&body).ok()?;
-        let digest: Digest = shared.digest.parse().ok()?;
-        let age = SystemTime::now()
-            .duration_since(SystemTime::from(meta.last_modified))
-            .unwrap_or_default();
-        Some(SharedTag {
-            record: TagRecord {
-                digest,
-                media_type: shared.media_type,
-            },
-            age,
-        })
+        shared.answer(age_of(&meta))
     }
 
     /// Shares the answer `record` for `key`, just confirmed with the upstream (in the
@@ -67,24 +137,62 @@ impl Fleet {
         if !self.active() {
             return;
         }
-        let shared = Shared {
-            digest: record.digest.to_string(),
-            media_type: record.media_type.clone(),
-            checked_unix: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
-        let Ok(body) = serde_json::to_vec(&shared) else {
-            return;
-        };
+        let body = Shared::new(&record.digest, &record.media_type).bytes();
         let (fleet, path) = (self.clone(), self.tag_key(key));
         // Detached: the client has its answer; the others get it when the PUT lands.
         tokio::spawn(async move {
             let put = fleet
                 .store
+                .put(&path, body, PutMode::Overwrite, Default::default())
+                .await;
+            if let Err(error) = put {
+                tracing::debug!(%error, "tag answer not shared");
+            }
+        });
+    }
+
+    /// Checks the tag `key`, answered `cached` on this replica, once per `ttl` fleet-wide:
+    /// the fleet's answer when a replica confirmed it within `ttl`, else `ask` (the
+    /// upstream) run by the one replica that claims the check, the others waiting for its
+    /// answer. Store down: `ask` alone.
+    pub async fn check_tag<F, Fut, E>(
+        &self,
+        key: &TagKey,
+        ttl: Duration,
+        cached: &TagRecord,
+        ask: F,
+    ) -> Result<TagCheck, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<Digest>, E>>,
+    {
+        let path = self.tag_key(key);
+        let claim = if self.active() {
+            self.claim_check(&path, ttl, cached).await
+        } else {
+            Claim::Alone
+        };
+        let mine = match claim {
+            Claim::Answered(shared) => return Ok(TagCheck::Shared(shared)),
+            Claim::Mine => true,
+            Claim::Alone => false,
+        };
+        let asked = ask().await;
+        if mine {
+            // The waiting replicas poll for this: written before the answer is returned.
+            let answer = match &asked {
+                Ok(Some(d)) if *d == cached.digest => Shared::new(d, &cached.media_type),
+                Ok(Some(d)) => Shared::new(d, ""),
+                Ok(None) | Err(_) => Shared {
+                    unconfirmed: true,
+                    ..Shared::new(&cached.digest, &cached.media_type)
+                },
+            };
+            let put = self
+                .store
                 .put(
                     &path,
-                    Bytes::from(body),
+                    answer.bytes(),
                     PutMode::Overwrite,
                     Default::default(),
                 )
@@ -92,6 +200,68 @@ impl Fleet {
             if let Err(error) = put {
                 tracing::debug!(%error, "tag answer not shared");
             }
-        });
+        }
+        asked.map(TagCheck::Asked)
+    }
+
+    /// Reads the tag's object until it holds an answer younger than `ttl` or this replica
+    /// has claimed the check.
+    async fn claim_check(
+        &self,
+        path: &object_store::path::Path,
+        ttl: Duration,
+        cached: &TagRecord,
+    ) -> Claim {
+        let claim = Shared {
+            checking: Some(self.me.replica.clone()),
+            ..Shared::new(&cached.digest, &cached.media_type)
+        }
+        .bytes();
+        let mut pause = FIRST_PAUSE;
+        // Another replica's claim as last read, and since when (this replica's clock).
+        let mut waiting: Option<(UpdateVersion, Instant)> = None;
+        for _ in 0..MAX_TURNS {
+            let (body, meta) = match self.store.get_small(path).await {
+                Ok(got) => got,
+                Err(StoreError::NotFound) => match self.store.create(path, claim.clone()).await {
+                    Ok(_) => return Claim::Mine,
+                    Err(StoreError::Conflict) => continue,
+                    Err(_) => return Claim::Alone,
+                },
+                Err(_) => return Claim::Alone,
+            };
+            let shared: Option<Shared> = serde_json::from_slice(&body).ok();
+            let age = age_of(&meta);
+            let version = UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            };
+            if let Some(s) = &shared {
+                if let Some(answer) = s.answer(age) {
+                    if answer.age < ttl {
+                        return Claim::Answered(answer);
+                    }
+                } else if s.checking.is_some() {
+                    let since = match &waiting {
+                        Some((v, since)) if *v == version => *since,
+                        _ => Instant::now(),
+                    };
+                    waiting = Some((version.clone(), since));
+                    if since.elapsed() < self.lease_ttl {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(self.lease_ttl / 6).max(FIRST_PAUSE);
+                        continue;
+                    }
+                    // Unchanged for `lease_ttl`: its replica died or stalled mid-check.
+                }
+            }
+            // Stale, unconfirmed, unreadable or abandoned: claim it.
+            match self.store.swap(path, claim.clone(), version).await {
+                Ok(_) => return Claim::Mine,
+                Err(StoreError::Conflict | StoreError::NotFound) => {}
+                Err(_) => return Claim::Alone,
+            }
+        }
+        Claim::Alone
     }
 }

@@ -1,6 +1,7 @@
 //! The fleet's protocol on an in-memory store with paused time: the start-up check, leases
 //! (create, renew by compare-and-swap, expiry on the follower's clock, takeover, refusal of
-//! a stale leader), the choice of byte source, tier-2 writes and degraded mode.
+//! a stale leader), the choice of byte source, tier-2 writes, degraded mode and the
+//! fleet-wide tag check (one replica asks, the others take its answer).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -693,4 +694,149 @@ async fn a_leader_without_a_renewal_for_a_lease_life_reads_who_leads_before_goin
     keeper.release().await;
     let now = lease::read(&a.store, &d).await.unwrap().unwrap();
     assert_eq!(now.lease.advertise, "http://b:5000");
+}
+
+fn tag_key() -> crate::cache::store::TagKey {
+    crate::cache::store::TagKey {
+        upstream: "up".into(),
+        repository: "library/app".parse().unwrap(),
+        tag: "v1".parse().unwrap(),
+        accept: 3,
+    }
+}
+
+/// An upstream check that counts its calls and names `digest`.
+fn counted(
+    calls: &Arc<std::sync::atomic::AtomicUsize>,
+    digest: &Digest,
+) -> impl FnOnce() -> futures_util::future::Ready<Result<Option<Digest>, String>> {
+    let (calls, digest) = (calls.clone(), digest.clone());
+    move || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        futures_util::future::ready(Ok(Some(digest)))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tag_is_checked_by_one_replica_and_the_others_take_its_answer() {
+    use super::tags::TagCheck;
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let d = Digest::sha256(b"manifest");
+    let cached = crate::cache::store::TagRecord {
+        digest: d.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+    };
+    let ttl = Duration::from_secs(300);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+
+    // `a` claims the check; while its upstream answer is on the way, `b` waits for it.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (a2, cached2, d2, calls2) = (a.clone(), cached.clone(), d.clone(), calls.clone());
+    let first = tokio::spawn(async move {
+        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
+            calls2.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.await;
+            Ok::<_, String>(Some(d2))
+        })
+        .await
+    });
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let second = tokio::spawn({
+        let (b, cached, calls) = (b.clone(), cached.clone(), calls.clone());
+        let d = d.clone();
+        async move {
+            b.check_tag(&tag_key(), ttl, &cached, counted(&calls, &d))
+                .await
+        }
+    });
+    tokio::time::sleep(TTL / 2).await;
+    tx.send(()).unwrap();
+    assert!(matches!(first.await.unwrap(), Ok(TagCheck::Asked(Some(x))) if x == d));
+    match second.await.unwrap() {
+        Ok(TagCheck::Shared(s)) => assert_eq!(s.record, cached),
+        other => panic!("the second replica takes the first one's answer: {other:?}"),
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one upstream check");
+    // Within the TTL, no replica asks again.
+    let third = b
+        .check_tag(&tag_key(), ttl, &cached, counted(&calls, &d))
+        .await;
+    assert!(matches!(third, Ok(TagCheck::Shared(_))), "{third:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let shared = b.tag(&tag_key()).await.expect("a confirmed answer");
+    assert_eq!(shared.record, cached);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tag_check_abandoned_mid_way_is_taken_over_after_a_lease_life() {
+    use super::tags::TagCheck;
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let d = Digest::sha256(b"manifest");
+    let cached = crate::cache::store::TagRecord {
+        digest: d.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+    };
+    let ttl = Duration::from_secs(300);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // `a` claims the check and dies before it answers.
+    let (a2, cached2, calls2) = (a.clone(), cached.clone(), calls.clone());
+    let dead = tokio::spawn(async move {
+        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
+            calls2.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<Option<Digest>, String>>().await
+        })
+        .await
+    });
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    dead.abort();
+    assert!(a.tag(&tag_key()).await.is_none(), "a claim is no answer");
+    let started = tokio::time::Instant::now();
+    let taken = b
+        .check_tag(&tag_key(), ttl, &cached, counted(&calls, &d))
+        .await;
+    let waited = started.elapsed();
+    assert!(matches!(taken, Ok(TagCheck::Asked(Some(_)))), "{taken:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(
+        waited >= TTL && waited <= TTL + TTL / 3,
+        "waited {waited:?} for a claim unchanged for lease_ttl"
+    );
+    assert_eq!(b.tag(&tag_key()).await.map(|s| s.record), Some(cached));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_tag_check_leaves_no_answer_and_the_next_replica_asks() {
+    use super::tags::TagCheck;
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let d = Digest::sha256(b"manifest");
+    let cached = crate::cache::store::TagRecord {
+        digest: d.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+    };
+    let ttl = Duration::from_secs(300);
+    let failed = a
+        .check_tag(&tag_key(), ttl, &cached, || async {
+            Err::<Option<Digest>, _>("503".to_owned())
+        })
+        .await;
+    assert_eq!(failed.err().as_deref(), Some("503"));
+    assert!(a.tag(&tag_key()).await.is_none(), "nothing confirmed");
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = tokio::time::Instant::now();
+    let next = b
+        .check_tag(&tag_key(), ttl, &cached, counted(&calls, &d))
+        .await;
+    assert!(matches!(next, Ok(TagCheck::Asked(Some(_)))), "{next:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(started.elapsed() < TTL / 3, "no wait after a failed check");
 }

@@ -6,7 +6,7 @@ use http::Response;
 use super::served;
 use crate::app::App;
 use crate::body::Body;
-use crate::cache::store::{StoredManifest, TagKey};
+use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
 use crate::error::Error;
 use crate::media::{self, Accept};
@@ -58,7 +58,12 @@ pub(super) async fn adopt(
     let Some(m) = m.filter(|m| accept.accepts(&m.media_type)) else {
         return Ok(None);
     };
-    if let Err(e) = app.store.put_tag(&key, &shared.record).await {
+    // The manifest's own media type: the confirming replica may not have known it.
+    let record = TagRecord {
+        digest: d.clone(),
+        media_type: m.media_type.clone(),
+    };
+    if let Err(e) = app.store.put_tag(&key, &record).await {
         tracing::warn!(error = %e, "cannot persist tag record");
     }
     let checked = tokio::time::Instant::now()
@@ -67,7 +72,7 @@ pub(super) async fn adopt(
     app.tags.insert(
         key,
         TagEntry {
-            record: shared.record,
+            record,
             checked: Some(checked),
         },
     );

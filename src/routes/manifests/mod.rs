@@ -92,14 +92,7 @@ async fn manifest_by_tag(
         if may_serve_unchecked(up, &entry, tag) {
             return Ok(served(&m, &digest, head, CacheResult::Hit));
         }
-        // Another replica of the fleet may have asked the upstream within the TTL.
-        if let Some(shared) = fleet_tag(app, &key, up.tag_ttl).await {
-            let answer = adopt(app, key.clone(), shared, accept, head, CacheResult::Hit).await?;
-            if let Some(r) = answer {
-                return Ok(r);
-            }
-        }
-        let check = revalidate(app, target, tag, accept, &digest).await;
+        let check = revalidate(app, target, &key, accept, &entry.record).await;
         if let Some(r) =
             after_revalidation(app, key.clone(), entry, &m, check, accept, head).await?
         {

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use http::Response;
 
 use super::fetch::remember_tag;
-use super::fleet::fleet_manifest;
+use super::fleet::{adopt, fleet_manifest};
 use super::{Target, served};
 use crate::app::{App, ManifestKey};
 use crate::body::Body;
-use crate::cache::store::{StoredManifest, TagKey};
+use crate::cache::store::{StoredManifest, TagKey, TagRecord};
 use crate::cache::tags::TagEntry;
 use crate::error::{Error, Kind, UpstreamError};
+use crate::fleet::tags::{SharedTag, TagCheck};
 use crate::media::Accept;
 use crate::metrics::CacheResult;
-use crate::reference::{Digest, Reference, Tag};
+use crate::reference::{Digest, Reference};
 
 /// What the upstream said about a cached tag answer past its TTL.
 #[derive(Debug)]
@@ -30,41 +31,53 @@ pub(super) enum Revalidation {
     Gone,
     /// The upstream could not answer.
     Failed(UpstreamError),
+    /// Another replica of the fleet confirmed the tag within the TTL.
+    Shared(SharedTag),
 }
 
-/// Asks the upstream with a `HEAD` whether `tag` still points at `cached`: a `HEAD` does not
-/// count against Docker Hub's pull limit, and when it fails the cached answer is served
-/// rather than spending a `GET`. Concurrent revalidations of one tag share one `HEAD`.
+/// Asks the upstream with a `HEAD` whether the tag of `key` still points at `cached`: a
+/// `HEAD` does not count against Docker Hub's pull limit, and when it fails the cached answer
+/// is served rather than spending a `GET`. Concurrent revalidations of one tag share one
+/// `HEAD`; in a fleet, so do the replicas (one `HEAD` per tag per TTL, fleet-wide).
 pub(super) async fn revalidate(
     app: &Arc<App>,
     target: &Target,
-    tag: &Tag,
+    key: &TagKey,
     accept: &Accept,
-    cached: &Digest,
+    cached: &TagRecord,
 ) -> Revalidation {
     let up = app.upstreams[target.upstream()].clone();
     let repo = target.repository().clone();
-    let reference = Reference::Tag(tag.clone());
-    let key: ManifestKey = (
+    let reference = Reference::Tag(key.tag.clone());
+    let flight_key: ManifestKey = (
         target.upstream(),
         repo.clone(),
         reference.to_string(),
         accept.key(),
     );
     let accept_value = accept.upstream_value();
+    let (fleet, key2, cached2, ttl) = (app.fleet.clone(), key.clone(), cached.clone(), up.tag_ttl);
     // The answer is not kept (`None`): the tag entry records the confirmation, and a check
-    // after this one asks the upstream again.
-    let named = app
+    // after this one asks again.
+    let checked = app
         .tag_checks
-        .get(key, move || async move {
-            let f = up.manifest(&repo, &reference, &accept_value, true).await?;
-            Ok((f.digest, None))
+        .get(flight_key, move || async move {
+            let ask = move || async move {
+                let f = up.manifest(&repo, &reference, &accept_value, true).await?;
+                Ok(f.digest)
+            };
+            let checked = match fleet {
+                Some(f) => f.check_tag(&key2, ttl, &cached2, ask).await?,
+                None => TagCheck::Asked(ask().await?),
+            };
+            Ok((checked, None))
         })
         .await;
-    match named {
-        Ok(Some(d)) if d == *cached => Revalidation::Confirmed,
-        Ok(Some(d)) => Revalidation::Moved(d),
-        Ok(None) => Revalidation::NoDigest,
+    match checked {
+        Ok(TagCheck::Shared(shared)) => Revalidation::Shared(shared),
+        Ok(TagCheck::Asked(Some(d))) if d == cached.digest => Revalidation::Confirmed,
+        Ok(TagCheck::Asked(Some(d))) => Revalidation::Moved(d),
+        Ok(TagCheck::Asked(None)) => Revalidation::NoDigest,
         Err(UpstreamError::Status(404)) => Revalidation::Gone,
         Err(e) => Revalidation::Failed(e),
     }
@@ -86,10 +99,8 @@ pub(super) async fn after_revalidation(
     let (tag, repo) = (&key.tag, &key.repository);
     match check {
         Revalidation::Confirmed => {
+            // In a fleet, the check already shared the confirmation.
             let r = served(m, digest, head, CacheResult::Hit);
-            if let Some(f) = &app.fleet {
-                f.put_tag(&key, &entry.record);
-            }
             app.tags.insert(key, TagEntry::confirmed(entry.record));
             Ok(Some(r))
         }
@@ -118,6 +129,9 @@ pub(super) async fn after_revalidation(
                 tracing::warn!(error = %e, "cannot remove tag record");
             }
             Err(Error::Upstream(Kind::Manifest, UpstreamError::Status(404)))
+        }
+        Revalidation::Shared(shared) => {
+            adopt(app, key, shared, accept, head, CacheResult::Hit).await
         }
         Revalidation::Failed(e) => {
             tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "tag revalidation failed; serving the cached answer");

@@ -323,6 +323,28 @@ impl Replica {
             .await?;
         Ok((r.status().as_u16(), r.bytes().await?))
     }
+
+    /// `GET /v2/<repo>/manifests/<reference>` accepting `accept`: the status and the
+    /// `Docker-Content-Digest` answered.
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        accept: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        let r = client()
+            .get(format!("{}/v2/{repo}/manifests/{reference}", self.url()))
+            .header("accept", accept)
+            .send()
+            .await?;
+        let digest = r
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok((r.status().as_u16(), digest))
+    }
 }
 
 impl Drop for Replica {
