@@ -367,14 +367,19 @@ async fn leader_sigkilled(lane: Lane) {
         total as f64 <= 1.05 * size as f64,
         "upstream bytes {total} ≤ 1.05 × {size}"
     );
+    // Takeover counted until the resumed request reaches the upstream: the lease swapped,
+    // tier 2 looked at, the upstream asked.
     let takeover = gets[1].at.saturating_duration_since(killed);
-    let bound = LEASE_TTL + LEASE_TTL / 3 + Duration::from_secs(1);
+    let bound = LEASE_TTL + LEASE_TTL / 3;
     eprintln!(
-        "takeover {takeover:?} after the SIGKILL (lease_ttl {LEASE_TTL:?} + renew {:?}; bound with 1 s scheduling slack {bound:?}); resumed from byte {resumed_from} of {size}; upstream bytes {total} = {:.3} × blob",
+        "takeover {takeover:?} after the SIGKILL (bound: lease_ttl {LEASE_TTL:?} + one renew period {:?} = {bound:?}); resumed from byte {resumed_from} of {size}; upstream bytes {total} = {:.3} × blob",
         LEASE_TTL / 3,
         total as f64 / size as f64
     );
-    assert!(takeover <= bound, "takeover took {takeover:?}");
+    assert!(
+        takeover <= bound,
+        "takeover took {takeover:?}, over {bound:?}"
+    );
     assert_eq!(
         fleet
             .metric_total("regcache_fleet_leases_total", &[("result", "taken_over")])

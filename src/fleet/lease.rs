@@ -3,6 +3,11 @@
 //! version every third of `lease_ttl`, judged expired by a follower's own monotonic clock
 //! (unchanged for `lease_ttl` since it first saw that version, never by comparing wall
 //! clocks), taken over by compare-and-swap, and deleted once the blob is in the store.
+//!
+//! A follower waiting on a lease reads it every sixth of `lease_ttl`: it sees each renewal
+//! at most a sixth late, so a dead leader's lease expires on its clock at most `lease_ttl`
+//! and a sixth after the leader's last renewal, inside the promised `lease_ttl` plus one
+//! renew period, with room left for the takeover's own requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,8 +122,16 @@ pub async fn acquire(store: &Store, digest: &Digest, me: &Me) -> Result<Acquired
     ))
 }
 
-/// The lease of `digest` as it stands, if any.
+/// How often a follower re-reads a lease it waits on (see the module's note).
+pub fn poll_every(ttl: Duration) -> Duration {
+    ttl / 6
+}
+
+/// The lease of `digest` as it stands, if any. Its `since` is when the read was sent: the
+/// version stood at some moment of the exchange, and the earliest one is the safe start
+/// for a follower's count (a leader renews long before a lease's life runs out).
 pub async fn read(store: &Store, digest: &Digest) -> Result<Option<Seen>, StoreError> {
+    let asked = Instant::now();
     match store.get_small(&store.lease_key(digest)).await {
         Ok((bytes, meta)) => Ok(Some(Seen {
             lease: serde_json::from_slice(&bytes).unwrap_or_default(),
@@ -126,7 +139,7 @@ pub async fn read(store: &Store, digest: &Digest) -> Result<Option<Seen>, StoreE
                 e_tag: meta.e_tag,
                 version: meta.version,
             },
-            since: Instant::now(),
+            since: asked,
         })),
         Err(StoreError::NotFound) => Ok(None),
         Err(e) => Err(e),
@@ -176,7 +189,7 @@ pub enum Watched {
     Gone,
 }
 
-/// Re-reads the lease `seen` every third of `ttl` until it changes, goes, or stays the same
+/// Re-reads the lease `seen` every [`poll_every`] until it changes, goes, or stays the same
 /// for `ttl` since it was first seen.
 pub async fn watch(
     store: &Store,
@@ -186,7 +199,7 @@ pub async fn watch(
 ) -> Result<Watched, StoreError> {
     loop {
         let deadline = seen.since + ttl;
-        let next = (Instant::now() + ttl / 3).min(deadline);
+        let next = (Instant::now() + poll_every(ttl)).min(deadline);
         tokio::time::sleep_until(next).await;
         match read(store, digest).await? {
             None => return Ok(Watched::Gone),

@@ -45,7 +45,7 @@ pub(super) fn watched(
     ttl: Duration,
     latest: Arc<std::sync::Mutex<Option<Seen>>>,
 ) -> SourceBytes {
-    let check = ttl / 3;
+    let check = lease::poll_every(ttl);
     Box::pin(futures_util::stream::unfold(
         (bytes, seen, false),
         move |(mut bytes, mut seen, done)| {
