@@ -172,6 +172,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    let max_connections = app.config.limits.max_connections;
+    let files = regcache::server::fds::raise();
+    if files.now != files.before {
+        tracing::info!(from = ?files.before, to = ?files.now, "open-file limit raised to the hard limit");
+    }
+    if !files.fits(max_connections) {
+        tracing::warn!(
+            open_files = ?files.now,
+            max_connections,
+            reserved = regcache::server::fds::RESERVED,
+            "the open-file limit is below limits.max_connections plus descriptors for cache files and upstreams: connections past it fail to be accepted; raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_connections"
+        );
+    }
     tracing::info!(
         listen = %listener.local_addr()?,
         cache_dir = %app.config.cache_dir.display(),

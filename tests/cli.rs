@@ -1,5 +1,6 @@
 //! The `regcache` binary: embedded defaults, config errors naming the key, env overrides,
-//! options after the command, `check-config`, log colours only on a terminal, and graceful
+//! options after the command, `check-config`, log colours only on a terminal, the open-file
+//! limit raised at start, and graceful
 //! shutdown on SIGTERM.
 
 use std::io::{BufRead, BufReader};
@@ -320,4 +321,86 @@ fn pretty_logs_are_not_coloured_when_not_on_a_terminal() {
     let _ = child.wait();
     assert!(!ready.contains('\x1b'), "colour codes in a pipe: {ready:?}");
     assert!(ready.contains(" INFO "), "{ready}");
+}
+
+/// Starts the server under `sh -c "<limits>; exec regcache …"` with an upstream at a dead
+/// loopback port; returns its JSON log lines up to `regcache ready`.
+fn lines_until_ready(limits: &str) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ncache_dir = {:?}\ndefault_upstream = \"up\"\n\
+             [[upstream]]\nname = \"up\"\nurl = \"http://127.0.0.1:9\"\n",
+            dir.path().join("cache")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{limits} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_regcache"))
+        .args(["--log-format", "json", "--config"])
+        .arg(&config)
+        .env_remove("REGCACHE_CONFIG")
+        .env_remove("REGCACHE_LISTEN")
+        .env_remove("REGCACHE_CACHE_DIR")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let ready = v["message"] == "regcache ready";
+        seen.push(v);
+        if ready {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.last()
+            .is_some_and(|v| v["message"] == "regcache ready"),
+        "never ready: {seen:?}"
+    );
+    seen
+}
+
+#[test]
+fn the_soft_open_file_limit_is_raised_and_a_short_hard_limit_is_named() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    match hard {
+        Some(h) if h > 1024 => {
+            let lines = lines_until_ready("ulimit -Sn 1024");
+            let raised = lines
+                .iter()
+                .find(|v| v["message"] == "open-file limit raised to the hard limit")
+                .unwrap_or_else(|| panic!("no line says the limit was raised: {lines:?}"));
+            assert_eq!(raised["from"], "Some(1024)");
+            assert_eq!(raised["to"], format!("Some({h})"));
+        }
+        _ => println!("SKIPPED raising the soft limit: the hard open-file limit is {hard:?}"),
+    }
+    // A hard limit of 1000 cannot hold the default 8192 connections: said, naming the key.
+    let lines = lines_until_ready("ulimit -n 1000");
+    let warned = lines
+        .iter()
+        .find(|v| v["level"] == "WARN" && v["max_connections"] == 8192)
+        .unwrap_or_else(|| panic!("no warning about the limit: {lines:?}"));
+    assert_eq!(warned["open_files"], "Some(1000)");
+    assert!(
+        warned["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_connections")
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|v| v["message"] == "open-file limit raised to the hard limit")
+    );
 }

@@ -265,7 +265,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         use std::time::Duration;
         LimitsConfig {
-            max_connections: 4096,
+            max_connections: 8192,
             max_header_bytes: ByteSize(64 << 10),
             max_headers: 100,
             header_read_timeout: HumanDuration(Duration::from_secs(30)),

@@ -6,6 +6,7 @@
 
 pub mod edge;
 pub mod fast;
+pub mod fds;
 pub mod http1;
 pub mod hyper;
 pub mod tls;
