@@ -1,7 +1,6 @@
 //! The `regcache` binary: embedded defaults, config errors naming the key, env overrides,
 //! options after the command, `check-config`, log colours only on a terminal, the open-file
-//! limit raised at start, and graceful
-//! shutdown on SIGTERM.
+//! limit raised at start, and graceful shutdown on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
