@@ -15,15 +15,20 @@ use regcache::config::{Config, LogFormat};
 /// own, which writes whatever has queued up in one system call rather than one per line
 /// (an access line per request would otherwise cost a `write(2)` per request). Nothing is
 /// dropped: a full queue makes the logging side wait. The returned guard flushes the queue
-/// when dropped at exit.
+/// when dropped at exit. The access line has a formatter of its own (the same text, without
+/// the generic formatter's cost), except in colour at a terminal.
 fn init_tracing(
     format: LogFormat,
     command: bool,
 ) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use regcache::access_log::line::{AccessLines, Style, TARGET};
     use std::io::IsTerminal;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, fmt};
     let default = if command { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Colour only for a person at a terminal: never into files, `docker logs` or journald.
     let terminal = if command {
         std::io::stderr().is_terminal()
@@ -31,10 +36,10 @@ fn init_tracing(
         std::io::stdout().is_terminal()
     };
     let colour = regcache::cli::use_colour(terminal, std::env::var_os("NO_COLOR").as_deref());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour);
     if command {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(colour);
         match format {
             LogFormat::Json => builder
                 .json()
@@ -52,13 +57,41 @@ fn init_tracing(
             64 * 1024,
             std::io::stdout(),
         ));
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_writer(writer)
+    let style = match format {
+        LogFormat::Json => Style::Json,
+        LogFormat::Pretty if !colour => Style::Plain,
+        // In colour the generic formatter writes the access line too.
+        LogFormat::Pretty => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(true)
+                .with_writer(writer)
+                .init();
+            return Some(guard);
+        }
+    };
+    let access =
+        AccessLines::new(writer.clone(), style).with_filter(filter_fn(|m| m.target() == TARGET));
+    let others = filter_fn(|m| m.target() != TARGET);
+    let registry = tracing_subscriber::registry().with(filter).with(access);
+    match style {
+        Style::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(writer)
+                    .with_filter(others),
+            )
             .init(),
-        LogFormat::Pretty => builder.with_writer(writer).init(),
+        Style::Plain => registry
+            .with(
+                fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(writer)
+                    .with_filter(others),
+            )
+            .init(),
     }
     Some(guard)
 }

@@ -1,6 +1,9 @@
 //! The access log: one `regcache::access_log` event per request, written when its response
 //! body ends or is dropped, by a body wrapper that also counts the bytes it lets through;
 //! and the record of a request (route, cache lookup, upstream) that metrics count from.
+//! [`line`] writes that event.
+
+pub mod line;
 
 use std::io;
 use std::pin::Pin;
@@ -117,6 +120,7 @@ impl AccessLog {
         let r = &self.record;
         // Not `regcache::access`: that is the client authentication module's target.
         // Only these fields: never a header value, query string or credential.
+        // The target is `line::TARGET`; the macro needs it spelled out.
         tracing::info!(
             target: "regcache::access_log",
             request_id = %r.id,
