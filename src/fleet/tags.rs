@@ -22,12 +22,15 @@ use super::store::StoreError;
 use crate::cache::store::{TagKey, TagRecord};
 use crate::reference::Digest;
 
-/// How many times a replica re-reads a tag's object that keeps changing under it before it
-/// asks the upstream on its own.
-const MAX_TURNS: usize = 64;
-/// The first pause between reads of a tag another replica is checking; it doubles up to a
-/// sixth of `lease_ttl`.
+/// How many lost races for a tag's object a replica takes (another replica wrote it between
+/// this one's read and write) before it asks the upstream on its own.
+const MAX_RACES: usize = 16;
+/// The first pause between reads of a tag another replica is checking; it doubles up to
+/// [`LAST_PAUSE`] (or a sixth of `lease_ttl`, if shorter). Each read is one small `GET`, by
+/// the one request per replica that waits; the others wait on it.
 const FIRST_PAUSE: Duration = Duration::from_millis(20);
+/// The longest pause between two reads: a client waits at most this long past the answer.
+const LAST_PAUSE: Duration = Duration::from_millis(200);
 
 #[derive(Serialize, Deserialize)]
 struct Shared {
@@ -220,12 +223,18 @@ impl Fleet {
         let mut pause = FIRST_PAUSE;
         // Another replica's claim as last read, and since when (this replica's clock).
         let mut waiting: Option<(UpdateVersion, Instant)> = None;
-        for _ in 0..MAX_TURNS {
+        let mut races = 0;
+        // Each turn either ends, sleeps on a claim that has stood less than `lease_ttl`, or
+        // lost a race: the loop waits at most a lease life on each claim it sees.
+        while races < MAX_RACES {
             let (body, meta) = match self.store.get_small(path).await {
                 Ok(got) => got,
                 Err(StoreError::NotFound) => match self.store.create(path, claim.clone()).await {
                     Ok(_) => return Claim::Mine,
-                    Err(StoreError::Conflict) => continue,
+                    Err(StoreError::Conflict) => {
+                        races += 1;
+                        continue;
+                    }
                     Err(_) => return Claim::Alone,
                 },
                 Err(_) => return Claim::Alone,
@@ -249,7 +258,10 @@ impl Fleet {
                     waiting = Some((version.clone(), since));
                     if since.elapsed() < self.lease_ttl {
                         tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(self.lease_ttl / 6).max(FIRST_PAUSE);
+                        pause = (pause * 2)
+                            .min(LAST_PAUSE)
+                            .min(self.lease_ttl / 6)
+                            .max(FIRST_PAUSE);
                         continue;
                     }
                     // Unchanged for `lease_ttl`: its replica died or stalled mid-check.
@@ -258,7 +270,7 @@ impl Fleet {
             // Stale, unconfirmed, unreadable or abandoned: claim it.
             match self.store.swap(path, claim.clone(), version).await {
                 Ok(_) => return Claim::Mine,
-                Err(StoreError::Conflict | StoreError::NotFound) => {}
+                Err(StoreError::Conflict | StoreError::NotFound) => races += 1,
                 Err(_) => return Claim::Alone,
             }
         }
