@@ -840,3 +840,86 @@ async fn a_failed_tag_check_leaves_no_answer_and_the_next_replica_asks() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert!(started.elapsed() < TTL / 3, "no wait after a failed check");
 }
+
+#[tokio::test(start_paused = true)]
+async fn replicas_waiting_on_a_failed_tag_check_do_not_ask_again() {
+    use super::tags::TagCheck;
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let d = Digest::sha256(b"manifest");
+    let cached = crate::cache::store::TagRecord {
+        digest: d.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+    };
+    let ttl = Duration::from_secs(300);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (a2, cached2, calls2) = (a.clone(), cached.clone(), calls.clone());
+    let first = tokio::spawn(async move {
+        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
+            calls2.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.await;
+            Err::<Option<Digest>, _>("503".to_owned())
+        })
+        .await
+    });
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let second = tokio::spawn({
+        let (b, cached, calls, d) = (b.clone(), cached.clone(), calls.clone(), d.clone());
+        async move {
+            b.check_tag(&tag_key(), ttl, &cached, counted(&calls, &d))
+                .await
+        }
+    });
+    tokio::time::sleep(TTL / 4).await;
+    tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap().err().as_deref(), Some("503"));
+    let waited = second.await.unwrap();
+    assert!(matches!(waited, Ok(TagCheck::Unconfirmed)), "{waited:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "nobody asked again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tag_check_that_outlived_its_claim_does_not_overwrite_the_newer_answer() {
+    use super::tags::TagCheck;
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let old = Digest::sha256(b"old");
+    let new = Digest::sha256(b"new");
+    let cached = crate::cache::store::TagRecord {
+        digest: old.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+    };
+    let ttl = Duration::from_secs(300);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // `a` asks, and its answer (the old digest) takes longer than a lease life.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (a2, cached2, calls2, old2) = (a.clone(), cached.clone(), calls.clone(), old.clone());
+    let slow = tokio::spawn(async move {
+        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
+            calls2.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.await;
+            Ok::<_, String>(Some(old2))
+        })
+        .await
+    });
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // `b` takes the claim over after a lease life and finds the tag moved.
+    let taken = b
+        .check_tag(&tag_key(), ttl, &cached, counted(&calls, &new))
+        .await;
+    assert!(
+        matches!(taken, Ok(TagCheck::Asked(Some(ref x))) if *x == new),
+        "{taken:?}"
+    );
+    tx.send(()).unwrap();
+    assert!(matches!(slow.await.unwrap(), Ok(TagCheck::Asked(Some(ref x))) if *x == old));
+    let stands = a.tag(&tag_key()).await.expect("an answer");
+    assert_eq!(stands.record.digest, new, "the newer check's answer stands");
+}

@@ -33,6 +33,8 @@ pub(super) enum Revalidation {
     Failed(UpstreamError),
     /// Another replica of the fleet confirmed the tag within the TTL.
     Shared(SharedTag),
+    /// The fleet's check of the tag, which this replica waited on, got no answer.
+    Unconfirmed,
 }
 
 /// Asks the upstream with a `HEAD` whether the tag of `key` still points at `cached`: a
@@ -78,6 +80,7 @@ pub(super) async fn revalidate(
         Ok(TagCheck::Asked(Some(d))) if d == cached.digest => Revalidation::Confirmed,
         Ok(TagCheck::Asked(Some(d))) => Revalidation::Moved(d),
         Ok(TagCheck::Asked(None)) => Revalidation::NoDigest,
+        Ok(TagCheck::Unconfirmed) => Revalidation::Unconfirmed,
         Err(UpstreamError::Status(404)) => Revalidation::Gone,
         Err(e) => Revalidation::Failed(e),
     }
@@ -132,6 +135,10 @@ pub(super) async fn after_revalidation(
         }
         Revalidation::Shared(shared) => {
             adopt(app, key, shared, accept, head, CacheResult::Hit).await
+        }
+        Revalidation::Unconfirmed => {
+            tracing::warn!(tag = %tag, repository = %repo, stale = true, "the fleet's check of this tag got no answer from the upstream; serving the cached answer");
+            Ok(Some(served(m, digest, head, CacheResult::Stale)))
         }
         Revalidation::Failed(e) => {
             tracing::warn!(error = %e, tag = %tag, repository = %repo, stale = true, "tag revalidation failed; serving the cached answer");
