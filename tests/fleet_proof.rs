@@ -25,6 +25,10 @@ use support::peers::require_peer;
 use tokio::sync::Barrier;
 
 const LEASE_TTL: Duration = Duration::from_millis(1500);
+/// The SIGKILL proof's `lease_ttl`: its bound, `lease_ttl` + one renew period, leaves the
+/// takeover's own requests (a lease read and swap, a tier-2 look, the upstream request) a
+/// sixth of it beyond the worst expiry, half a second here.
+const KILL_LEASE_TTL: Duration = Duration::from_secs(3);
 const PULL_LIMIT: Duration = Duration::from_secs(60);
 
 async fn fleet_of(n: usize) -> Result<Fleet, support::peers::Skip> {
@@ -32,7 +36,15 @@ async fn fleet_of(n: usize) -> Result<Fleet, support::peers::Skip> {
 }
 
 async fn fleet_on(lane: Lane, n: usize) -> Result<Fleet, support::peers::Skip> {
-    let mut fleet = Fleet::start(lane, LEASE_TTL).await?;
+    fleet_with(lane, n, LEASE_TTL).await
+}
+
+async fn fleet_with(
+    lane: Lane,
+    n: usize,
+    lease_ttl: Duration,
+) -> Result<Fleet, support::peers::Skip> {
+    let mut fleet = Fleet::start(lane, lease_ttl).await?;
     fleet.add_replicas(n).await.expect("replicas start");
     Ok(fleet)
 }
@@ -305,13 +317,28 @@ async fn fill_held_mid_way(fleet: &mut Fleet, digest: &str, k: u64) -> (usize, V
     (leader, pulls)
 }
 
+/// Prints each replica's warnings and the lines that name `digest`, for a failure.
+fn print_logs(fleet: &Fleet, digest: &str) {
+    let hex = digest.trim_start_matches("sha256:");
+    for r in &fleet.replicas {
+        let lines: Vec<_> = r
+            .output()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains(hex))
+            .map(str::to_owned)
+            .collect();
+        eprintln!("{} log:\n{}", r.name, lines.join("\n"));
+    }
+    eprintln!("upstream: {:?}", fleet.upstream.blob_gets(digest));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_sigkilled_mid_fill_a_follower_takes_over_and_resumes_with_range() {
     leader_sigkilled(Lane::Seaweed).await;
 }
 
 async fn leader_sigkilled(lane: Lane) {
-    let mut fleet = require_peer!(fleet_on(lane, 3).await);
+    let mut fleet = require_peer!(fleet_with(lane, 3, KILL_LEASE_TTL).await);
     // A layer's usual size. The upstream bytes counted include what the relay still writes
     // into the dead leader's socket once the gate opens (about 1 MiB on loopback) before
     // the kernel refuses it: a real upstream sends those too.
@@ -335,8 +362,12 @@ async fn leader_sigkilled(lane: Lane) {
         if r == leader {
             continue; // its clients lost their connection with it
         }
+        let result = result.unwrap_or_else(|e| {
+            print_logs(&fleet, &digest);
+            panic!("a client of survivor r{r}: {e:#}")
+        });
         assert_right(
-            &result.unwrap(),
+            &result,
             &digest,
             size,
             &format!("a client of survivor r{r}"),
@@ -370,10 +401,10 @@ async fn leader_sigkilled(lane: Lane) {
     // Takeover counted until the resumed request reaches the upstream: the lease swapped,
     // tier 2 looked at, the upstream asked.
     let takeover = gets[1].at.saturating_duration_since(killed);
-    let bound = LEASE_TTL + LEASE_TTL / 3;
+    let bound = KILL_LEASE_TTL + KILL_LEASE_TTL / 3;
     eprintln!(
-        "takeover {takeover:?} after the SIGKILL (bound: lease_ttl {LEASE_TTL:?} + one renew period {:?} = {bound:?}); resumed from byte {resumed_from} of {size}; upstream bytes {total} = {:.3} × blob",
-        LEASE_TTL / 3,
+        "takeover {takeover:?} after the SIGKILL (bound: lease_ttl {KILL_LEASE_TTL:?} + one renew period {:?} = {bound:?}); resumed from byte {resumed_from} of {size}; upstream bytes {total} = {:.3} × blob",
+        KILL_LEASE_TTL / 3,
         total as f64 / size as f64
     );
     assert!(
@@ -748,6 +779,17 @@ async fn replicas_past_the_tag_ttl_together_send_one_head_per_ttl() {
         "the answer is shared: {:?}",
         shared_tag(&fleet, "v1").await
     );
+    // And the manifest itself (a separate upload), for the other replicas to take.
+    let manifest_key = fleet.key(&format!("manifests/sha256/{}", &d1[7..]));
+    let stored = wait_until(Duration::from_secs(10), || async {
+        fleet
+            .s3
+            .get(&fleet.bucket, &manifest_key)
+            .await
+            .is_ok_and(|o| o.status == 200)
+    })
+    .await;
+    assert!(stored, "the manifest reaches the shared tier");
     let mut answered = Instant::now();
     for r in &fleet.replicas[1..] {
         let (s, d) = r.get_manifest(repo, "v1", OCI_MANIFEST).await.unwrap();
@@ -796,8 +838,11 @@ async fn replicas_past_the_tag_ttl_together_send_one_head_per_ttl() {
         gets(&fleet)
     );
     assert_eq!(heads(&fleet), 3, "one HEAD found the move");
+    // The checker publishes the new digest before the manifest reaches the shared tier, so
+    // each replica may fetch it (and, rarely, a client arriving just after its replica's
+    // fetch ended, once more).
     assert!(
-        gets(&fleet) <= 1 + fleet.replicas.len(),
-        "at most one GET of the moved tag per replica"
+        gets(&fleet) <= 1 + 2 * fleet.replicas.len(),
+        "a few GETs of the moved tag per replica at most"
     );
 }

@@ -127,11 +127,10 @@ pub fn poll_every(ttl: Duration) -> Duration {
     ttl / 6
 }
 
-/// The lease of `digest` as it stands, if any. Its `since` is when the read was sent: the
-/// version stood at some moment of the exchange, and the earliest one is the safe start
-/// for a follower's count (a leader renews long before a lease's life runs out).
+/// The lease of `digest` as it stands, if any. Its `since` is when the answer came: the
+/// version may have been written just before, so counting from there never judges a live
+/// leader's lease expired early.
 pub async fn read(store: &Store, digest: &Digest) -> Result<Option<Seen>, StoreError> {
-    let asked = Instant::now();
     match store.get_small(&store.lease_key(digest)).await {
         Ok((bytes, meta)) => Ok(Some(Seen {
             lease: serde_json::from_slice(&bytes).unwrap_or_default(),
@@ -139,7 +138,7 @@ pub async fn read(store: &Store, digest: &Digest) -> Result<Option<Seen>, StoreE
                 e_tag: meta.e_tag,
                 version: meta.version,
             },
-            since: asked,
+            since: Instant::now(),
         })),
         Err(StoreError::NotFound) => Ok(None),
         Err(e) => Err(e),
