@@ -23,7 +23,7 @@ fn init_tracing(
 ) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     use regcache::access_log::line::{AccessLines, Style, TARGET};
     use std::io::IsTerminal;
-    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::filter::{LevelFilter, filter_fn};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer, fmt};
@@ -70,9 +70,12 @@ fn init_tracing(
             return Some(guard);
         }
     };
-    let access =
-        AccessLines::new(writer.clone(), style).with_filter(filter_fn(|m| m.target() == TARGET));
-    let others = filter_fn(|m| m.target() != TARGET);
+    // The filters pass on RUST_LOG's most verbose level, so events (and `log` records) above
+    // it are still dropped at their call sites.
+    let most = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let access = AccessLines::new(writer.clone(), style)
+        .with_filter(filter_fn(|m| m.target() == TARGET).with_max_level_hint(most));
+    let others = filter_fn(|m| m.target() != TARGET).with_max_level_hint(most);
     let registry = tracing_subscriber::registry().with(filter).with(access);
     match style {
         Style::Json => registry

@@ -385,6 +385,10 @@ fn the_soft_open_file_limit_is_raised_and_a_short_hard_limit_is_named() {
         _ => println!("SKIPPED raising the soft limit: the hard open-file limit is {hard:?}"),
     }
     // A hard limit of 1000 cannot hold the default 8192 connections: said, naming the key.
+    if hard.is_some_and(|h| h < 1000) {
+        println!("SKIPPED the short-limit warning: the hard open-file limit is {hard:?}");
+        return;
+    }
     let lines = lines_until_ready("ulimit -n 1000");
     let warned = lines
         .iter()

@@ -78,10 +78,12 @@ mod tests {
     }
 
     #[test]
-    fn raising_in_this_process_leaves_soft_equal_to_hard() {
+    fn raising_in_this_process_leaves_soft_equal_to_a_finite_hard_limit() {
         let files = raise();
         let after = getrlimit(Resource::Nofile);
         assert_eq!(files.now, after.current);
-        assert_eq!(after.current, after.maximum, "{files:?}");
+        if after.maximum.is_some() {
+            assert_eq!(after.current, after.maximum, "{files:?}");
+        }
     }
 }
