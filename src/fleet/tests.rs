@@ -717,17 +717,30 @@ fn counted(
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_tag_is_checked_by_one_replica_and_the_others_take_its_answer() {
-    use super::tags::TagCheck;
+/// Two replicas on one store, and a tag answer (the manifest `body`'s digest) both hold.
+async fn tag_replicas(
+    body: &[u8],
+) -> (
+    Arc<Fleet>,
+    Arc<Fleet>,
+    Digest,
+    crate::cache::store::TagRecord,
+) {
     let store = Arc::new(Switched::default());
     let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
-    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
-    let d = Digest::sha256(b"manifest");
+    let b = replica(store, "http://b:5000", Arc::default()).await;
+    let d = Digest::sha256(body);
     let cached = crate::cache::store::TagRecord {
         digest: d.clone(),
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
     };
+    (a, b, d, cached)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tag_is_checked_by_one_replica_and_the_others_take_its_answer() {
+    use super::tags::TagCheck;
+    let (a, b, d, cached) = tag_replicas(b"manifest").await;
     let ttl = Duration::from_secs(300);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
@@ -774,14 +787,7 @@ async fn a_tag_is_checked_by_one_replica_and_the_others_take_its_answer() {
 #[tokio::test(start_paused = true)]
 async fn a_tag_check_abandoned_mid_way_is_taken_over_after_a_lease_life() {
     use super::tags::TagCheck;
-    let store = Arc::new(Switched::default());
-    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
-    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
-    let d = Digest::sha256(b"manifest");
-    let cached = crate::cache::store::TagRecord {
-        digest: d.clone(),
-        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-    };
+    let (a, b, d, cached) = tag_replicas(b"manifest").await;
     let ttl = Duration::from_secs(300);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // `a` claims the check and dies before it answers.
@@ -815,14 +821,7 @@ async fn a_tag_check_abandoned_mid_way_is_taken_over_after_a_lease_life() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_tag_check_leaves_no_answer_and_the_next_replica_asks() {
     use super::tags::TagCheck;
-    let store = Arc::new(Switched::default());
-    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
-    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
-    let d = Digest::sha256(b"manifest");
-    let cached = crate::cache::store::TagRecord {
-        digest: d.clone(),
-        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-    };
+    let (a, b, d, cached) = tag_replicas(b"manifest").await;
     let ttl = Duration::from_secs(300);
     let failed = a
         .check_tag(&tag_key(), ttl, &cached, || async {
@@ -844,14 +843,7 @@ async fn a_failed_tag_check_leaves_no_answer_and_the_next_replica_asks() {
 #[tokio::test(start_paused = true)]
 async fn replicas_waiting_on_a_failed_tag_check_do_not_ask_again() {
     use super::tags::TagCheck;
-    let store = Arc::new(Switched::default());
-    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
-    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
-    let d = Digest::sha256(b"manifest");
-    let cached = crate::cache::store::TagRecord {
-        digest: d.clone(),
-        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-    };
+    let (a, b, d, cached) = tag_replicas(b"manifest").await;
     let ttl = Duration::from_secs(300);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -885,15 +877,8 @@ async fn replicas_waiting_on_a_failed_tag_check_do_not_ask_again() {
 #[tokio::test(start_paused = true)]
 async fn a_tag_check_that_outlived_its_claim_does_not_overwrite_the_newer_answer() {
     use super::tags::TagCheck;
-    let store = Arc::new(Switched::default());
-    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
-    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
-    let old = Digest::sha256(b"old");
+    let (a, b, old, cached) = tag_replicas(b"old").await;
     let new = Digest::sha256(b"new");
-    let cached = crate::cache::store::TagRecord {
-        digest: old.clone(),
-        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-    };
     let ttl = Duration::from_secs(300);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // `a` asks, and its answer (the old digest) takes longer than a lease life.

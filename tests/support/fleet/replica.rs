@@ -332,18 +332,11 @@ impl Replica {
         reference: &str,
         accept: &str,
     ) -> anyhow::Result<(u16, String)> {
-        let r = client()
-            .get(format!("{}/v2/{repo}/manifests/{reference}", self.url()))
-            .header("accept", accept)
-            .send()
-            .await?;
-        let digest = r
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        Ok((r.status().as_u16(), digest))
+        get_manifest(
+            &format!("{}/v2/{repo}/manifests/{reference}", self.url()),
+            accept,
+        )
+        .await
     }
 }
 
@@ -351,6 +344,19 @@ impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `GET url` (a manifest) accepting `accept`: the status and the `Docker-Content-Digest`
+/// answered.
+pub async fn get_manifest(url: &str, accept: &str) -> anyhow::Result<(u16, String)> {
+    let r = client().get(url).header("accept", accept).send().await?;
+    let digest = r
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((r.status().as_u16(), digest))
 }
 
 /// Sum of the samples of `name` in Prometheus text `text` with every `labels` pair.
