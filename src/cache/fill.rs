@@ -176,7 +176,10 @@ fn io_err(e: std::io::Error) -> FillError {
     FillError::Io(e.to_string())
 }
 
-/// Most sources one download goes through (the first and its successors).
+/// Most sources one download tries in a row without a byte from any of them (the first and
+/// its successors). A source that brought bytes before it failed starts the count again: the
+/// cap ends a chain of sources that fail at once, not a long download handed on several
+/// times (a fleet follower's leader dying, a new leader's stream breaking in turn).
 const MAX_SOURCES: usize = 4;
 
 // Opens `source` at `from` within its answer timeout.
@@ -236,6 +239,8 @@ async fn run(
     let mut bytes = opened.skip_to(0)?;
     let mut writer = Writer::start(file, digest.algorithm(), guard.streaming(len))?;
     let mut received = 0u64;
+    // Where the current source was opened.
+    let mut opened_at = 0u64;
     // A source that fails mid-stream may hand the download to a successor, which goes on
     // from the bytes written so far (the hasher has seen them all already).
     while let Err(error) = pump(
@@ -251,6 +256,9 @@ async fn run(
             return Err(error);
         };
         let mut error = error;
+        if received > opened_at {
+            sources = 1;
+        }
         loop {
             let next = match source.successor(received, &error).await {
                 Some(next) if sources < MAX_SOURCES => next,
@@ -271,6 +279,7 @@ async fn run(
                         }
                     }
                     bytes = opened.skip_to(received)?;
+                    opened_at = received;
                     break;
                 }
                 Err(e) => error = e,
@@ -574,6 +583,63 @@ mod tests {
             "asked from where the first stopped"
         );
         assert_eq!(run.store.blob_len(&run.digest).await.unwrap(), Some(10_000));
+    }
+
+    // A chain of `n` sources: each but the last fails after `step` more bytes (or at once,
+    // with `refuse`), handing on to the next.
+    fn chain(data: &[u8], n: usize, step: usize, refuse: bool) -> Vec<Arc<Fake>> {
+        let mut next: Option<Arc<dyn ByteSource>> = None;
+        let mut all = Vec::new();
+        for i in (0..n).rev() {
+            let mut s = Fake::new(data.to_vec());
+            if i + 1 < n {
+                s.fault = if refuse && i > 0 {
+                    Fault::Refuse(SourceError::Unreachable("connection refused".into()))
+                } else {
+                    Fault::FailAt(step * (i + 1))
+                };
+            }
+            s.next = next.take();
+            let s = Arc::new(s);
+            next = Some(s.clone());
+            all.push(s);
+        }
+        all.reverse();
+        all
+    }
+
+    #[tokio::test]
+    async fn sources_that_each_bring_bytes_hand_on_past_the_cap() {
+        let data = blob(10_000);
+        let n = MAX_SOURCES + 3;
+        let sources = chain(&data, n, 1000, false);
+        let run = fill_from(&data, sources[0].clone()).await;
+        assert_eq!(run.state, FillState::Complete { len: 10_000 });
+        for r in &run.read {
+            assert_eq!(r.as_ref().unwrap(), &data);
+        }
+        let asked: Vec<_> = sources.iter().map(|s| s.opened()).collect();
+        let want: Vec<_> = (0..n).map(|i| vec![(i * 1000) as u64]).collect();
+        assert_eq!(asked, want, "each source asked from where the last stopped");
+    }
+
+    #[tokio::test]
+    async fn sources_failing_without_a_byte_stop_at_the_cap() {
+        let data = blob(10_000);
+        // The first brings 1000 bytes; every one after it refuses to open.
+        let sources = chain(&data, MAX_SOURCES + 3, 1000, true);
+        let run = fill_from(&data, sources[0].clone()).await;
+        assert!(
+            matches!(run.state, FillState::Failed(FillError::Source(_))),
+            "{:?}",
+            run.state
+        );
+        every_reader_failed(&run);
+        let tried = sources.iter().filter(|s| !s.opened().is_empty()).count();
+        assert_eq!(
+            tried, MAX_SOURCES,
+            "the first and its successors up to the cap"
+        );
     }
 
     #[tokio::test]
