@@ -89,6 +89,27 @@ fn body(lease: &Lease) -> Bytes {
     Bytes::from(serde_json::to_vec(lease).unwrap_or_default())
 }
 
+/// The lease of `digest` as it stands, when it is still `written`'s holder's (the same
+/// replica id and generation): a conditional write answered `Conflict` may have landed all
+/// the same (its answer was lost and a retry was refused by the write itself), and a
+/// renewal that timed out may have landed before the next one. A takeover always writes
+/// another replica id or a new generation, so an equal pair is this holder's own write.
+async fn landed(
+    store: &Store,
+    digest: &Digest,
+    written: &Lease,
+) -> Result<Option<Held>, StoreError> {
+    Ok(read(store, digest)
+        .await?
+        .filter(|now| {
+            now.lease.replica == written.replica && now.lease.generation == written.generation
+        })
+        .map(|now| Held {
+            lease: now.lease,
+            version: now.version,
+        }))
+}
+
 /// Creates the lease of `digest` for `me`, or reads the one that stands.
 pub async fn acquire(store: &Store, digest: &Digest, me: &Me) -> Result<Acquired, StoreError> {
     let key = store.lease_key(digest);
@@ -113,6 +134,14 @@ pub async fn acquire(store: &Store, digest: &Digest, me: &Me) -> Result<Acquired
             Err(e) => return Err(e),
         }
         if let Some(seen) = read(store, digest).await? {
+            if seen.lease.replica == lease.replica && seen.lease.generation == 1 {
+                // This create landed; its answer was lost.
+                store.stats().lease(LeaseResult::Won);
+                return Ok(Acquired::Won(Held {
+                    lease,
+                    version: seen.version,
+                }));
+            }
             store.stats().lease(LeaseResult::Followed);
             return Ok(Acquired::Taken(seen));
         }
@@ -172,7 +201,13 @@ pub async fn take_over(
                 version: put.into(),
             }))
         }
-        Err(StoreError::Conflict | StoreError::NotFound) => Ok(None),
+        Err(StoreError::Conflict | StoreError::NotFound) => {
+            let held = landed(store, digest, &lease).await?;
+            if held.is_some() {
+                store.stats().lease(LeaseResult::TakenOver);
+            }
+            Ok(held)
+        }
         Err(e) => Err(e),
     }
 }
@@ -363,21 +398,27 @@ impl KeeperShared {
         lease.renewals += 1;
         lease.offset_hint = self.progress.load(Ordering::Relaxed);
         let key = self.store.lease_key(&self.digest);
-        match self.store.swap(&key, body(&lease), version).await {
-            Ok(put) => {
-                *lock(&self.held) = Held {
-                    lease,
-                    version: put.into(),
-                };
-                *lock(&self.renewed) = Instant::now();
-                true
-            }
+        let held = match self.store.swap(&key, body(&lease), version).await {
+            Ok(put) => Held {
+                lease,
+                version: put.into(),
+            },
             Err(StoreError::Conflict | StoreError::NotFound) => {
-                self.refused();
-                false
+                match landed(&self.store, &self.digest, &lease).await {
+                    Ok(Some(held)) => held,
+                    Ok(None) => {
+                        self.refused();
+                        return false;
+                    }
+                    // Unknown until the next tick reads it again.
+                    Err(_) => return true,
+                }
             }
             // The store is down (logged once by the store): try again at the next tick.
-            Err(_) => true,
-        }
+            Err(_) => return true,
+        };
+        *lock(&self.held) = held;
+        *lock(&self.renewed) = Instant::now();
+        true
     }
 }

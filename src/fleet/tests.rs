@@ -30,13 +30,16 @@ use crate::cache::store::FsStore;
 const TTL: Duration = Duration::from_millis(1500);
 
 /// A store with switches: down (every request fails as a connection would), racy (create-
-/// only writes overwrite, as a store without atomic conditional writes), and an object put
-/// just before the next create-only write (another replica finishing meanwhile).
+/// only writes overwrite, as a store without atomic conditional writes), lost answers
+/// (conditional writes land, and are answered as a client's retry of them would be: the
+/// precondition failed), and an object put just before the next create-only write (another
+/// replica finishing meanwhile).
 #[derive(Debug, Default)]
 struct Switched {
     inner: InMemory,
     down: AtomicBool,
     racy: AtomicBool,
+    lost_answers: AtomicBool,
     before_create: std::sync::Mutex<Option<(Path, Vec<u8>)>>,
 }
 
@@ -81,7 +84,15 @@ impl ObjectStore for Switched {
         if self.racy.load(Ordering::Relaxed) && opts.mode == PutMode::Create {
             opts.mode = PutMode::Overwrite;
         }
-        self.inner.put_opts(location, payload, opts).await
+        let conditional = opts.mode != PutMode::Overwrite;
+        let put = self.inner.put_opts(location, payload, opts).await?;
+        if conditional && self.lost_answers.load(Ordering::Relaxed) {
+            return Err(object_store::Error::Precondition {
+                path: location.to_string(),
+                source: "the retry of a write that landed".into(),
+            });
+        }
+        Ok(put)
     }
 
     async fn put_multipart_opts(
@@ -598,6 +609,97 @@ async fn a_lease_left_by_an_earlier_run_of_this_replica_is_taken_over_at_once() 
     assert_eq!(
         (now.lease.replica, now.lease.generation),
         (after.me.replica.clone(), 2)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_writes_whose_answers_were_lost_still_count_as_this_replicas() {
+    let store = Arc::new(Switched::default());
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let d = Digest::sha256(b"blob");
+    store.lost_answers.store(true, Ordering::Relaxed);
+    // A create that landed: won, not a lease of its own to follow.
+    let Acquired::Won(held) = lease::acquire(&a.store, &d, &a.me).await.unwrap() else {
+        panic!("a create that landed is won")
+    };
+    let now = lease::read(&a.store, &d).await.unwrap().unwrap();
+    assert_eq!(held.version, now.version);
+    // Renewals that landed: the lease stays held and goes on being renewed.
+    let keeper = Keeper::start(
+        a.store.clone(),
+        d.clone(),
+        held,
+        a.renew_every(),
+        Arc::default(),
+    );
+    tokio::time::sleep(a.renew_every() * 3 + a.renew_every() / 2).await;
+    assert!(!keeper.lost(), "a renewal that landed is no refusal");
+    assert_eq!(a.stats().leases(LeaseResult::RenewalRefused), 0);
+    let now = lease::read(&a.store, &d).await.unwrap().unwrap();
+    assert_eq!(now.lease.renewals, 3);
+    assert_eq!(keeper.held().version, now.version);
+    // A takeover that landed: this replica leads.
+    let stale = now;
+    drop(keeper);
+    let taken = lease::take_over(&b.store, &d, &stale, &b.me, 100)
+        .await
+        .unwrap()
+        .expect("a takeover that landed is held");
+    assert_eq!(
+        (taken.lease.replica.as_str(), taken.lease.generation),
+        (b.me.replica.as_str(), 2)
+    );
+    assert_eq!(b.stats().leases(LeaseResult::TakenOver), 1);
+    // A's old version is refused for real.
+    store.lost_answers.store(false, Ordering::Relaxed);
+    let zombie = Keeper::start(
+        a.store.clone(),
+        d.clone(),
+        lease::Held {
+            lease: stale.lease.clone(),
+            version: stale.version.clone(),
+        },
+        a.renew_every(),
+        Arc::default(),
+    );
+    tokio::time::sleep(a.renew_every() * 2).await;
+    assert!(zombie.lost());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_of_this_replica_nobody_renews_is_led_not_followed() {
+    // A lease this replica holds, left by an earlier download here (or a takeover whose
+    // answer was lost): following it would stream from itself, bytes nobody fetches.
+    let store = Arc::new(Switched::default());
+    let data = blob(2000);
+    let d = Digest::sha256(&data);
+    let a = replica(store.clone(), "http://a:5000", Arc::default()).await;
+    let b = replica(store.clone(), "http://b:5000", Arc::default()).await;
+    let Acquired::Won(_) = lease::acquire(&b.store, &d, &b.me).await.unwrap() else {
+        panic!("first lease")
+    };
+    let seen = lease::read(&a.store, &d).await.unwrap().unwrap();
+    lease::take_over(&a.store, &d, &seen, &a.me, 0)
+        .await
+        .unwrap()
+        .expect("a holds generation 2");
+    let (_dir, local) = local_store().await;
+    let up = Arc::new(Fake::new(data.clone()));
+    let started = tokio::time::Instant::now();
+    let src = a.blob_source(&d, up.clone(), local);
+    let opened = src.open(&d, 0).await.unwrap();
+    assert_eq!(read(opened.bytes).await, (data, None));
+    assert_eq!(
+        up.opened(),
+        vec![0],
+        "read from the upstream, not from itself"
+    );
+    assert!(started.elapsed() < TTL, "not waited out");
+    let now = lease::read(&a.store, &d).await.unwrap().unwrap();
+    assert_eq!(
+        (now.lease.replica, now.lease.generation),
+        (a.me.replica.clone(), 3)
     );
 }
 

@@ -148,24 +148,36 @@ impl FleetSource {
         }
         match lease::acquire(&f.store, &d.digest, &f.me).await {
             Ok(Acquired::Won(held)) => self.lead(held).await,
-            // A lease of an earlier run of this replica (same address, another id): nobody
-            // renews it, so it is taken over at once rather than waited out.
-            Ok(Acquired::Taken(seen))
-                if seen.lease.advertise == f.me.advertise && seen.lease.replica != f.me.replica =>
-            {
-                match lease::take_over(&f.store, &d.digest, &seen, &f.me, 0).await {
-                    Ok(Some(held)) => self.lead(held).await,
-                    Ok(None) => self.set(Role::Follower {
-                        seen,
-                        retried: false,
-                    }),
-                    Err(_) => self.set(Role::Alone),
-                }
-            }
-            Ok(Acquired::Taken(seen)) => self.set(Role::Follower {
+            Ok(Acquired::Taken(seen)) => self.follow(seen, 0).await,
+            Err(_) => self.set(Role::Alone),
+        }
+    }
+
+    /// Follows the lease `seen` (this replica holds `at` bytes), unless it names this
+    /// replica's own address: a lease of an earlier run, of an earlier download here, or a
+    /// takeover of this replica's whose answer was lost. Nothing renews it but this replica,
+    /// and following it would wait on itself: it is taken over at once.
+    async fn follow(&self, seen: Seen, at: u64) {
+        let d = &self.0;
+        let f = &d.fleet;
+        if seen.lease.advertise != f.me.advertise {
+            return self.set(Role::Follower {
                 seen,
                 retried: false,
-            }),
+            });
+        }
+        match lease::take_over(&f.store, &d.digest, &seen, &f.me, at).await {
+            Ok(Some(held)) => self.lead(held).await,
+            // Another replica swapped it first: follow that one.
+            Ok(None) => match lease::read(&f.store, &d.digest).await {
+                Ok(Some(now)) if now.lease.advertise != f.me.advertise => {
+                    self.set(Role::Follower {
+                        seen: now,
+                        retried: false,
+                    })
+                }
+                _ => self.set(Role::Alone),
+            },
             Err(_) => self.set(Role::Alone),
         }
     }

@@ -23,10 +23,7 @@ impl FleetSource {
         if let Some(newer) = newer {
             if newer.lease.replica != seen.lease.replica {
                 // It saw a new leader: attach to it at once.
-                self.set(Role::Follower {
-                    seen: newer,
-                    retried: false,
-                });
+                self.follow(newer, reached).await;
                 return true;
             }
             if newer.since >= seen.since {
@@ -60,21 +57,16 @@ impl FleetSource {
                     // The download ended without the blob reaching the store: lead it.
                     match lease::acquire(&f.store, &d.digest, &f.me).await {
                         Ok(Acquired::Won(held)) => self.lead(held).await,
-                        Ok(Acquired::Taken(s)) => self.set(Role::Follower {
-                            seen: s,
-                            retried: false,
-                        }),
+                        Ok(Acquired::Taken(s)) => self.follow(s, reached).await,
                         Err(_) => self.set(Role::Alone),
                     }
                     return true;
                 }
                 Some(now) if !now.same_version(&seen) => {
                     if now.lease.replica != seen.lease.replica {
-                        // A new leader: attach to it.
-                        self.set(Role::Follower {
-                            seen: now,
-                            retried: false,
-                        });
+                        // A new leader (this replica, when its takeover's answer was lost):
+                        // attach to it.
+                        self.follow(now, reached).await;
                         return true;
                     }
                     if !retried {
@@ -112,10 +104,16 @@ impl FleetSource {
                     }
                 }
                 Ok(Watched::Changed(s)) => {
-                    if s.lease.replica != seen.lease.replica || !retried {
-                        // A new leader, or the same one alive: (re)attach once.
-                        let retried = s.lease.replica == seen.lease.replica;
-                        self.set(Role::Follower { seen: s, retried });
+                    if s.lease.replica != seen.lease.replica {
+                        self.follow(s, reached).await;
+                        return true;
+                    }
+                    if !retried {
+                        // The same leader alive: re-attach once.
+                        self.set(Role::Follower {
+                            seen: s,
+                            retried: true,
+                        });
                         return true;
                     }
                     seen = s;
