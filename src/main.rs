@@ -8,6 +8,13 @@ use regcache::cache::lock::{CacheLock, Holder};
 use regcache::cli::{Cli, Command};
 use regcache::config::{Config, LogFormat};
 
+/// mimalloc: a cached hit allocates a few dozen small buffers (headers, the request's
+/// record, its log line), often freed on another worker thread; glibc's allocator took
+/// about a tenth of a manifest hit's samples. Built without transparent huge pages, its
+/// resident memory under 5,000 connections stays where glibc's was.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Serving logs at `info` on stdout; commands (which print their own results) log warnings
 /// only, on stderr. `RUST_LOG` overrides the level either way.
 ///
