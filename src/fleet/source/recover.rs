@@ -4,7 +4,7 @@
 use tokio::time::Instant;
 
 use super::{FleetSource, Role};
-use crate::fleet::lease::{self, Acquired, Watched};
+use crate::fleet::lease::{self, Acquired, Seen, Watched};
 use crate::fleet::store::StoreError;
 use crate::flight::lock;
 
@@ -63,22 +63,11 @@ impl FleetSource {
                     return true;
                 }
                 Some(now) if !now.same_version(&seen) => {
-                    if now.lease.replica != seen.lease.replica {
-                        // A new leader (this replica, when its takeover's answer was lost):
-                        // attach to it.
-                        self.follow(now, reached).await;
-                        return true;
+                    match self.changed(&seen, now, retried, reached).await {
+                        // Alive but unreachable: wait for the store, a new leader or expiry.
+                        Some(now) => seen = now,
+                        None => return true,
                     }
-                    if !retried {
-                        // The leader lives: its stream may have broken by accident.
-                        self.set(Role::Follower {
-                            seen: now,
-                            retried: true,
-                        });
-                        return true;
-                    }
-                    // Alive but unreachable: wait for the store, a new leader or expiry.
-                    seen = now;
                 }
                 // Unchanged since first seen: judged below by this replica's clock.
                 Some(_) => {}
@@ -103,21 +92,11 @@ impl FleetSource {
                         }
                     }
                 }
-                Ok(Watched::Changed(s)) => {
-                    if s.lease.replica != seen.lease.replica {
-                        self.follow(s, reached).await;
-                        return true;
-                    }
-                    if !retried {
-                        // The same leader alive: re-attach once.
-                        self.set(Role::Follower {
-                            seen: s,
-                            retried: true,
-                        });
-                        return true;
-                    }
-                    seen = s;
-                }
+                Ok(Watched::Changed(now)) => match self.changed(&seen, now, retried, reached).await
+                {
+                    Some(now) => seen = now,
+                    None => return true,
+                },
                 Ok(Watched::Gone) => {}
                 Err(_) => {
                     self.set(Role::Alone);
@@ -128,5 +107,24 @@ impl FleetSource {
         tracing::warn!(digest = %d.digest, "the download's leader cannot be reached and keeps its lease; fetching from the upstream");
         self.set(Role::Alone);
         true
+    }
+
+    /// The lease moved from `seen` to `now`: a new leader is attached to (or led, when it
+    /// names this replica: its takeover's answer was lost), the same leader, alive, is
+    /// re-attached to once, its stream may have broken by accident. `Some(now)` when the
+    /// same leader was retried already: the caller waits on.
+    async fn changed(&self, seen: &Seen, now: Seen, retried: bool, reached: u64) -> Option<Seen> {
+        if now.lease.replica != seen.lease.replica {
+            self.follow(now, reached).await;
+            return None;
+        }
+        if retried {
+            return Some(now);
+        }
+        self.set(Role::Follower {
+            seen: now,
+            retried: true,
+        });
+        None
     }
 }
