@@ -39,6 +39,14 @@ pub struct Lease {
     pub renewals: u64,
 }
 
+impl Lease {
+    /// Whether `other` was written by the same holder: the same replica id and generation.
+    /// A takeover always writes another replica id or a new generation.
+    fn same_holder(&self, other: &Lease) -> bool {
+        self.replica == other.replica && self.generation == other.generation
+    }
+}
+
 /// Who this replica is, as written into the leases it holds.
 #[derive(Debug, Clone)]
 pub struct Me {
@@ -89,11 +97,10 @@ fn body(lease: &Lease) -> Bytes {
     Bytes::from(serde_json::to_vec(lease).unwrap_or_default())
 }
 
-/// The lease of `digest` as it stands, when it is still `written`'s holder's (the same
-/// replica id and generation): a conditional write answered `Conflict` may have landed all
-/// the same (its answer was lost and a retry was refused by the write itself), and a
-/// renewal that timed out may have landed before the next one. A takeover always writes
-/// another replica id or a new generation, so an equal pair is this holder's own write.
+/// The lease of `digest` as it stands, when it is still `written`'s holder's: a conditional
+/// write answered `Conflict` may have landed all the same (its answer was lost and a retry
+/// was refused by the write itself), and a renewal that timed out may have landed before
+/// the next one.
 async fn landed(
     store: &Store,
     digest: &Digest,
@@ -101,9 +108,7 @@ async fn landed(
 ) -> Result<Option<Held>, StoreError> {
     Ok(read(store, digest)
         .await?
-        .filter(|now| {
-            now.lease.replica == written.replica && now.lease.generation == written.generation
-        })
+        .filter(|now| now.lease.same_holder(written))
         .map(|now| Held {
             lease: now.lease,
             version: now.version,
@@ -134,7 +139,7 @@ pub async fn acquire(store: &Store, digest: &Digest, me: &Me) -> Result<Acquired
             Err(e) => return Err(e),
         }
         if let Some(seen) = read(store, digest).await? {
-            if seen.lease.replica == lease.replica && seen.lease.generation == 1 {
+            if seen.lease.same_holder(&lease) {
                 // This create landed; its answer was lost.
                 store.stats().lease(LeaseResult::Won);
                 return Ok(Acquired::Won(Held {

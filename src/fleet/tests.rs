@@ -819,6 +819,34 @@ fn counted(
     }
 }
 
+/// A check of the tag by `f`, spawned, whose upstream answer is `answer` held back until
+/// the returned sender fires; returns once the upstream has been asked (counted in `calls`).
+async fn held_check(
+    f: &Arc<Fleet>,
+    ttl: Duration,
+    cached: &crate::cache::store::TagRecord,
+    calls: &Arc<std::sync::atomic::AtomicUsize>,
+    answer: Result<Option<Digest>, String>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<super::tags::TagCheck, String>>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (f, cached, counter) = (f.clone(), cached.clone(), calls.clone());
+    let check = tokio::spawn(async move {
+        f.check_tag(&tag_key(), ttl, &cached, move || async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.await;
+            answer
+        })
+        .await
+    });
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    (tx, check)
+}
+
 /// Two replicas on one store, and a tag answer (the manifest `body`'s digest) both hold.
 async fn tag_replicas(
     body: &[u8],
@@ -847,19 +875,7 @@ async fn a_tag_is_checked_by_one_replica_and_the_others_take_its_answer() {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     // `a` claims the check; while its upstream answer is on the way, `b` waits for it.
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (a2, cached2, d2, calls2) = (a.clone(), cached.clone(), d.clone(), calls.clone());
-    let first = tokio::spawn(async move {
-        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
-            calls2.fetch_add(1, Ordering::SeqCst);
-            let _ = rx.await;
-            Ok::<_, String>(Some(d2))
-        })
-        .await
-    });
-    while calls.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (tx, first) = held_check(&a, ttl, &cached, &calls, Ok(Some(d.clone()))).await;
     let second = tokio::spawn({
         let (b, cached, calls) = (b.clone(), cached.clone(), calls.clone());
         let d = d.clone();
@@ -893,17 +909,7 @@ async fn a_tag_check_abandoned_mid_way_is_taken_over_after_a_lease_life() {
     let ttl = Duration::from_secs(300);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // `a` claims the check and dies before it answers.
-    let (a2, cached2, calls2) = (a.clone(), cached.clone(), calls.clone());
-    let dead = tokio::spawn(async move {
-        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
-            calls2.fetch_add(1, Ordering::SeqCst);
-            std::future::pending::<Result<Option<Digest>, String>>().await
-        })
-        .await
-    });
-    while calls.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (_never, dead) = held_check(&a, ttl, &cached, &calls, Ok(Some(d.clone()))).await;
     dead.abort();
     assert!(a.tag(&tag_key()).await.is_none(), "a claim is no answer");
     let started = tokio::time::Instant::now();
@@ -948,19 +954,7 @@ async fn replicas_waiting_on_a_failed_tag_check_do_not_ask_again() {
     let (a, b, d, cached) = tag_replicas(b"manifest").await;
     let ttl = Duration::from_secs(300);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (a2, cached2, calls2) = (a.clone(), cached.clone(), calls.clone());
-    let first = tokio::spawn(async move {
-        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
-            calls2.fetch_add(1, Ordering::SeqCst);
-            let _ = rx.await;
-            Err::<Option<Digest>, _>("503".to_owned())
-        })
-        .await
-    });
-    while calls.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (tx, first) = held_check(&a, ttl, &cached, &calls, Err("503".to_owned())).await;
     let second = tokio::spawn({
         let (b, cached, calls, d) = (b.clone(), cached.clone(), calls.clone(), d.clone());
         async move {
@@ -984,19 +978,7 @@ async fn a_tag_check_that_outlived_its_claim_does_not_overwrite_the_newer_answer
     let ttl = Duration::from_secs(300);
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // `a` asks, and its answer (the old digest) takes longer than a lease life.
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (a2, cached2, calls2, old2) = (a.clone(), cached.clone(), calls.clone(), old.clone());
-    let slow = tokio::spawn(async move {
-        a2.check_tag(&tag_key(), ttl, &cached2, move || async move {
-            calls2.fetch_add(1, Ordering::SeqCst);
-            let _ = rx.await;
-            Ok::<_, String>(Some(old2))
-        })
-        .await
-    });
-    while calls.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (tx, slow) = held_check(&a, ttl, &cached, &calls, Ok(Some(old.clone()))).await;
     // `b` takes the claim over after a lease life and finds the tag moved.
     let taken = b
         .check_tag(&tag_key(), ttl, &cached, counted(&calls, &new))
