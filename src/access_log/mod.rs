@@ -1,8 +1,9 @@
 //! The access log: one `regcache::access_log` event per request, written when its response
 //! body ends or is dropped, by a body wrapper that also counts the bytes it lets through;
 //! and the record of a request (route, cache lookup, upstream) that metrics count from.
-//! [`line`] writes that event.
+//! [`line`] writes that event, [`batch`] the lines to standard output.
 
+pub mod batch;
 pub mod line;
 
 use std::io;
