@@ -28,13 +28,18 @@ struct Binary {
 
 impl Binary {
     fn start(config: &std::path::Path) -> Binary {
+        Binary::start_at(config, "trace")
+    }
+
+    /// The binary with `RUST_LOG` at `level`.
+    fn start_at(config: &std::path::Path, level: &str) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_regcache"))
             .env_remove("REGCACHE_LISTEN")
             .env_remove("REGCACHE_CACHE_DIR")
             .env_remove("REGCACHE_LOG_FORMAT")
             .env("REGCACHE_CONFIG", config)
             .env("REGCACHE_TEST_UPSTREAM_PASSWORD", UPSTREAM_PASSWORD)
-            .env("RUST_LOG", "trace")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -195,6 +200,10 @@ password_env = "REGCACHE_TEST_UPSTREAM_PASSWORD"
         .await
         .unwrap();
     assert_eq!(denied.status(), 401);
+    let denied_id = denied.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(up.tokens_issued() >= 1, "the upstream token dance happened");
 
     // The operator endpoints live on the admin listener only.
@@ -293,10 +302,63 @@ password_env = "REGCACHE_TEST_UPSTREAM_PASSWORD"
         "trace logging was on: {} lines",
         log.len()
     );
-    assert!(
-        events
-            .iter()
-            .any(|e| e["message"] == "client authentication failed" && e["user"] == CLIENT_USER),
+    let refusal: Vec<_> = events
+        .iter()
+        .filter(|e| e["message"] == "client authentication failed" && e["user"] == CLIENT_USER)
+        .collect();
+    assert_eq!(
+        refusal.len(),
+        1,
         "the refused login is logged, by user name only"
+    );
+    // Below `info`, a line logged while a request is served names the request.
+    assert_eq!(refusal[0]["span"]["name"], "request", "{:#?}", refusal[0]);
+    assert_eq!(refusal[0]["span"]["request_id"], denied_id.as_str());
+    assert_eq!(refusal[0]["span"]["path"], "/v2/team/app/manifests/1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_info_a_failed_request_is_logged_with_its_id_and_no_span() {
+    let up = FakeUpstream::start().await;
+    up.set_down(true);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ncache_dir = \"{cache}\"\ndefault_upstream = \"up\"\n\
+             log_format = \"json\"\n\n[[upstream]]\nname = \"up\"\nurl = \"{url}\"\n",
+            cache = dir.path().join("cache").display(),
+            url = up.url(),
+        ),
+    )
+    .unwrap();
+    let mut bin = Binary::start_at(&config, "info");
+    let ready = bin.wait_for("regcache ready");
+    let listen = ready["listen"].as_str().unwrap().to_owned();
+    let missing = up.add_blob(blob_of(1000, 4));
+    let path = format!("/v2/team/app/blobs/{missing}");
+    let r = client()
+        .get(format!("http://{listen}{path}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let failed = bin.wait_for("request failed");
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["request_id"], id.as_str(), "{failed:#?}");
+    assert_eq!(failed["method"], "GET");
+    assert_eq!(failed["path"], path.as_str());
+    assert!(failed["error"].as_str().is_some_and(|e| !e.is_empty()));
+    let log = bin.stop();
+    for line in &log {
+        let e: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(e.get("span").is_none(), "no request span at info: {line}");
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.contains("\"regcache::access_log\"") && l.contains(&id)),
+        "the access line names the same request"
     );
 }
