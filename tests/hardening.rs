@@ -194,6 +194,34 @@ async fn idle_and_silent_connections_are_closed_http1_and_http2() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn each_request_moves_an_http1_connections_deadline_on() {
+    let up = FakeUpstream::start().await;
+    let mut cfg = config_for(&up.url());
+    cfg.limits.header_read_timeout = HumanDuration(Duration::from_secs(10));
+    cfg.limits.idle_timeout = HumanDuration(Duration::from_secs(60));
+    let proxy = Proxy::start(cfg).await;
+    let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
+    // Five requests 7 s apart: 35 s in all, each within 10 s of the one before.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        h1.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_response(&mut h1).await.starts_with("HTTP/1.1 200"));
+    }
+    // Then silence: closed 10 s after the last answer, not sooner.
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(PAUSED_BOUND, h1.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "never closed");
+    let t = started.elapsed();
+    assert!(
+        t >= Duration::from_secs(10) && t < Duration::from_secs(12),
+        "{t:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_http2_connection_idle_after_a_request_is_closed_after_idle_timeout() {
     let up = FakeUpstream::start().await;
     let mut cfg = config_for(&up.url());

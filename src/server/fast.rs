@@ -193,12 +193,24 @@ pub async fn serve(
     peer: SocketAddr,
     app: Arc<App>,
     limits: Limits,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<Outcome> {
     let mut buf = BytesMut::with_capacity(4096);
+    // One timer and one shutdown wait for the connection's life, not one per request: the
+    // timer is set again only when it fires before the current head's deadline (a request
+    // since moved that on), so a busy connection does not touch the timer wheel per request.
+    let limit = limits.head_timeout.min(limits.idle_timeout);
+    let timer = tokio::time::sleep(limit);
+    tokio::pin!(timer);
+    let mut watch = stopping.clone();
+    let stopped = async move {
+        // Ends on shutdown, or when the server is gone.
+        let _ = watch.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stopped);
     loop {
         // Read one request head, bounded in size and time.
-        let deadline = tokio::time::Instant::now() + limits.head_timeout.min(limits.idle_timeout);
+        let deadline = tokio::time::Instant::now() + limit;
         let head = loop {
             match parse_head(&buf, limits.max_headers) {
                 Head::Partial => {}
@@ -216,14 +228,21 @@ pub async fn serve(
                 return Ok(Outcome::Closed);
             }
             let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
+                r = stream.read_buf(&mut buf) => r,
+                () = &mut timer => {
+                    if timer.deadline() >= deadline {
+                        return Ok(Outcome::Closed);
+                    }
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
                 // Shutdown while idle between requests: close now.
-                _ = stopping.changed(), if buf.is_empty() => return Ok(Outcome::Closed),
+                () = &mut stopped, if buf.is_empty() => return Ok(Outcome::Closed),
             };
             match read {
-                Ok(Ok(0)) | Err(_) => return Ok(Outcome::Closed),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e),
+                Ok(0) => return Ok(Outcome::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(e),
             }
         };
         let simple = match head {
