@@ -6,7 +6,8 @@
 //!   scoped tokens), pull/push permissions per upstream and repository pattern
 //!   (`access::policy`), scope parsing and token signing (`access::token`) and the
 //!   failed-login limit per client address (`access::limit`).
-//! - [`access_log`]: one `regcache::access_log` event per request, written when its body ends.
+//! - [`access_log`]: one `regcache::access_log` event per request, written when its body ends,
+//!   and the batched writer that puts the serving log on stdout.
 //! - [`app`]: application state and `App::handle`, the request pipeline.
 //! - [`server`]: accept loop, optional rustls (certificate reload), connection limits and
 //!   timeouts, graceful shutdown; `server::fast`, the plain-HTTP/1.1 loop for bodiless

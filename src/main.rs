@@ -22,8 +22,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// own, which writes whatever has queued up in one system call rather than one per line
 /// (an access line per request would otherwise cost a `write(2)` per request) and is woken
 /// once per batch, within 50 ms of a batch's first line. Nothing is dropped: a full queue
-/// makes the logging side wait. The returned guard writes out the queue when dropped at exit. The access line has a formatter of its own (the same text, without
-/// the generic formatter's cost), except in colour at a terminal.
+/// makes the logging side wait. The returned guard writes out the queue when dropped at
+/// exit. The access line has a formatter of its own (the same text, without the generic
+/// formatter's cost), except in colour at a terminal.
 fn init_tracing(
     format: LogFormat,
     command: bool,
