@@ -144,6 +144,15 @@ async fn a_slow_loris_is_cut_off_while_other_clients_are_served() {
     );
 }
 
+/// How long until the server closes `s` (on tokio's paused clock in these tests).
+async fn closed_after(s: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(PAUSED_BOUND, s.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "never closed");
+    started.elapsed()
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_and_silent_connections_are_closed_http1_and_http2() {
     let up = FakeUpstream::start().await;
@@ -151,14 +160,6 @@ async fn idle_and_silent_connections_are_closed_http1_and_http2() {
     cfg.limits.header_read_timeout = HumanDuration(Duration::from_secs(10));
     cfg.limits.idle_timeout = HumanDuration(Duration::from_secs(60));
     let proxy = Proxy::start(cfg).await;
-
-    async fn closed_after(s: &mut TcpStream) -> Duration {
-        let started = Instant::now();
-        let mut sink = Vec::new();
-        let closed = tokio::time::timeout(PAUSED_BOUND, s.read_to_end(&mut sink)).await;
-        assert!(closed.is_ok(), "never closed");
-        started.elapsed()
-    }
 
     // Connected and silent: the protocol is not even known yet.
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
@@ -210,11 +211,7 @@ async fn each_request_moves_an_http1_connections_deadline_on() {
         assert!(read_response(&mut h1).await.starts_with("HTTP/1.1 200"));
     }
     // Then silence: closed 10 s after the last answer, not sooner.
-    let started = Instant::now();
-    let mut sink = Vec::new();
-    let closed = tokio::time::timeout(PAUSED_BOUND, h1.read_to_end(&mut sink)).await;
-    assert!(closed.is_ok(), "never closed");
-    let t = started.elapsed();
+    let t = closed_after(&mut h1).await;
     assert!(
         t >= Duration::from_secs(10) && t < Duration::from_secs(12),
         "{t:?}"
