@@ -193,21 +193,16 @@ pub async fn serve(
     peer: SocketAddr,
     app: Arc<App>,
     limits: Limits,
-    stopping: tokio::sync::watch::Receiver<bool>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<Outcome> {
     let mut buf = BytesMut::with_capacity(4096);
-    // One timer and one shutdown wait for the connection's life, not one per request: the
-    // timer is set again only when it fires before the current head's deadline (a request
-    // since moved that on), so a busy connection does not touch the timer wheel per request.
+    // One timer for the connection's life, not one per request: it is set again only when
+    // it fires before the current head's deadline (a request since moved that on), so a busy
+    // connection does not touch the timer wheel per request. (The shutdown wait stays one
+    // per read: kept for the connection's life it held ~1.8 KB a connection.)
     let limit = limits.head_timeout.min(limits.idle_timeout);
     let timer = tokio::time::sleep(limit);
     tokio::pin!(timer);
-    let mut watch = stopping.clone();
-    let stopped = async move {
-        // Ends on shutdown, or when the server is gone.
-        let _ = watch.wait_for(|stop| *stop).await;
-    };
-    tokio::pin!(stopped);
     loop {
         // Read one request head, bounded in size and time.
         let deadline = tokio::time::Instant::now() + limit;
@@ -237,7 +232,7 @@ pub async fn serve(
                     continue;
                 }
                 // Shutdown while idle between requests: close now.
-                () = &mut stopped, if buf.is_empty() => return Ok(Outcome::Closed),
+                _ = stopping.changed(), if buf.is_empty() => return Ok(Outcome::Closed),
             };
             match read {
                 Ok(0) => return Ok(Outcome::Closed),
