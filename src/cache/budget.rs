@@ -18,8 +18,10 @@
 //! Uses reach the order in batches, so a cache hit never waits for the index. A hit appends
 //! its digest to one of [`STRIPES`] small buffers of pending uses (chosen by thread, each
 //! behind a mutex of its own that only that push and a batch swap take). Once a buffer holds
-//! [`BATCH`] uses, the hit that filled it applies every buffer to the order if the index is
-//! free; at [`MAX_PENDING`] it waits for the index. Admitting an entry, loading the scan and
+//! [`BATCH`] uses, the hit that filled it wakes the thread that applies every buffer to the
+//! order ([`Budget::drain_in_background`], as the store runs it), so the hit path's cost does
+//! not grow with the index; without that thread, it applies them itself if the index is
+//! free. At [`MAX_PENDING`] it waits for the index. Admitting an entry, loading the scan and
 //! [`Budget::flush`] apply every pending use first, so eviction never picks an entry whose
 //! use is still pending. The bound this gives: within one batch, uses from different threads
 //! may be applied out of order, and a batch cannot span more than [`ORDER_WINDOW`] hits, so
@@ -27,8 +29,9 @@
 //! evicted first. Lock order: the index, then a stripe; a hit never holds a stripe while it
 //! takes the index.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, TryLockError, Weak};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use lru::LruCache;
@@ -216,6 +219,81 @@ fn this_threads_stripe() -> usize {
     STRIPE.with(|s| *s)
 }
 
+/// The wake-up of the thread that applies batches of uses.
+#[derive(Default)]
+struct Drain {
+    state: Mutex<DrainState>,
+    wake: Condvar,
+    // The thread runs: a hit that fills a stripe wakes it instead of applying the batch.
+    running: AtomicBool,
+}
+
+#[derive(Default)]
+struct DrainState {
+    // A stripe filled a batch since the thread last looked.
+    requested: bool,
+    // The thread waits on `wake`.
+    sleeping: bool,
+    // Its guard was dropped: the thread ends.
+    closed: bool,
+}
+
+impl Drain {
+    fn request(&self) {
+        let mut st = lock(&self.state);
+        st.requested = true;
+        let sleeping = st.sleeping;
+        drop(st);
+        if sleeping {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The thread started by [`Budget::drain_in_background`]; dropping this ends it.
+pub struct Drainer {
+    drain: Arc<Drain>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        self.drain.running.store(false, Ordering::Release);
+        lock(&self.drain.state).closed = true;
+        self.drain.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The applying thread: waits for a full stripe, applies every stripe, again.
+fn drain_loop(drain: &Drain, budget: &Weak<Budget>) {
+    loop {
+        {
+            let mut st = lock(&drain.state);
+            while !st.requested && !st.closed {
+                st.sleeping = true;
+                st = drain.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.sleeping = false;
+            }
+            if st.closed {
+                return;
+            }
+            st.requested = false;
+        }
+        let Some(b) = budget.upgrade() else {
+            return;
+        };
+        let mut ix = lock(&b.index);
+        b.apply(&mut ix);
+        if !ix.unstamped.is_empty() {
+            // Handed to the next hit, which notes them on disk as it would its own.
+            b.stamps_waiting.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// The index and the rule. Shared by the store's request path and its background scan.
 pub struct Budget {
     limits: Option<Limits>,
@@ -226,6 +304,10 @@ pub struct Budget {
     stripes: [Stripe; STRIPES],
     // Start of the hours in which a use is noted on disk once.
     epoch: Instant,
+    // The thread of its own that applies batches, when one runs (`drain_in_background`).
+    drain: Arc<Drain>,
+    // That thread applied first uses in an hour that are still to be noted on disk.
+    stamps_waiting: AtomicBool,
 }
 
 impl Budget {
@@ -244,7 +326,24 @@ impl Budget {
             }),
             stripes: Default::default(),
             epoch: Instant::now(),
+            drain: Arc::default(),
+            stamps_waiting: AtomicBool::new(false),
         }
+    }
+
+    /// Starts a thread of its own (`regcache-lru`) that applies batches of uses, so that a
+    /// hit only records its use (and, once in a batch, wakes it). Ends when the returned
+    /// guard is dropped.
+    pub fn drain_in_background(self: &Arc<Self>) -> std::io::Result<Drainer> {
+        let (drain, budget) = (self.drain.clone(), Arc::downgrade(self));
+        let thread = std::thread::Builder::new()
+            .name("regcache-lru".into())
+            .spawn(move || drain_loop(&drain, &budget))?;
+        self.drain.running.store(true, Ordering::Release);
+        Ok(Drainer {
+            drain: self.drain.clone(),
+            thread: Some(thread),
+        })
     }
 
     fn hour(&self) -> u32 {
@@ -308,8 +407,8 @@ impl Budget {
 
     /// Records a use of `digest` (as a blob and/or manifest, and of everything a manifest of
     /// that digest references) without waiting for the index; see the module doc for when it
-    /// reaches the order. Returns the entries whose first use in this hour this call applied
-    /// (usually none), for the caller to note on disk.
+    /// reaches the order. Returns the entries whose first use in this hour this call applied,
+    /// or the applying thread applied since (usually none), for the caller to note on disk.
     pub fn touch(&self, digest: &Digest) -> Vec<Key> {
         self.touch_in(this_threads_stripe(), digest)
     }
@@ -323,7 +422,19 @@ impl Budget {
             }
             p.count
         };
+        if self.stamps_waiting.load(Ordering::Acquire)
+            && let Ok(mut ix) = self.index.try_lock()
+        {
+            self.stamps_waiting.store(false, Ordering::Relaxed);
+            return std::mem::take(&mut ix.unstamped);
+        }
         if pending < BATCH {
+            return Vec::new();
+        }
+        if pending < MAX_PENDING && self.drain.running.load(Ordering::Acquire) {
+            if pending == BATCH {
+                self.drain.request();
+            }
             return Vec::new();
         }
         let mut ix = match self.index.try_lock() {
@@ -600,6 +711,66 @@ mod tests {
             .map(|(k, _)| k.clone())
             .collect();
         assert_eq!(order, vec![blob(2), blob(3), blob(1), blob(0)]);
+    }
+
+    #[test]
+    fn with_a_drainer_the_hit_that_fills_a_stripe_only_wakes_it() {
+        let b = Arc::new(ready(Limits::new(1000, 0.9, 0.5)));
+        for n in 0..4 {
+            b.admit(blob(n), 10, None);
+        }
+        let drainer = b.drain_in_background().expect("thread");
+        // The index is held here, as a long batch or a commit would hold it: a hit that
+        // applied batches itself would now wait, and one that fills a stripe must not.
+        let held = lock(&b.index);
+        b.touch_in(5, &d(0));
+        for _ in 0..BATCH {
+            assert!(b.touch_in(0, &d(1)).is_empty());
+        }
+        drop(held);
+        // The thread applies both stripes (bounded so that a broken thread fails the test).
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while coldest(&b) != Some(blob(2)) {
+            assert!(
+                Instant::now() < deadline,
+                "the drainer never applied the batch"
+            );
+            std::thread::yield_now();
+        }
+        // The first uses in this hour it applied go to the next hit, to be noted on disk.
+        let stamped = b.touch_in(9, &d(3));
+        assert_eq!(stamped.len(), 2, "{stamped:?}");
+        assert!(stamped.contains(&blob(0)) && stamped.contains(&blob(1)));
+        assert!(b.touch_in(9, &d(3)).is_empty());
+        drop(drainer);
+        assert_eq!(Arc::strong_count(&b), 1, "its thread has ended");
+        // Without it, the hit that fills a stripe applies the batch itself again: 2 and 3
+        // become the newest, after 1 and 0 that the thread applied.
+        for _ in 0..BATCH {
+            b.touch_in(0, &d(2));
+        }
+        assert_eq!(coldest(&b), Some(blob(1)));
+    }
+
+    #[test]
+    fn with_a_drainer_a_stripe_at_the_bound_is_applied_by_its_hit() {
+        let b = ready(Limits::new(1000, 0.9, 0.5));
+        for n in 0..4 {
+            b.admit(blob(n), 10, None);
+        }
+        // As if a drainer ran but never got to this stripe.
+        b.drain.running.store(true, Ordering::Release);
+        for _ in 0..MAX_PENDING - 1 {
+            assert!(b.touch_in(0, &d(1)).is_empty());
+        }
+        assert_eq!(coldest(&b), Some(blob(0)), "applied below the bound");
+        b.touch_in(0, &d(1));
+        let newest = lock(&b.index).lru.peek_mru().map(|(k, _)| k.clone());
+        assert_eq!(
+            newest,
+            Some(blob(1)),
+            "the hit at the bound applied the batch"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use super::files::{absent, sync_dir};
 use super::upkeep::{collect, remove_victims, scan};
 use super::{BlobRead, BlobStore, GcReport, StoredManifest, TagKey, TagRecord, parse_tag_record};
-use crate::cache::budget::{self, Budget, EntryKind, Key, Limits, Usage};
+use crate::cache::budget::{self, Budget, Drainer, EntryKind, Key, Limits, Usage};
 use crate::cache::layout::{Area, Item, Layout, parse_marker_name, parse_tag_file_name};
 use crate::reference::{Digest, Repository, Tag};
 
@@ -29,6 +29,8 @@ pub struct FsStore {
     recently_used: moka::sync::Cache<Digest, ()>,
     // Use order and sizes; absent for maintenance opens (`regcache gc`).
     pub(super) budget: Option<Arc<Budget>>,
+    // Applies the budget's batches of uses off the request path; ends with the store.
+    _drainer: Option<Drainer>,
     // Verified manifests recently read or stored, so a hot manifest costs no file read and
     // no re-hash per request. Bounded by bytes.
     pub(super) hot_manifests: moka::sync::Cache<Digest, StoredManifest>,
@@ -49,6 +51,7 @@ impl FsStore {
                 .time_to_live(USE_RESOLUTION)
                 .build(),
             budget: None,
+            _drainer: None,
             hot_manifests: moka::sync::Cache::builder()
                 .max_capacity(HOT_MANIFEST_BYTES)
                 .weigher(|_, m: &StoredManifest| {
@@ -99,6 +102,7 @@ impl FsStore {
         let budget = Arc::new(Budget::new(limits));
         let mut store = FsStore::at(root);
         store.budget = Some(budget.clone());
+        store._drainer = Some(budget.drain_in_background()?);
         // Start-up does not wait for this: requests are served while it counts.
         tokio::spawn(async move {
             let started = std::time::Instant::now();
