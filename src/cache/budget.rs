@@ -196,13 +196,52 @@ fn ref_keys(digests: &[Digest]) -> Arc<[Key]> {
         .collect()
 }
 
+/// Slots of the table in which a stripe finds a digest already pending.
+const SLOTS: usize = 512;
+
 /// Uses recorded by the threads of one stripe and not yet applied to the order.
-#[derive(Default)]
 struct Pending {
-    // Digests in use order; a repeat of the last one is not appended again.
+    // Digests in order of their first use in this batch; a use of a digest already pending
+    // is not appended again (within a batch the order is approximate anyway), so a batch
+    // costs the index one update per distinct digest, however hot.
     used: Vec<Digest>,
     // Uses recorded since the last batch, repeats included.
     count: usize,
+    // Per slot (by the digest's leading hex digits): 1 + the position in `used` of the last
+    // digest that took it; 0 for none. A digest that finds another in its slot is appended.
+    slots: Box<[u16]>,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            used: Vec::new(),
+            count: 0,
+            slots: vec![0; SLOTS].into_boxed_slice(),
+        }
+    }
+}
+
+impl Pending {
+    fn push(&mut self, digest: &Digest) {
+        self.count += 1;
+        let slot = slot_of(digest);
+        let at = usize::from(self.slots[slot]);
+        if at == 0 || self.used.get(at - 1) != Some(digest) {
+            self.used.push(digest.clone());
+            self.slots[slot] = u16::try_from(self.used.len()).unwrap_or(0);
+        }
+    }
+}
+
+/// A digest's slot: its leading hex digits (uniform already), mixed.
+fn slot_of(digest: &Digest) -> usize {
+    let hex = digest.hex().as_bytes();
+    let mut lead = [0u8; 8];
+    let n = hex.len().min(8);
+    lead[..n].copy_from_slice(&hex[..n]);
+    let mixed = u64::from_le_bytes(lead).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> 32) as usize % SLOTS
 }
 
 // Own cache lines, so that threads on different stripes do not contend for one.
@@ -358,6 +397,7 @@ impl Budget {
             {
                 let mut p = lock(&stripe.0);
                 p.count = 0;
+                p.slots.fill(0);
                 std::mem::swap(&mut p.used, &mut batch);
             }
             for d in &batch {
@@ -416,10 +456,7 @@ impl Budget {
     fn touch_in(&self, stripe: usize, digest: &Digest) -> Vec<Key> {
         let pending = {
             let mut p = lock(&self.stripes[stripe].0);
-            p.count += 1;
-            if p.used.last() != Some(digest) {
-                p.used.push(digest.clone());
-            }
+            p.push(digest);
             p.count
         };
         if self.stamps_waiting.load(Ordering::Acquire)
@@ -711,6 +748,33 @@ mod tests {
             .map(|(k, _)| k.clone())
             .collect();
         assert_eq!(order, vec![blob(2), blob(3), blob(1), blob(0)]);
+    }
+
+    #[test]
+    fn a_use_already_pending_in_the_stripe_is_not_queued_again() {
+        let b = ready(Limits::new(1000, 0.9, 0.5));
+        for n in 0..4 {
+            b.admit(blob(n), 10, None);
+        }
+        for n in [1, 2, 1, 1, 2, 3, 1] {
+            b.touch_in(0, &d(n));
+        }
+        let p = lock(&b.stripes[0].0);
+        assert_eq!(p.used, vec![d(1), d(2), d(3)]);
+        assert_eq!(p.count, 7, "every use counts towards the batch");
+        drop(p);
+        // Applied in order of first use: 0 stays the coldest, then 1, 2, 3.
+        b.flush();
+        let order: Vec<Key> = lock(&b.index)
+            .lru
+            .iter()
+            .rev()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(order, vec![blob(0), blob(1), blob(2), blob(3)]);
+        // The next batch starts empty: 1 is queued again.
+        b.touch_in(0, &d(1));
+        assert_eq!(lock(&b.stripes[0].0).used, vec![d(1)]);
     }
 
     #[test]
