@@ -1,8 +1,8 @@
 //! The serving log's writer: lines from every thread gather in one buffer that a thread of
 //! its own writes out in one system call per batch, woken once per batch rather than once
-//! per line (a channel send per access line woke that thread for nearly every request, a
-//! fifth of a cached manifest's cost). Nothing is dropped: past [`HARD`] bytes queued a line
-//! waits for the writer.
+//! per line (a channel send per access line woke that thread for nearly every request: a
+//! futex wake, a context switch and the thread's spinning). Nothing is dropped: past
+//! [`HARD`] bytes queued a line waits for the writer.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex};
