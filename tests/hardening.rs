@@ -144,6 +144,14 @@ async fn a_slow_loris_is_cut_off_while_other_clients_are_served() {
     );
 }
 
+/// One `GET /v2/` on `s`, answered 200.
+async fn get_v2(s: &mut TcpStream) {
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(s).await.starts_with("HTTP/1.1 200"));
+}
+
 /// How long until the server closes `s` (on tokio's paused clock in these tests).
 async fn closed_after(s: &mut TcpStream) -> Duration {
     let started = Instant::now();
@@ -183,10 +191,7 @@ async fn idle_and_silent_connections_are_closed_http1_and_http2() {
 
     // HTTP/1.1 after one request: hyper's header_read_timeout applies to the next head too.
     let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
-    h1.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_response(&mut h1).await.starts_with("HTTP/1.1 200"));
+    get_v2(&mut h1).await;
     let t = closed_after(&mut h1).await;
     assert!(
         t >= Duration::from_secs(10) && t < Duration::from_secs(12),
@@ -205,10 +210,7 @@ async fn each_request_moves_an_http1_connections_deadline_on() {
     // Five requests 7 s apart: 35 s in all, each within 10 s of the one before.
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_secs(7)).await;
-        h1.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(read_response(&mut h1).await.starts_with("HTTP/1.1 200"));
+        get_v2(&mut h1).await;
     }
     // Then silence: closed 10 s after the last answer, not sooner.
     let t = closed_after(&mut h1).await;

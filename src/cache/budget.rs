@@ -707,6 +707,16 @@ mod tests {
         lock(&b.index).lru.peek_lru().map(|(k, _)| k.clone())
     }
 
+    // The index's order now, coldest first (pending uses not applied).
+    fn order(b: &Budget) -> Vec<Key> {
+        lock(&b.index)
+            .lru
+            .iter()
+            .rev()
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     #[test]
     fn pending_uses_count_before_anything_is_evicted() {
         let b = ready(Limits::new(100, 0.9, 0.5));
@@ -741,13 +751,7 @@ mod tests {
         assert_eq!(coldest(&b), Some(blob(2)));
         // Stripes are applied in turn: within one batch, 0 (stripe 5) lands after 1 (stripe
         // 0) although it was used first. This is the swap the window bounds.
-        let order: Vec<Key> = lock(&b.index)
-            .lru
-            .iter()
-            .rev()
-            .map(|(k, _)| k.clone())
-            .collect();
-        assert_eq!(order, vec![blob(2), blob(3), blob(1), blob(0)]);
+        assert_eq!(order(&b), vec![blob(2), blob(3), blob(1), blob(0)]);
     }
 
     #[test]
@@ -765,13 +769,7 @@ mod tests {
         drop(p);
         // Applied in order of first use: 0 stays the coldest, then 1, 2, 3.
         b.flush();
-        let order: Vec<Key> = lock(&b.index)
-            .lru
-            .iter()
-            .rev()
-            .map(|(k, _)| k.clone())
-            .collect();
-        assert_eq!(order, vec![blob(0), blob(1), blob(2), blob(3)]);
+        assert_eq!(order(&b), vec![blob(0), blob(1), blob(2), blob(3)]);
         // The next batch starts empty: 1 is queued again.
         b.touch_in(0, &d(1));
         assert_eq!(lock(&b.stripes[0].0).used, vec![d(1)]);
