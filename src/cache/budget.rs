@@ -397,7 +397,9 @@ impl Budget {
             {
                 let mut p = lock(&stripe.0);
                 p.count = 0;
-                p.slots.fill(0);
+                if !p.used.is_empty() {
+                    p.slots.fill(0);
+                }
                 std::mem::swap(&mut p.used, &mut batch);
             }
             for d in &batch {
@@ -459,19 +461,17 @@ impl Budget {
             p.push(digest);
             p.count
         };
+        let drained = self.drain.running.load(Ordering::Acquire);
+        if drained && pending == BATCH {
+            self.drain.request();
+        }
         if self.stamps_waiting.load(Ordering::Acquire)
             && let Ok(mut ix) = self.index.try_lock()
         {
             self.stamps_waiting.store(false, Ordering::Relaxed);
             return std::mem::take(&mut ix.unstamped);
         }
-        if pending < BATCH {
-            return Vec::new();
-        }
-        if pending < MAX_PENDING && self.drain.running.load(Ordering::Acquire) {
-            if pending == BATCH {
-                self.drain.request();
-            }
+        if pending < BATCH || (drained && pending < MAX_PENDING) {
             return Vec::new();
         }
         let mut ix = match self.index.try_lock() {
