@@ -144,6 +144,17 @@ async fn a_slow_loris_is_cut_off_while_other_clients_are_served() {
     );
 }
 
+/// A proxy (and its upstream, kept alive with it) with `header_read_timeout` and
+/// `idle_timeout` in seconds.
+async fn timed_proxy(header_read: u64, idle: u64) -> (FakeUpstream, Proxy) {
+    let up = FakeUpstream::start().await;
+    let mut cfg = config_for(&up.url());
+    cfg.limits.header_read_timeout = HumanDuration(Duration::from_secs(header_read));
+    cfg.limits.idle_timeout = HumanDuration(Duration::from_secs(idle));
+    let proxy = Proxy::start(cfg).await;
+    (up, proxy)
+}
+
 /// One `GET /v2/` on `s`, answered 200.
 async fn get_v2(s: &mut TcpStream) {
     s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -163,11 +174,7 @@ async fn closed_after(s: &mut TcpStream) -> Duration {
 
 #[tokio::test(start_paused = true)]
 async fn idle_and_silent_connections_are_closed_http1_and_http2() {
-    let up = FakeUpstream::start().await;
-    let mut cfg = config_for(&up.url());
-    cfg.limits.header_read_timeout = HumanDuration(Duration::from_secs(10));
-    cfg.limits.idle_timeout = HumanDuration(Duration::from_secs(60));
-    let proxy = Proxy::start(cfg).await;
+    let (_up, proxy) = timed_proxy(10, 60).await;
 
     // Connected and silent: the protocol is not even known yet.
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
@@ -201,11 +208,7 @@ async fn idle_and_silent_connections_are_closed_http1_and_http2() {
 
 #[tokio::test(start_paused = true)]
 async fn each_request_moves_an_http1_connections_deadline_on() {
-    let up = FakeUpstream::start().await;
-    let mut cfg = config_for(&up.url());
-    cfg.limits.header_read_timeout = HumanDuration(Duration::from_secs(10));
-    cfg.limits.idle_timeout = HumanDuration(Duration::from_secs(60));
-    let proxy = Proxy::start(cfg).await;
+    let (_up, proxy) = timed_proxy(10, 60).await;
     let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
     // Five requests 7 s apart: 35 s in all, each within 10 s of the one before.
     for _ in 0..5 {
@@ -222,11 +225,7 @@ async fn each_request_moves_an_http1_connections_deadline_on() {
 
 #[tokio::test(start_paused = true)]
 async fn an_http2_connection_idle_after_a_request_is_closed_after_idle_timeout() {
-    let up = FakeUpstream::start().await;
-    let mut cfg = config_for(&up.url());
-    cfg.limits.header_read_timeout = HumanDuration(Duration::from_secs(600));
-    cfg.limits.idle_timeout = HumanDuration(Duration::from_secs(30));
-    let proxy = Proxy::start(cfg).await;
+    let (_up, proxy) = timed_proxy(600, 30).await;
     let mut raw = TcpStream::connect(proxy.addr).await.unwrap();
     raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await

@@ -199,7 +199,8 @@ pub async fn serve(
     // One timer for the connection's life, not one per request: it is set again only when
     // it fires before the current head's deadline (a request since moved that on), so a busy
     // connection does not touch the timer wheel per request. (The shutdown wait stays one
-    // per read: kept for the connection's life it held ~1.8 KB a connection.)
+    // per read: kept for the connection's life, it raised the peak memory of 5,000 busy
+    // connections by about 9 MiB.)
     let limit = limits.head_timeout.min(limits.idle_timeout);
     let timer = tokio::time::sleep(limit);
     tokio::pin!(timer);
