@@ -1,6 +1,8 @@
 //! Pure `Accept` handling for manifests: every `Accept` line merged, matched against the
 //! manifest media types, and the value forwarded upstream.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, header};
 
 /// OCI image index.
@@ -29,7 +31,8 @@ pub const MANIFEST_TYPES: [&str; 6] = [
 /// What a client will take, from all of its `Accept` lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accept {
-    types: Vec<String>,
+    // Lowercase; the manifest types borrowed from [`MANIFEST_TYPES`] (no copy per request).
+    types: Vec<Cow<'static, str>>,
     wildcard: bool,
 }
 
@@ -37,28 +40,30 @@ impl Accept {
     /// Merges every `Accept` header line (podman and Docker send six separate lines).
     /// No `Accept` at all means anything is acceptable.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let mut types = Vec::new();
+        let mut types: Vec<Cow<'static, str>> = Vec::with_capacity(8);
         let mut wildcard = false;
         let mut seen_any = false;
         for v in headers.get_all(header::ACCEPT) {
             let Ok(s) = v.to_str() else { continue };
             for item in s.split(',') {
                 let mut parts = item.split(';');
-                let mt = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+                let mt = parts.next().unwrap_or("").trim();
                 if mt.is_empty() {
                     continue;
                 }
                 seen_any = true;
-                let refused = parts.any(|p| {
-                    let p = p.trim().replace(' ', "");
-                    p == "q=0" || p == "q=0.0" || p == "q=0.00" || p == "q=0.000"
-                });
-                if refused {
+                if parts.any(refuses) {
                     continue;
                 }
-                if mt == "*/*" || mt == "application/*" {
+                if mt == "*/*" || mt.eq_ignore_ascii_case("application/*") {
                     wildcard = true;
-                } else if !types.contains(&mt) {
+                    continue;
+                }
+                let mt = match MANIFEST_TYPES.iter().find(|t| t.eq_ignore_ascii_case(mt)) {
+                    Some(t) => Cow::Borrowed(*t),
+                    None => Cow::Owned(mt.to_ascii_lowercase()),
+                };
+                if !types.contains(&mt) {
                     types.push(mt);
                 }
             }
@@ -81,7 +86,7 @@ impl Accept {
     /// The `Accept` value sent upstream: the client's own list, or every modern manifest
     /// type when the client takes anything (so the upstream never falls back to schema 1).
     pub fn upstream_value(&self) -> String {
-        let mut list: Vec<&str> = self.types.iter().map(String::as_str).collect();
+        let mut list: Vec<&str> = self.types.iter().map(|t| t.as_ref()).collect();
         if self.wildcard {
             for t in &MANIFEST_TYPES[..4] {
                 if !list.contains(t) {
@@ -101,6 +106,23 @@ impl Accept {
             .enumerate()
             .filter(|(_, t)| self.accepts(t))
             .fold(0, |k, (i, _)| k | (1 << i))
+    }
+}
+
+/// Whether an `Accept` parameter is `q=0` (the type is refused): `q=0`, `q=0.0`, `q=0.00` or
+/// `q=0.000`, spaces inside ignored.
+fn refuses(param: &str) -> bool {
+    let mut b = param.trim().bytes().filter(|b| *b != b' ');
+    if (b.next(), b.next(), b.next()) != (Some(b'q'), Some(b'='), Some(b'0')) {
+        return false;
+    }
+    match b.next() {
+        None => true,
+        Some(b'.') => {
+            let zeros = b.clone().count();
+            (1..=3).contains(&zeros) && b.all(|d| d == b'0')
+        }
+        Some(_) => false,
     }
 }
 
@@ -178,6 +200,33 @@ mod tests {
         assert!(!a.accepts(OCI_INDEX));
         assert!(!a.accepts(OCI_MANIFEST));
         assert_eq!(a.upstream_value(), DOCKER_V2);
+    }
+
+    #[test]
+    fn types_in_any_case_and_every_spelling_of_q_zero() {
+        let a = Accept::from_headers(&headers(&[
+            "Application/VND.Docker.Distribution.Manifest.V2+JSON",
+            &format!("{OCI_INDEX}; q = 0.000, {OCI_MANIFEST};q=0.0000, {DOCKER_LIST};q=0."),
+            &format!("{DOCKER_V1};q=0.5, {DOCKER_V1_SIGNED} ;q=0 , Text/Other"),
+        ]));
+        assert!(a.accepts(DOCKER_V2));
+        assert!(!a.accepts(OCI_INDEX), "q = 0.000 refuses");
+        assert!(a.accepts(OCI_MANIFEST), "q=0.0000 is not one of the forms");
+        assert!(a.accepts(DOCKER_LIST), "q=0. is not one of the forms");
+        assert!(a.accepts(DOCKER_V1));
+        assert!(!a.accepts(DOCKER_V1_SIGNED));
+        assert_eq!(
+            a.upstream_value(),
+            format!("{DOCKER_V2}, {OCI_MANIFEST}, {DOCKER_LIST}, {DOCKER_V1}, text/other")
+        );
+        for p in ["q=0", " q=0.0", "q=0.00 ", "q =0.000"] {
+            assert!(refuses(p), "{p:?}");
+        }
+        for p in [
+            "q=0.0000", "q=0.", "q=0.5", "q=1", "Q=0", "q=00", "level=0", "",
+        ] {
+            assert!(!refuses(p), "{p:?}");
+        }
     }
 
     #[test]

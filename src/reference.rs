@@ -201,6 +201,15 @@ impl Digest {
         &self.hex
     }
 
+    /// `<algorithm>:<hex>` written into `out` (what `Display` gives, without the formatting
+    /// machinery: a cached manifest's answer carries it twice).
+    pub fn push_to(&self, out: &mut String) {
+        out.reserve(self.algorithm.as_str().len() + 1 + self.hex.len());
+        out.push_str(self.algorithm.as_str());
+        out.push(':');
+        out.push_str(&self.hex);
+    }
+
     /// Builds a digest from raw hash output.
     pub fn from_raw(algorithm: Algorithm, raw: &[u8]) -> Self {
         Digest {

@@ -358,7 +358,7 @@ async fn write_response(
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        push_http_date(std::time::SystemTime::now(), &mut out);
         out.extend_from_slice(b"\r\n");
     }
     let chunked = !bodiless && !has_length && exact.is_none();
@@ -471,6 +471,24 @@ async fn send_parts(
     }
 }
 
+/// Appends `now` as an HTTP date, formatted once per second per thread.
+fn push_http_date(now: std::time::SystemTime, out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut date = cell.borrow_mut();
+        if date.0 != second {
+            *date = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(date.1.as_bytes());
+    });
+}
+
 /// Sets `TCP_CORK`: while it is on, the kernel sends only full segments; turning it off sends
 /// the rest at once. A file sent with many `sendfile(2)` calls otherwise leaves in whatever
 /// pieces each call found room for (measured: one client of a cached 512 MiB blob, ~1,500
@@ -544,6 +562,23 @@ mod tests {
         );
         assert_eq!(m, Method::HEAD);
         assert!(close);
+    }
+
+    #[test]
+    fn the_date_is_that_of_each_answers_own_second() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let start = UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        // Within a second, across a second, back again, and a day on.
+        for ms in [0, 400, 999, 1000, 1001, 2500, 1200, 86_400_000] {
+            let now = start + Duration::from_millis(ms);
+            let mut out = Vec::new();
+            push_http_date(now, &mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                httpdate::fmt_http_date(now),
+                "{ms}"
+            );
+        }
     }
 
     #[tokio::test]

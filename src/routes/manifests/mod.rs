@@ -200,8 +200,13 @@ fn manifest_response(
     set(&mut r, header::CONTENT_TYPE, &m.media_type);
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    set(&mut r, DOCKER_CONTENT_DIGEST, &digest.to_string());
-    set(&mut r, header::ETAG, &format!("\"{digest}\""));
+    // `"<digest>"`: the ETag, and the digest header without its quotes.
+    let mut etag = String::with_capacity(80);
+    etag.push('"');
+    digest.push_to(&mut etag);
+    etag.push('"');
+    set(&mut r, DOCKER_CONTENT_DIGEST, &etag[1..etag.len() - 1]);
+    set(&mut r, header::ETAG, &etag);
     if stale {
         r.headers_mut().insert(header::WARNING, STALE);
     }
