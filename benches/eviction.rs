@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use regcache::cache::budget::{Budget, EntryKind, Limits};
+use regcache::cache::budget::{Budget, EntryKind, Key, Limits};
 use regcache::cache::store::{BlobStore, FsStore};
 use regcache::reference::Digest;
 
@@ -60,7 +60,9 @@ fn hits(entries: u64, threads: usize, per_thread: u64, manifests: bool) -> f64 {
     let hot: Vec<Digest> = if manifests {
         (0..HOT_IMAGES)
             .map(|m| {
-                let refs: Arc<[Digest]> = (0..LAYERS).map(|l| layer(m, l)).collect();
+                let refs: Arc<[Key]> = (0..LAYERS)
+                    .map(|l| (EntryKind::Blob, layer(m, l)))
+                    .collect();
                 let d = digest(u64::MAX - m);
                 b.admit((EntryKind::Manifest, d.clone()), 1, Some(refs));
                 d

@@ -114,8 +114,8 @@ pub struct Usage {
 
 struct Entry {
     size: u64,
-    // What a manifest references, learnt the first time it is read or stored: for each
-    // digest its blob and its manifest key, built once so a use looks them up as they are.
+    // What a manifest references, learnt the first time it is read or stored, by kind
+    // ([`reference_keys`]), so a use looks them up as they are.
     refs: Option<Arc<[Key]>>,
     // The hour (of `Budget::epoch`, counted from 1) whose first use was handed out to be
     // noted on disk; 0: none since start.
@@ -181,19 +181,6 @@ impl Index {
         }
         self.promote(&key, hour);
     }
-}
-
-/// The keys a use of a manifest referencing `digests` also promotes.
-fn ref_keys(digests: &[Digest]) -> Arc<[Key]> {
-    digests
-        .iter()
-        .flat_map(|d| {
-            [
-                (EntryKind::Blob, d.clone()),
-                (EntryKind::Manifest, d.clone()),
-            ]
-        })
-        .collect()
 }
 
 /// Slots of the table in which a stripe finds a digest already pending.
@@ -419,10 +406,9 @@ impl Budget {
     /// Records a new entry as the most recently used and returns what must be evicted to
     /// keep the total within the limits. The caller removes the victims' files; an entry
     /// just admitted is never among them, nor one whose use is pending.
-    pub fn admit(&self, key: Key, size: u64, refs: Option<Arc<[Digest]>>) -> Vec<(Key, u64)> {
+    pub fn admit(&self, key: Key, size: u64, refs: Option<Arc<[Key]>>) -> Vec<(Key, u64)> {
         let mut ix = lock(&self.index);
         self.apply(&mut ix);
-        let refs = refs.map(|r| ref_keys(&r));
         let refs = match ix.lru.pop(&key) {
             Some(old) => {
                 ix.bytes -= old.size;
@@ -504,12 +490,12 @@ impl Budget {
     }
 
     /// Records what manifest `digest` references.
-    pub fn set_refs(&self, digest: &Digest, refs: Arc<[Digest]>) {
+    pub fn set_refs(&self, digest: &Digest, refs: Arc<[Key]>) {
         if let Some(e) = lock(&self.index)
             .lru
             .peek_mut(&(EntryKind::Manifest, digest.clone()))
         {
-            e.refs = Some(ref_keys(&refs));
+            e.refs = Some(refs);
         }
     }
 
@@ -567,9 +553,9 @@ impl Budget {
     }
 }
 
-/// The digests a manifest or index references (config, layers, child manifests); empty for
-/// anything that does not parse.
-pub fn references(body: &[u8]) -> Vec<Digest> {
+/// What a manifest or index references: its config and layers (blobs), an index's child
+/// manifests; both empty for anything that does not parse.
+fn parse_references(body: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
     #[derive(serde::Deserialize)]
     struct Descriptor {
         digest: String,
@@ -583,13 +569,31 @@ pub fn references(body: &[u8]) -> Vec<Digest> {
         manifests: Vec<Descriptor>,
     }
     let Ok(r) = serde_json::from_slice::<Refs>(body) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    r.config
-        .into_iter()
-        .chain(r.layers)
-        .chain(r.manifests)
-        .filter_map(|d| d.digest.parse().ok())
+    let parse = |d: Descriptor| d.digest.parse().ok();
+    let blobs = r.config.into_iter().chain(r.layers).filter_map(parse);
+    (
+        blobs.collect(),
+        r.manifests.into_iter().filter_map(parse).collect(),
+    )
+}
+
+/// The digests a manifest or index references (config, layers, child manifests); empty for
+/// anything that does not parse.
+pub fn references(body: &[u8]) -> Vec<Digest> {
+    let (mut blobs, manifests) = parse_references(body);
+    blobs.extend(manifests);
+    blobs
+}
+
+/// The entries a use of a manifest also promotes: its config and layers as blobs, an index's
+/// children as manifests (one lookup each, not one per kind).
+pub fn reference_keys(body: &[u8]) -> Arc<[Key]> {
+    let (blobs, manifests) = parse_references(body);
+    let blobs = blobs.into_iter().map(|d| (EntryKind::Blob, d));
+    blobs
+        .chain(manifests.into_iter().map(|d| (EntryKind::Manifest, d)))
         .collect()
 }
 
@@ -669,7 +673,7 @@ mod tests {
             for l in layers {
                 b.admit(blob(*l), 10, None);
             }
-            let refs: Arc<[Digest]> = layers.iter().map(|l| d(*l)).collect();
+            let refs: Arc<[Key]> = layers.iter().map(|l| blob(*l)).collect();
             b.admit((EntryKind::Manifest, d(m)), 1, Some(refs));
         };
         image(100, &[1, 2, 3]); // old image, pulled again below
@@ -683,6 +687,33 @@ mod tests {
             gone,
             vec![blob(4), blob(5), blob(6), (EntryKind::Manifest, d(101))]
         );
+    }
+
+    #[test]
+    fn a_used_index_keeps_its_child_manifests() {
+        let b = ready(Limits {
+            max: 100,
+            high: 90,
+            low: 61,
+        });
+        let child = (EntryKind::Manifest, d(50));
+        b.admit(child.clone(), 10, None);
+        b.admit(blob(1), 20, None);
+        let body = format!(r#"{{"manifests":[{{"digest":"{}"}}]}}"#, d(50));
+        b.admit(
+            (EntryKind::Manifest, d(60)),
+            10,
+            Some(reference_keys(body.as_bytes())),
+        );
+        b.admit(blob(2), 20, None);
+        // The index is pulled again: its child goes up with it, past blobs 1 and 2.
+        b.touch(&d(60));
+        let gone: Vec<Key> = b
+            .admit(blob(3), 35, None)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(gone, vec![blob(1), blob(2)]);
     }
 
     #[test]
@@ -958,7 +989,7 @@ mod tests {
     #[test]
     fn a_use_is_handed_out_for_the_disk_once_an_hour() {
         let b = Budget::new(Some(Limits::new(1000, 0.9, 0.5)));
-        let layers: Arc<[Digest]> = vec![d(2), d(3)].into();
+        let layers: Arc<[Key]> = vec![blob(2), blob(3)].into();
         // Found by the scan: their times on disk are from some earlier hour.
         b.load(vec![(blob(1), 10), (blob(2), 10), (blob(3), 10)]);
         b.admit((EntryKind::Manifest, d(4)), 10, Some(layers));
@@ -988,5 +1019,11 @@ mod tests {
         let i = format!(r#"{{"manifests":[{{"digest":"{}"}}]}}"#, d(3));
         assert_eq!(references(i.as_bytes()), vec![d(3)]);
         assert!(references(b"not json").is_empty());
+        assert_eq!(&*reference_keys(m.as_bytes()), &[blob(1), blob(2)]);
+        assert_eq!(
+            &*reference_keys(i.as_bytes()),
+            &[(EntryKind::Manifest, d(3))]
+        );
+        assert!(reference_keys(b"not json").is_empty());
     }
 }

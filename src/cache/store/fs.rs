@@ -243,7 +243,7 @@ impl BlobStore for FsStore {
             return Ok(None);
         }
         if let Some(b) = self.budget.as_ref().filter(|b| b.wants_refs(digest)) {
-            b.set_refs(digest, budget::references(&body).into());
+            b.set_refs(digest, budget::reference_keys(&body));
         }
         let m = StoredManifest { media_type, body };
         self.hot_manifests.insert(digest.clone(), m.clone());
@@ -252,7 +252,7 @@ impl BlobStore for FsStore {
 
     async fn put_manifest(&self, digest: &Digest, m: &StoredManifest) -> io::Result<()> {
         let head = format!("{}\n", m.media_type.replace('\n', ""));
-        let refs: Arc<[Digest]> = budget::references(&m.body).into();
+        let refs = budget::reference_keys(&m.body);
         self.admit(
             (EntryKind::Manifest, digest.clone()),
             (head.len() + m.body.len()) as u64,

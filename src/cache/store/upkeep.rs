@@ -9,7 +9,6 @@ use super::GcReport;
 use super::fs::FsStore;
 use crate::cache::budget::{EntryKind, Key};
 use crate::cache::layout::{Area, Item, Layout};
-use crate::reference::Digest;
 
 impl FsStore {
     pub(super) fn forget(&self, key: Key) {
@@ -44,7 +43,7 @@ impl FsStore {
         &self,
         key: Key,
         size: u64,
-        refs: Option<Arc<[Digest]>>,
+        refs: Option<Arc<[Key]>>,
     ) -> io::Result<()> {
         let Some(b) = &self.budget else {
             return Ok(());
