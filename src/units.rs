@@ -1,6 +1,7 @@
 //! Human-readable durations (`"5m"`, `"250ms"`) and sizes (`"4MiB"`, `"200GiB"`) for config files,
-//! and sizes written for people (`1.5 MiB`).
+//! sizes written for people (`1.5 MiB`), and wall-clock text formatted once a second.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -170,6 +171,36 @@ impl Serialize for ByteSize {
     }
 }
 
+/// Wall-clock text that changes once a second (an HTTP date, the seconds of a log
+/// timestamp), formatted again only when the second changed: each thread keeps its own in a
+/// `thread_local!`, so a busy server formats it once a second, not once a request.
+pub struct SecondText(RefCell<(u64, String)>);
+
+impl SecondText {
+    /// Nothing formatted yet.
+    pub const fn new() -> Self {
+        SecondText(RefCell::new((u64::MAX, String::new())))
+    }
+
+    /// Appends the text of `second` (since the Unix epoch) to `out`; `format` writes it into
+    /// an empty string when the second is not the one last formatted.
+    pub fn push(&self, second: u64, out: &mut Vec<u8>, format: impl FnOnce(&mut String)) {
+        let mut text = self.0.borrow_mut();
+        if text.0 != second {
+            text.1.clear();
+            format(&mut text.1);
+            text.0 = second;
+        }
+        out.extend_from_slice(text.1.as_bytes());
+    }
+}
+
+impl Default for SecondText {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +251,20 @@ mod tests {
             assert!(b(bad).is_err(), "{bad:?}");
         }
         assert_eq!(ByteSize(4 << 20).to_string(), "4MiB");
+    }
+
+    #[test]
+    fn second_text_is_formatted_once_per_second() {
+        let text = SecondText::new();
+        let mut made = 0;
+        let mut out = Vec::new();
+        for second in [5, 5, 5, 6, 6, 5] {
+            text.push(second, &mut out, |s| {
+                made += 1;
+                s.push_str(&format!("<{second}>"));
+            });
+        }
+        assert_eq!(String::from_utf8(out).unwrap(), "<5><5><5><6><6><5>");
+        assert_eq!(made, 3, "once for 5, once for 6, once for 5 again");
     }
 }

@@ -14,6 +14,8 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer};
 
+use crate::units::SecondText;
+
 /// The target of the access-log event.
 pub const TARGET: &str = "regcache::access_log";
 
@@ -44,7 +46,7 @@ thread_local! {
     // The line being built, and the text of one field, kept between events.
     static BUFFERS: RefCell<(Vec<u8>, String)> = const { RefCell::new((Vec::new(), String::new())) };
     // The timestamp up to the seconds, for the second it was made in.
-    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    static SECOND: SecondText = const { SecondText::new() };
 }
 
 impl<S, W> Layer<S> for AccessLines<W>
@@ -106,22 +108,18 @@ fn write_line(
 fn timestamp(line: &mut Vec<u8>, now: SystemTime) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    SECOND.with(|cell| {
-        let mut second = cell.borrow_mut();
-        if second.0 != secs {
-            second.1.clear();
+    SECOND.with(|second| {
+        second.push(secs, line, |text| {
             let (days, rest) = (secs / 86_400, secs % 86_400);
             let (y, m, d) = civil_from_days(days as i64);
             let _ = write!(
-                second.1,
+                text,
                 "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.",
                 rest / 3600,
                 rest % 3600 / 60,
                 rest % 60
             );
-            second.0 = secs;
-        }
-        line.extend_from_slice(second.1.as_bytes());
+        });
     });
     let _ = write!(line, "{:06}Z", since.subsec_micros());
 }

@@ -25,6 +25,7 @@ use crate::cache::tail::Part;
 use crate::server::Limits;
 use crate::server::edge::{self, Answer};
 use crate::server::http1::{self, HeadNote, Length, Read};
+use crate::units::SecondText;
 
 /// Largest body of known length sent in the same write as its head.
 const SMALL_BODY: u64 = 64 * 1024;
@@ -474,18 +475,15 @@ async fn send_parts(
 /// Appends `now` as an HTTP date, formatted once per second per thread.
 fn push_http_date(now: std::time::SystemTime, out: &mut Vec<u8>) {
     thread_local! {
-        static DATE: std::cell::RefCell<(u64, String)> =
-            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+        static DATE: SecondText = const { SecondText::new() };
     }
     let second = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    DATE.with(|cell| {
-        let mut date = cell.borrow_mut();
-        if date.0 != second {
-            *date = (second, httpdate::fmt_http_date(now));
-        }
-        out.extend_from_slice(date.1.as_bytes());
+    DATE.with(|date| {
+        date.push(second, out, |text| {
+            text.push_str(&httpdate::fmt_http_date(now))
+        })
     });
 }
 
