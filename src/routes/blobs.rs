@@ -6,7 +6,6 @@ use std::sync::Arc;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
-use super::DOCKER_CONTENT_DIGEST;
 use crate::app::App;
 use crate::body::{self, Body, set_header as set};
 use crate::cache::fill;
@@ -28,8 +27,7 @@ fn blob_headers(r: &mut Response<Body>, digest: &Digest, len: u64) {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    set(r, DOCKER_CONTENT_DIGEST, &digest.to_string());
-    set(r, header::ETAG, &format!("\"{digest}\""));
+    super::set_digest_headers(r, digest);
     r.headers_mut()
         .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }

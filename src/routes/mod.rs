@@ -37,6 +37,18 @@ const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-requ
 pub(crate) const DOCKER_CONTENT_DIGEST: header::HeaderName =
     header::HeaderName::from_static("docker-content-digest");
 
+/// Names the content of a blob or manifest answer: `Docker-Content-Digest`, and the digest
+/// quoted as its `ETag` (written once, without the formatting machinery: every hit sends
+/// both).
+pub(crate) fn set_digest_headers(r: &mut http::Response<crate::body::Body>, digest: &Digest) {
+    let mut etag = String::with_capacity(80);
+    etag.push('"');
+    digest.push_to(&mut etag);
+    etag.push('"');
+    crate::body::set_header(r, DOCKER_CONTENT_DIGEST, &etag[1..etag.len() - 1]);
+    crate::body::set_header(r, header::ETAG, &etag);
+}
+
 /// Marks an answer served from the cache after the upstream could not confirm it.
 pub(crate) const STALE: HeaderValue =
     HeaderValue::from_static("110 regcache \"Response is Stale\"");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Response, header};
 
-use super::{DOCKER_CONTENT_DIGEST, STALE, Target};
+use super::{STALE, Target, set_digest_headers};
 use crate::app::App;
 use crate::body::{self, Body, set_header as set};
 use crate::cache::store::{StoredManifest, TagKey};
@@ -200,13 +200,7 @@ fn manifest_response(
     set(&mut r, header::CONTENT_TYPE, &m.media_type);
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    // `"<digest>"`: the ETag, and the digest header without its quotes.
-    let mut etag = String::with_capacity(80);
-    etag.push('"');
-    digest.push_to(&mut etag);
-    etag.push('"');
-    set(&mut r, DOCKER_CONTENT_DIGEST, &etag[1..etag.len() - 1]);
-    set(&mut r, header::ETAG, &etag);
+    set_digest_headers(&mut r, digest);
     if stale {
         r.headers_mut().insert(header::WARNING, STALE);
     }
