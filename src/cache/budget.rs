@@ -250,7 +250,8 @@ fn this_threads_stripe() -> usize {
 struct Drain {
     state: Mutex<DrainState>,
     wake: Condvar,
-    // The thread runs: a hit that fills a stripe wakes it instead of applying the batch.
+    // The thread runs (set before it starts, cleared by its guard to end it): a hit that
+    // fills a stripe wakes it instead of applying the batch.
     running: AtomicBool,
 }
 
@@ -260,8 +261,6 @@ struct DrainState {
     requested: bool,
     // The thread waits on `wake`.
     sleeping: bool,
-    // Its guard was dropped: the thread ends.
-    closed: bool,
 }
 
 impl Drain {
@@ -285,7 +284,9 @@ pub struct Drainer {
 impl Drop for Drainer {
     fn drop(&mut self) {
         self.drain.running.store(false, Ordering::Release);
-        lock(&self.drain.state).closed = true;
+        // Taken once, so the thread is either before its check (and sees the flag) or
+        // waiting (and is woken).
+        drop(lock(&self.drain.state));
         self.drain.wake.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -298,12 +299,12 @@ fn drain_loop(drain: &Drain, budget: &Weak<Budget>) {
     loop {
         {
             let mut st = lock(&drain.state);
-            while !st.requested && !st.closed {
+            while !st.requested && drain.running.load(Ordering::Acquire) {
                 st.sleeping = true;
                 st = drain.wake.wait(st).unwrap_or_else(|e| e.into_inner());
                 st.sleeping = false;
             }
-            if st.closed {
+            if !drain.running.load(Ordering::Acquire) {
                 return;
             }
             st.requested = false;
@@ -362,10 +363,11 @@ impl Budget {
     /// guard is dropped.
     pub fn drain_in_background(self: &Arc<Self>) -> std::io::Result<Drainer> {
         let (drain, budget) = (self.drain.clone(), Arc::downgrade(self));
+        self.drain.running.store(true, Ordering::Release);
         let thread = std::thread::Builder::new()
             .name("regcache-lru".into())
-            .spawn(move || drain_loop(&drain, &budget))?;
-        self.drain.running.store(true, Ordering::Release);
+            .spawn(move || drain_loop(&drain, &budget))
+            .inspect_err(|_| self.drain.running.store(false, Ordering::Release))?;
         Ok(Drainer {
             drain: self.drain.clone(),
             thread: Some(thread),
