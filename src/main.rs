@@ -247,7 +247,8 @@ async fn main() -> anyhow::Result<()> {
             std::future::pending(),
         ))
     });
-    regcache::server::serve(listener, app, tls, grace, shutdown_signal()).await?;
+    let lanes = regcache::server::Lanes::per_core().context("cannot start connection lanes")?;
+    regcache::server::serve_in_lanes(listener, app, tls, grace, shutdown_signal(), lanes).await?;
     if let Some(a) = admin {
         a.abort();
     }
