@@ -247,8 +247,7 @@ async fn main() -> anyhow::Result<()> {
             std::future::pending(),
         ))
     });
-    let lanes = regcache::server::Lanes::per_core().context("cannot start connection lanes")?;
-    regcache::server::serve_in_lanes(listener, app, tls, grace, shutdown_signal(), lanes).await?;
+    regcache::server::serve(listener, app, tls, grace, shutdown_signal()).await?;
     if let Some(a) = admin {
         a.abort();
     }

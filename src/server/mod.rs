@@ -9,7 +9,6 @@ pub mod fast;
 pub mod fds;
 pub mod http1;
 pub mod hyper;
-pub mod lanes;
 pub mod tls;
 
 use std::future::Future;
@@ -29,7 +28,6 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::config::LimitsConfig;
 use fast::Outcome;
-pub use lanes::Lanes;
 pub use tls::Tls;
 
 /// The per-connection limits of `[limits]`, for the fast loop and hyper's path alike.
@@ -59,38 +57,13 @@ impl Limits {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish for
-/// up to `grace`. The connection limits come from `app.config.limits`. Each connection is a
-/// task on the calling runtime.
+/// up to `grace`. The connection limits come from `app.config.limits`.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     tls: Option<Arc<Tls>>,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    serve_with(listener, app, tls, grace, shutdown, None).await
-}
-
-/// [`serve`], with each connection served on one of `lanes` (one single-threaded runtime per
-/// core) for its whole life: how the `regcache` binary serves.
-pub async fn serve_in_lanes(
-    listener: TcpListener,
-    app: Arc<App>,
-    tls: Option<Arc<Tls>>,
-    grace: Duration,
-    shutdown: impl Future<Output = ()>,
-    lanes: Lanes,
-) -> io::Result<()> {
-    serve_with(listener, app, tls, grace, shutdown, Some(lanes)).await
-}
-
-async fn serve_with(
-    listener: TcpListener,
-    app: Arc<App>,
-    tls: Option<Arc<Tls>>,
-    grace: Duration,
-    shutdown: impl Future<Output = ()>,
-    lanes: Option<Lanes>,
 ) -> io::Result<()> {
     let limits = app.config.limits.clone();
     let builder = Arc::new(hyper::builder(&limits));
@@ -120,17 +93,11 @@ async fn serve_with(
         };
         let tls = tls.clone();
         // One task per connection; it ends when the client closes, on a timeout, or after
-        // shutdown. Its permit goes back when it ends (or when it could not start).
-        let serve = move |stream| async move {
+        // shutdown. Its permit goes back when it ends.
+        tokio::spawn(async move {
             conn.run(stream, tls).await;
             drop(permit);
-        };
-        match &lanes {
-            Some(lanes) => lanes.hand(stream, serve),
-            None => {
-                tokio::spawn(serve(stream));
-            }
-        }
+        });
     }
     drop(listener);
     tracing::info!("shutting down; letting open requests finish");
