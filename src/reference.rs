@@ -202,7 +202,8 @@ impl Digest {
     }
 
     /// `<algorithm>:<hex>` written into `out` (what `Display` gives, without the formatting
-    /// machinery: a cached manifest's answer carries it twice).
+    /// machinery: every blob and manifest answer carries it twice, see
+    /// `routes::set_digest_headers`).
     pub fn push_to(&self, out: &mut String) {
         out.reserve(self.algorithm.as_str().len() + 1 + self.hex.len());
         out.push_str(self.algorithm.as_str());
