@@ -23,12 +23,24 @@
 //! not grow with the index; without that thread, it applies them itself if the index is
 //! free. At [`MAX_PENDING`] it waits for the index. Admitting an entry, loading the scan and
 //! [`Budget::flush`] apply every pending use first, so eviction never picks an entry whose
-//! use is still pending. The bound this gives: within one batch, uses from different threads
-//! may be applied out of order, and a batch cannot span more than [`ORDER_WINDOW`] hits, so
-//! of two entries whose last uses lie further apart than that, the one used earlier is always
-//! evicted first. Lock order: the index, then a stripe; a hit never holds a stripe while it
-//! takes the index.
+//! use is still pending.
+//!
+//! Applying a use moves the entry (and a manifest's references) in the order: one lookup
+//! each in an index that, at a million entries, no longer fits in the CPU's caches. A digest
+//! already moved in the current window is not moved again: a small set of the digests moved
+//! in it answers instead, so a hot image costs the index one move per window, not one per
+//! pull, however large the index. A window ends after [`RECENT_WINDOW`] hits, at the minute,
+//! and when an entry is admitted: what was moved before an admission is behind the new
+//! entry, and its next use moves it again, so an image still pulled never ages behind one
+//! admitted since (the windows only save work between admissions, when nothing is evicted).
+//!
+//! The bound this gives: within one batch, uses from different threads may be applied out of
+//! order; a batch cannot span more than `2 × STRIPES × MAX_PENDING` hits; and an entry's place
+//! may lag its last use by one recent window. So of two entries whose last uses lie further
+//! apart than [`ORDER_WINDOW`] hits, the one used earlier is always evicted first. Lock
+//! order: the index, then a stripe; a hit never holds a stripe while it takes the index.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, TryLockError, Weak};
 use std::thread::JoinHandle;
@@ -47,10 +59,13 @@ pub const STRIPES: usize = 16;
 pub const BATCH: usize = 64;
 /// Uses in one buffer at which the hit that recorded the last one waits for the index.
 pub const MAX_PENDING: usize = 256;
+/// Hits (counted as their batches are applied) within which a digest already moved in the
+/// order is not moved again; a new window also starts each minute and at each admission.
+pub const RECENT_WINDOW: usize = 16 * 1024;
 /// Hits between two uses beyond which they are always applied in order: one batch fills at
-/// most `STRIPES × MAX_PENDING` buffered uses, and as many more can arrive while it is being
-/// applied.
-pub const ORDER_WINDOW: usize = 2 * STRIPES * MAX_PENDING;
+/// most `STRIPES × MAX_PENDING` buffered uses, as many more can arrive while it is being
+/// applied, and a use inside the recent window of an earlier one does not move its entry.
+pub const ORDER_WINDOW: usize = 2 * STRIPES * MAX_PENDING + RECENT_WINDOW;
 
 /// Which file a digest names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,6 +149,57 @@ struct Index {
     // An empty buffer swapped into a stripe while its uses are applied, so that steady
     // batching allocates nothing.
     spare: Vec<Digest>,
+    recent: Recent,
+}
+
+/// The digests moved in the order in the current window: it ends after [`RECENT_WINDOW`]
+/// hits, at the minute, and when an entry is admitted. It holds at most one digest per hit
+/// of the window plus a batch: about half a MiB of table at the most, kept once grown.
+#[derive(Default)]
+struct Recent {
+    // By [`fingerprint`]: no allocation per digest, and a small table that stays in cache.
+    moved: HashSet<u128>,
+    // Hits of the batches applied in this window.
+    hits: usize,
+    // The minute (of `Budget::epoch`) the window is in.
+    minute: u64,
+}
+
+impl Recent {
+    // Counts a batch of `hits` about to be applied in `minute`; starts a new window, with
+    // this batch as its first, when that would overrun the current one.
+    fn enter(&mut self, hits: usize, minute: u64) {
+        self.hits += hits;
+        if self.hits > RECENT_WINDOW || minute != self.minute {
+            self.moved.clear();
+            self.hits = hits;
+            self.minute = minute;
+        }
+    }
+
+    // Ends the window: an entry was admitted ahead of everything moved in it.
+    fn restart(&mut self) {
+        if !self.moved.is_empty() {
+            self.moved.clear();
+        }
+        self.hits = 0;
+    }
+
+    // Whether `digest` is to be moved: the first time in a window.
+    fn first(&mut self, digest: &Digest) -> bool {
+        self.moved.insert(fingerprint(digest))
+    }
+}
+
+/// A digest's first 16 hex digits (of 64 or 128) as they are spelt: 64 bits of a uniform
+/// hash, taken without decoding. Two digests that share them are not told apart in a
+/// window, which costs one of them a single move there.
+fn fingerprint(digest: &Digest) -> u128 {
+    let mut lead = [0u8; 16];
+    let hex = digest.hex().as_bytes();
+    let n = hex.len().min(16);
+    lead[..n].copy_from_slice(&hex[..n]);
+    u128::from_le_bytes(lead)
 }
 
 impl Index {
@@ -167,8 +233,11 @@ impl Index {
     }
 
     // One use of `digest` (as a blob and/or manifest) and of everything a manifest of that
-    // digest references.
+    // digest references, unless the current window moved them already.
     fn used(&mut self, digest: &Digest, hour: u32) {
+        if !self.recent.first(digest) {
+            return;
+        }
         let mut key = (EntryKind::Blob, digest.clone());
         self.promote(&key, hour);
         key.0 = EntryKind::Manifest;
@@ -350,6 +419,7 @@ impl Budget {
                 evicted_bytes: 0,
                 unstamped: Vec::new(),
                 spare: Vec::new(),
+                recent: Recent::default(),
             }),
             stripes: Default::default(),
             epoch: Instant::now(),
@@ -374,23 +444,24 @@ impl Budget {
         })
     }
 
-    fn hour(&self) -> u32 {
-        u32::try_from(self.epoch.elapsed().as_secs() / 3600 + 1).unwrap_or(u32::MAX)
-    }
-
     // Applies every pending use to the order, stripe after stripe.
     fn apply(&self, ix: &mut Index) {
-        let hour = self.hour();
+        let secs = self.epoch.elapsed().as_secs();
+        // Hours count from 1: 0 is "none since start" in `Entry::stamped`. A window never
+        // spans two hours (it ends with its minute), so the use that moved an entry in the
+        // window also handed out its first use in the hour.
+        let hour = u32::try_from(secs / 3600 + 1).unwrap_or(u32::MAX);
         for stripe in &self.stripes {
             let mut batch = std::mem::take(&mut ix.spare);
-            {
+            let hits = {
                 let mut p = lock(&stripe.0);
-                p.count = 0;
                 if !p.used.is_empty() {
                     p.slots.fill(0);
                 }
                 std::mem::swap(&mut p.used, &mut batch);
-            }
+                std::mem::take(&mut p.count)
+            };
+            ix.recent.enter(hits, secs / 60);
             for d in &batch {
                 ix.used(d, hour);
             }
@@ -411,6 +482,9 @@ impl Budget {
     pub fn admit(&self, key: Key, size: u64, refs: Option<Arc<[Key]>>) -> Vec<(Key, u64)> {
         let mut ix = lock(&self.index);
         self.apply(&mut ix);
+        // Everything moved so far is behind this entry now: the next use of any of them
+        // must move it again, or an image still pulled would age behind newer ones.
+        ix.recent.restart();
         let refs = match ix.lru.pop(&key) {
             Some(old) => {
                 ix.bytes -= old.size;
@@ -809,6 +883,70 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_moved_in_the_recent_window_is_not_moved_again() {
+        let b = ready(Limits::new(1000, 0.9, 0.5));
+        let layers: Arc<[Key]> = vec![blob(1)].into();
+        for n in 0..4 {
+            b.admit(blob(n), 10, None);
+        }
+        b.admit((EntryKind::Manifest, d(9)), 10, Some(layers));
+        let manifest = (EntryKind::Manifest, d(9));
+        b.touch(&d(9));
+        b.touch(&d(2));
+        b.flush();
+        assert_eq!(
+            order(&b),
+            vec![blob(0), blob(3), blob(1), manifest.clone(), blob(2)]
+        );
+        // Used again in the same window: neither the manifest nor its layer moves.
+        b.touch(&d(9));
+        b.flush();
+        assert_eq!(
+            order(&b),
+            vec![blob(0), blob(3), blob(1), manifest.clone(), blob(2)]
+        );
+        assert!(lock(&b.index).recent.moved.contains(&fingerprint(&d(9))));
+        // Hits of other digests fill the window (a stripe applies its own batches); the
+        // first use after it moves the image again.
+        for _ in 0..RECENT_WINDOW {
+            b.touch_in(0, &d(3));
+        }
+        b.touch(&d(9));
+        b.flush();
+        assert_eq!(
+            order(&b),
+            vec![blob(0), blob(2), blob(3), blob(1), manifest.clone()]
+        );
+        // So does the first use in a new minute.
+        b.touch(&d(2));
+        b.flush();
+        b.touch(&d(9));
+        b.flush();
+        assert_eq!(
+            order(&b),
+            vec![blob(0), blob(3), blob(1), manifest.clone(), blob(2)]
+        );
+        lock(&b.index).recent.minute = u64::MAX;
+        b.touch(&d(9));
+        b.flush();
+        assert_eq!(
+            order(&b),
+            vec![blob(0), blob(3), blob(2), blob(1), manifest.clone()]
+        );
+        // And the first use after an admission: the image still pulled goes back ahead of
+        // the entry admitted since.
+        b.touch(&d(9));
+        b.flush();
+        b.admit(blob(5), 10, None);
+        b.touch(&d(9));
+        b.flush();
+        assert_eq!(
+            order(&b),
+            vec![blob(0), blob(3), blob(2), blob(5), blob(1), manifest]
+        );
+    }
+
+    #[test]
     fn with_a_drainer_the_hit_that_fills_a_stripe_only_wakes_it() {
         let b = Arc::new(ready(Limits::new(1000, 0.9, 0.5)));
         for n in 0..4 {
@@ -1004,8 +1142,12 @@ mod tests {
             b.flush(),
             vec![blob(2), blob(3), (EntryKind::Manifest, d(4))]
         );
-        // As if the hour had turned since blob 1 was noted.
-        lock(&b.index).lru.peek_mut(&blob(1)).unwrap().stamped = 0;
+        // As if the hour had turned since blob 1 was noted: its stamp is from an earlier
+        // hour, and the window of moved digests is a new one.
+        let mut ix = lock(&b.index);
+        ix.lru.peek_mut(&blob(1)).unwrap().stamped = 0;
+        ix.recent.minute = u64::MAX;
+        drop(ix);
         b.touch(&d(1));
         assert_eq!(b.flush(), vec![blob(1)]);
     }
