@@ -191,15 +191,10 @@ impl Recent {
     }
 }
 
-/// A digest's first 16 hex digits (of 64 or 128) as they are spelt: 64 bits of a uniform
-/// hash, taken without decoding. Two digests that share them are not told apart in a
-/// window, which costs one of them a single move there.
+/// A digest's first 16 hex digits: 64 bits of a uniform hash. Two digests that share them
+/// are not told apart in a window, which costs one of them a single move there.
 fn fingerprint(digest: &Digest) -> u128 {
-    let mut lead = [0u8; 16];
-    let hex = digest.hex().as_bytes();
-    let n = hex.len().min(16);
-    lead[..n].copy_from_slice(&hex[..n]);
-    u128::from_le_bytes(lead)
+    u128::from_le_bytes(leading_hex(digest))
 }
 
 impl Index {
@@ -292,12 +287,18 @@ impl Pending {
 
 /// A digest's slot: its leading hex digits (uniform already), mixed.
 fn slot_of(digest: &Digest) -> usize {
-    let hex = digest.hex().as_bytes();
-    let mut lead = [0u8; 8];
-    let n = hex.len().min(8);
-    lead[..n].copy_from_slice(&hex[..n]);
-    let mixed = u64::from_le_bytes(lead).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mixed = u64::from_le_bytes(leading_hex(digest)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (mixed >> 32) as usize % SLOTS
+}
+
+/// A digest's first `N` hex digits as they are spelt, without decoding (a digest has 64 or
+/// 128, so none are missing; zeros would stand for any that were).
+fn leading_hex<const N: usize>(digest: &Digest) -> [u8; N] {
+    let mut lead = [0u8; N];
+    let hex = digest.hex().as_bytes();
+    let n = hex.len().min(N);
+    lead[..n].copy_from_slice(&hex[..n]);
+    lead
 }
 
 // Own cache lines, so that threads on different stripes do not contend for one.
