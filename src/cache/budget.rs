@@ -169,15 +169,15 @@ impl Recent {
     // Counts a batch of `hits` about to be applied in `minute`; starts a new window, with
     // this batch as its first, when that would overrun the current one.
     fn enter(&mut self, hits: usize, minute: u64) {
-        self.hits += hits;
-        if self.hits > RECENT_WINDOW || minute != self.minute {
-            self.moved.clear();
-            self.hits = hits;
+        if self.hits + hits > RECENT_WINDOW || minute != self.minute {
+            self.restart();
             self.minute = minute;
         }
+        self.hits += hits;
     }
 
-    // Ends the window: an entry was admitted ahead of everything moved in it.
+    // Ends the window (at its bound, or because an entry was admitted ahead of everything
+    // moved in it).
     fn restart(&mut self) {
         if !self.moved.is_empty() {
             self.moved.clear();
@@ -892,16 +892,20 @@ mod tests {
         }
         b.admit((EntryKind::Manifest, d(9)), 10, Some(layers));
         let manifest = (EntryKind::Manifest, d(9));
-        b.touch(&d(9));
-        b.touch(&d(2));
-        b.flush();
+        // One use of each of `digests`, applied at once.
+        let used = |digests: &[u8]| {
+            for &n in digests {
+                b.touch(&d(n));
+            }
+            b.flush();
+        };
+        used(&[9, 2]);
         assert_eq!(
             order(&b),
             vec![blob(0), blob(3), blob(1), manifest.clone(), blob(2)]
         );
         // Used again in the same window: neither the manifest nor its layer moves.
-        b.touch(&d(9));
-        b.flush();
+        used(&[9]);
         assert_eq!(
             order(&b),
             vec![blob(0), blob(3), blob(1), manifest.clone(), blob(2)]
@@ -912,35 +916,29 @@ mod tests {
         for _ in 0..RECENT_WINDOW {
             b.touch_in(0, &d(3));
         }
-        b.touch(&d(9));
-        b.flush();
+        used(&[9]);
         assert_eq!(
             order(&b),
             vec![blob(0), blob(2), blob(3), blob(1), manifest.clone()]
         );
         // So does the first use in a new minute.
-        b.touch(&d(2));
-        b.flush();
-        b.touch(&d(9));
-        b.flush();
+        used(&[2]);
+        used(&[9]);
         assert_eq!(
             order(&b),
             vec![blob(0), blob(3), blob(1), manifest.clone(), blob(2)]
         );
         lock(&b.index).recent.minute = u64::MAX;
-        b.touch(&d(9));
-        b.flush();
+        used(&[9]);
         assert_eq!(
             order(&b),
             vec![blob(0), blob(3), blob(2), blob(1), manifest.clone()]
         );
         // And the first use after an admission: the image still pulled goes back ahead of
         // the entry admitted since.
-        b.touch(&d(9));
-        b.flush();
+        used(&[9]);
         b.admit(blob(5), 10, None);
-        b.touch(&d(9));
-        b.flush();
+        used(&[9]);
         assert_eq!(
             order(&b),
             vec![blob(0), blob(3), blob(2), blob(5), blob(1), manifest]
