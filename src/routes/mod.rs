@@ -347,6 +347,11 @@ impl App {
         {
             *pulled = Some(format!("{upstream}/{}", target.repository()));
         }
+        // Every arm but the manifest one is boxed. Their futures are 4.6 to 5.9 KB, against
+        // 2.3 KB for a manifest. Inline, the largest would set the size of this future and of
+        // the three around it, and each level is copied whole on every request: a manifest
+        // hit spent about 5% of its CPU in that `memmove`. One allocation per blob, upload,
+        // tag list, delete or referrers request costs less.
         match parsed.route {
             // Answered above: they name no repository.
             Route::Base | Route::Catalog { .. } => self.base(&caller, head).await,
@@ -367,7 +372,7 @@ impl App {
             Route::Blob { digest, .. } if granted == Need::Push => {
                 // A pushing client asks whether the upstream repository has the blob; the
                 // cache cannot answer that.
-                push::blob_exists(self, &target, &digest).await
+                Box::pin(push::blob_exists(self, &target, &digest)).await
             }
             Route::Blob { digest, .. } => {
                 // Two `Range` headers are refused: answering from either one would be a guess.
@@ -381,7 +386,7 @@ impl App {
                 // Set by the server for every connection; absent when `handle` is called
                 // directly, and then no per-client limit applies.
                 let client = client.map(|c| c.0.ip());
-                blobs::blob(
+                Box::pin(blobs::blob(
                     self,
                     target.upstream(),
                     target.repository(),
@@ -389,7 +394,7 @@ impl App {
                     range.as_deref(),
                     head,
                     client,
-                )
+                ))
                 .await
             }
             Route::UploadStart {
@@ -405,10 +410,18 @@ impl App {
                     }
                     _ => None,
                 };
-                push::start(self, &target, mount, digest, req.headers(), body).await
+                Box::pin(push::start(
+                    self,
+                    &target,
+                    mount,
+                    digest,
+                    req.headers(),
+                    body,
+                ))
+                .await
             }
             Route::Upload { id, digest, .. } => {
-                push::continue_upload(
+                Box::pin(push::continue_upload(
                     self,
                     req.method(),
                     &target,
@@ -416,26 +429,47 @@ impl App {
                     digest,
                     req.headers(),
                     body,
-                )
+                ))
                 .await
             }
             Route::ManifestPut { reference, .. } => {
-                push::put_manifest(self, &target, &reference, req.headers(), body).await
+                Box::pin(push::put_manifest(
+                    self,
+                    &target,
+                    &reference,
+                    req.headers(),
+                    body,
+                ))
+                .await
             }
             Route::TagsList { n, last, .. } => {
-                tags::tags(self, &target, parsed.ns.as_deref(), n, last).await
+                Box::pin(tags::tags(self, &target, parsed.ns.as_deref(), n, last)).await
             }
             Route::ManifestDelete { reference, .. } => {
-                delete::delete(self, &target, delete::What::Manifest(reference)).await
+                Box::pin(delete::delete(
+                    self,
+                    &target,
+                    delete::What::Manifest(reference),
+                ))
+                .await
             }
             Route::BlobDelete { digest, .. } => {
-                delete::delete(self, &target, delete::What::Blob(digest)).await
+                Box::pin(delete::delete(self, &target, delete::What::Blob(digest))).await
             }
             Route::Referrers {
                 digest,
                 artifact_type,
                 ..
-            } => referrers::referrers(self, &target, &digest, artifact_type, head).await,
+            } => {
+                Box::pin(referrers::referrers(
+                    self,
+                    &target,
+                    &digest,
+                    artifact_type,
+                    head,
+                ))
+                .await
+            }
         }
     }
 
