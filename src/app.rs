@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 
 use crate::access::Access;
 use crate::cache::budget::Limits;
@@ -145,7 +145,7 @@ impl App {
             uploads: Uploads::default(),
             referrers: Default::default(),
             routing: RoutingTable::new(&config),
-            tags: Cache::new(config.cache.tag_cache_entries),
+            tags: Cache::new(usize::try_from(config.cache.tag_cache_entries).unwrap_or(usize::MAX)),
             upstreams,
             store,
             inflight,

@@ -93,10 +93,10 @@ async fn evict_tags(
         .filter(|(k, e)| {
             k.upstream == upstream && k.repository == *repo && matches(k, &e.record.digest)
         })
-        .map(|(k, _)| (*k).clone())
+        .map(|(k, _)| k)
         .collect();
     for k in &in_memory {
-        app.tags.invalidate(k);
+        app.tags.remove(k);
     }
     let on_disk = match app.store.tags_of(upstream, repo).await {
         Ok(v) => v,
@@ -113,7 +113,7 @@ async fn evict_tags(
             accept,
         };
         if matches(&k, &record.digest) {
-            app.tags.invalidate(&k);
+            app.tags.remove(&k);
             if let Err(e) = app.store.remove_tag(&k).await {
                 tracing::warn!(error = %e, "cannot evict a deleted tag from the cache");
             }

@@ -33,11 +33,45 @@ pub struct FsStore {
     _drainer: Option<Drainer>,
     // Verified manifests recently read or stored, so a hot manifest costs no file read and
     // no re-hash per request. Bounded by bytes.
-    pub(super) hot_manifests: moka::sync::Cache<Digest, StoredManifest>,
+    pub(super) hot_manifests: Arc<HotManifests>,
 }
+
+/// Verified manifests kept in memory, weighed by their bytes.
+pub(super) type HotManifests = quick_cache::sync::Cache<Digest, StoredManifest, ManifestBytes>;
 
 /// Bytes of manifests kept in memory.
 const HOT_MANIFEST_BYTES: u64 = 32 << 20;
+
+/// Shards of the hot manifests. Each shard holds an equal part of [`HOT_MANIFEST_BYTES`], and a
+/// manifest larger than its shard's part is not kept: four shards keep manifests up to 8 MiB
+/// (twice the default `cache.max_manifest_size`) whatever the number of cores.
+const HOT_MANIFEST_SHARDS: usize = 4;
+
+/// A hot manifest's weight: its body and media type.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ManifestBytes;
+
+impl quick_cache::Weighter<Digest, StoredManifest> for ManifestBytes {
+    fn weight(&self, _: &Digest, m: &StoredManifest) -> u64 {
+        (m.body.len() + m.media_type.len()) as u64
+    }
+}
+
+fn hot_manifests() -> HotManifests {
+    let options = quick_cache::OptionsBuilder::new()
+        // A typical image manifest is a few KiB.
+        .estimated_items_capacity((HOT_MANIFEST_BYTES / 4096) as usize)
+        .weight_capacity(HOT_MANIFEST_BYTES)
+        .shards(HOT_MANIFEST_SHARDS)
+        .build()
+        .expect("constant cache options are valid");
+    HotManifests::with_options(
+        options,
+        ManifestBytes,
+        Default::default(),
+        Default::default(),
+    )
+}
 
 impl FsStore {
     fn at(root: &Path) -> Self {
@@ -52,12 +86,7 @@ impl FsStore {
                 .build(),
             budget: None,
             _drainer: None,
-            hot_manifests: moka::sync::Cache::builder()
-                .max_capacity(HOT_MANIFEST_BYTES)
-                .weigher(|_, m: &StoredManifest| {
-                    u32::try_from(m.body.len() + m.media_type.len()).unwrap_or(u32::MAX)
-                })
-                .build(),
+            hot_manifests: Arc::new(hot_manifests()),
         }
     }
 
@@ -315,7 +344,7 @@ impl BlobStore for FsStore {
     }
 
     async fn remove_content(&self, digest: &Digest) -> io::Result<()> {
-        self.hot_manifests.invalidate(digest);
+        self.hot_manifests.remove(digest);
         for kind in [EntryKind::Blob, EntryKind::Manifest] {
             absent(tokio::fs::remove_file(self.layout.content(kind, digest)).await)?;
             self.forget((kind, digest.clone()));
@@ -372,7 +401,7 @@ impl BlobStore for FsStore {
                 .unwrap_or(std::time::UNIX_EPOCH);
             let removed = |k: &Key| {
                 if k.0 == EntryKind::Manifest {
-                    hot.invalidate(&k.1);
+                    hot.remove(&k.1);
                 }
                 if let Some(b) = &budget {
                     b.forget(k);

@@ -57,7 +57,7 @@ impl FsStore {
         let victims = b.admit(key, size, refs);
         for ((kind, d), _) in &victims {
             if *kind == EntryKind::Manifest {
-                self.hot_manifests.invalidate(d);
+                self.hot_manifests.remove(d);
             }
         }
         remove_victims(&self.layout, victims).await;

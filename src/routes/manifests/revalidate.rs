@@ -127,7 +127,7 @@ pub(super) async fn after_revalidation(
             }
         }
         Revalidation::Gone => {
-            app.tags.invalidate(&key);
+            app.tags.remove(&key);
             if let Err(e) = app.store.remove_tag(&key).await {
                 tracing::warn!(error = %e, "cannot remove tag record");
             }

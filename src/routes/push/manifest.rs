@@ -64,7 +64,7 @@ pub async fn put_manifest(
     if let Reference::Tag(tag) = reference {
         // Every cached answer for this tag, whatever Accept it was for, is now out of date.
         for accept in 0..(1u8 << crate::media::MANIFEST_TYPES.len()) {
-            app.tags.invalidate(&crate::cache::store::TagKey {
+            app.tags.remove(&crate::cache::store::TagKey {
                 upstream: up.name.clone(),
                 repository: repo.clone(),
                 tag: tag.clone(),
