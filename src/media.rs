@@ -28,20 +28,41 @@ pub const MANIFEST_TYPES: [&str; 6] = [
     DOCKER_V1,
 ];
 
-/// What a client will take, from all of its `Accept` lines.
+/// What a client will take, from all of its `Accept` lines. The manifest types are bits, so
+/// a request's parse copies no string and its tag-cache key is a field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accept {
-    // Lowercase; the manifest types borrowed from [`MANIFEST_TYPES`] (no copy per request).
-    types: Vec<Cow<'static, str>>,
+    // Bit i: `MANIFEST_TYPES[i]` is taken.
+    known: u8,
+    // The taken manifest types' indexes in the client's order, three bits each, for the
+    // upstream's list.
+    order: u32,
+    // Any other types taken, lowercase, ", "-joined in the client's order. Docker's list ends
+    // with `application/json`, which is borrowed, not copied.
+    others: Cow<'static, str>,
     wildcard: bool,
+}
+
+/// The one type outside [`MANIFEST_TYPES`] that Docker and containerd send with every request.
+const JSON: &str = "application/json";
+
+/// The index of `media_type` (in any case) in [`MANIFEST_TYPES`].
+fn manifest_index(media_type: &str) -> Option<usize> {
+    MANIFEST_TYPES
+        .iter()
+        .position(|t| t.eq_ignore_ascii_case(media_type))
 }
 
 impl Accept {
     /// Merges every `Accept` header line (podman and Docker send six separate lines).
     /// No `Accept` at all means anything is acceptable.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let mut types: Vec<Cow<'static, str>> = Vec::with_capacity(8);
-        let mut wildcard = false;
+        let mut a = Accept {
+            known: 0,
+            order: 0,
+            others: Cow::Borrowed(""),
+            wildcard: false,
+        };
         let mut seen_any = false;
         for v in headers.get_all(header::ACCEPT) {
             let Ok(s) = v.to_str() else { continue };
@@ -56,37 +77,63 @@ impl Accept {
                     continue;
                 }
                 if mt == "*/*" || mt.eq_ignore_ascii_case("application/*") {
-                    wildcard = true;
+                    a.wildcard = true;
                     continue;
                 }
-                let mt = match MANIFEST_TYPES.iter().find(|t| t.eq_ignore_ascii_case(mt)) {
-                    Some(t) => Cow::Borrowed(*t),
-                    None => Cow::Owned(mt.to_ascii_lowercase()),
-                };
-                if !types.contains(&mt) {
-                    types.push(mt);
+                match manifest_index(mt) {
+                    Some(i) if a.known & (1 << i) == 0 => {
+                        a.order |= (i as u32) << (3 * a.known.count_ones());
+                        a.known |= 1 << i;
+                    }
+                    Some(_) => {}
+                    None => a.add_other(mt),
                 }
             }
         }
-        Accept {
-            types,
-            wildcard: wildcard || !seen_any,
+        a.wildcard |= !seen_any;
+        a
+    }
+
+    /// Adds a type outside [`MANIFEST_TYPES`], once.
+    fn add_other(&mut self, mt: &str) {
+        if self.other_types().any(|t| t.eq_ignore_ascii_case(mt)) {
+            return;
         }
+        if self.others.is_empty() && mt.eq_ignore_ascii_case(JSON) {
+            self.others = Cow::Borrowed(JSON);
+            return;
+        }
+        let others = self.others.to_mut();
+        if !others.is_empty() {
+            others.push_str(", ");
+        }
+        others.push_str(&mt.to_ascii_lowercase());
+    }
+
+    /// The types outside [`MANIFEST_TYPES`] taken, in the client's order.
+    fn other_types(&self) -> impl Iterator<Item = &str> {
+        self.others.split(", ").filter(|t| !t.is_empty())
     }
 
     /// Whether a manifest of `media_type` may be served to this client.
     pub fn accepts(&self, media_type: &str) -> bool {
         self.wildcard
-            || self
-                .types
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(media_type))
+            || match manifest_index(media_type) {
+                Some(i) => self.known & (1 << i) != 0,
+                None => self
+                    .other_types()
+                    .any(|t| t.eq_ignore_ascii_case(media_type)),
+            }
     }
 
-    /// The `Accept` value sent upstream: the client's own list, or every modern manifest
-    /// type when the client takes anything (so the upstream never falls back to schema 1).
+    /// The `Accept` value sent upstream: the client's own list (its manifest types first),
+    /// or every modern manifest type when the client takes anything (so the upstream never
+    /// falls back to schema 1).
     pub fn upstream_value(&self) -> String {
-        let mut list: Vec<&str> = self.types.iter().map(|t| t.as_ref()).collect();
+        let mut list: Vec<&str> = (0..self.known.count_ones())
+            .map(|n| MANIFEST_TYPES[((self.order >> (3 * n)) & 0b111) as usize])
+            .chain(self.other_types())
+            .collect();
         if self.wildcard {
             for t in &MANIFEST_TYPES[..4] {
                 if !list.contains(t) {
@@ -101,11 +148,11 @@ impl Accept {
     /// A bitmask of the manifest types accepted: clients with equal keys get equal answers for
     /// a tag, so the tag cache is keyed by it.
     pub fn key(&self) -> u8 {
-        MANIFEST_TYPES
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| self.accepts(t))
-            .fold(0, |k, (i, _)| k | (1 << i))
+        if self.wildcard {
+            (1 << MANIFEST_TYPES.len()) - 1
+        } else {
+            self.known
+        }
     }
 }
 
@@ -227,6 +274,25 @@ mod tests {
         ] {
             assert!(!refuses(p), "{p:?}");
         }
+    }
+
+    #[test]
+    fn other_types_are_matched_kept_once_and_listed_after_manifest_types() {
+        let a = Accept::from_headers(&headers(&[
+            "Application/JSON, text/other",
+            &format!("{DOCKER_V2}, application/json, TEXT/OTHER, {OCI_INDEX}, {DOCKER_V2}"),
+        ]));
+        assert!(a.accepts("application/json") && a.accepts("Text/Other"));
+        assert!(!a.accepts("text/oth") && !a.accepts(OCI_MANIFEST));
+        assert!(matches!(a.others, Cow::Owned(_)));
+        assert_eq!(a.key(), 0b001001);
+        assert_eq!(
+            a.upstream_value(),
+            format!("{DOCKER_V2}, {OCI_INDEX}, application/json, text/other")
+        );
+        let docker = Accept::from_headers(&headers(&[&format!("{DOCKER_V2}, application/json")]));
+        assert!(matches!(docker.others, Cow::Borrowed(JSON)));
+        assert!(docker.accepts(JSON));
     }
 
     #[test]
