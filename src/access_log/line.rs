@@ -139,8 +139,16 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// `s` as a JSON string.
+/// `s` as a JSON string. Most values need no escape (names, paths, digests, ids): those are
+/// copied as they are, the rest go through `serde_json`.
 fn json_str(line: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        line.reserve(s.len() + 2);
+        line.push(b'"');
+        line.extend_from_slice(s.as_bytes());
+        line.push(b'"');
+        return;
+    }
     // Writing a string into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *line, s);
 }
@@ -348,6 +356,23 @@ mod tests {
             (b'-', b'-', b'T', b':', b':', b'.', b'Z'),
             "{t}"
         );
+    }
+
+    #[test]
+    fn json_strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "",
+            "/v2/library/alpine/manifests/latest",
+            "sha256:0123abcd",
+            "a \"quoted\" \\ value",
+            "tab\there\nand\u{1}\u{1f}",
+            "\u{7f} del, é, 鏡, 🐳",
+            "<>&'/",
+        ] {
+            let mut fast = Vec::new();
+            json_str(&mut fast, s);
+            assert_eq!(fast, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]
