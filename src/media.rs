@@ -46,11 +46,17 @@ pub struct Accept {
 /// The one type outside [`MANIFEST_TYPES`] that Docker and containerd send with every request.
 const JSON: &str = "application/json";
 
-/// The index of `media_type` (in any case) in [`MANIFEST_TYPES`].
+/// The index of `media_type` (in any case) in [`MANIFEST_TYPES`]. Clients write the types in
+/// lowercase, so an exact match is tried first.
 fn manifest_index(media_type: &str) -> Option<usize> {
     MANIFEST_TYPES
         .iter()
-        .position(|t| t.eq_ignore_ascii_case(media_type))
+        .position(|t| *t == media_type)
+        .or_else(|| {
+            MANIFEST_TYPES
+                .iter()
+                .position(|t| t.eq_ignore_ascii_case(media_type))
+        })
 }
 
 impl Accept {
