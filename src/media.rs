@@ -37,13 +37,14 @@ pub struct Accept {
     // The taken manifest types' indexes in the client's order, three bits each, for the
     // upstream's list.
     order: u32,
-    // Any other types taken, lowercase, ", "-joined in the client's order. Docker's list ends
-    // with `application/json`, which is borrowed, not copied.
+    // Any other types taken, lowercase, ", "-joined in the client's order. Docker's list
+    // includes `application/json`, which is borrowed, not copied.
     others: Cow<'static, str>,
     wildcard: bool,
 }
 
-/// The one type outside [`MANIFEST_TYPES`] that Docker and containerd send with every request.
+/// The type outside [`MANIFEST_TYPES`] that the Docker daemon sends with every manifest
+/// request (containerd sends `*/*` instead).
 const JSON: &str = "application/json";
 
 /// The index of `media_type` (in any case) in [`MANIFEST_TYPES`]. Clients write the types in

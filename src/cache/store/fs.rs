@@ -43,8 +43,9 @@ pub(super) type HotManifests = quick_cache::sync::Cache<Digest, StoredManifest, 
 const HOT_MANIFEST_BYTES: u64 = 32 << 20;
 
 /// Shards of the hot manifests. Each shard holds an equal part of [`HOT_MANIFEST_BYTES`], and a
-/// manifest larger than its shard's part is not kept: four shards keep manifests up to 8 MiB
-/// (twice the default `cache.max_manifest_size`) whatever the number of cores.
+/// manifest heavier than 97% of its shard's part (`quick_cache`'s hot share) is not kept:
+/// four shards keep manifests up to about 7.7 MiB (the default `cache.max_manifest_size` is
+/// 4 MiB) whatever the number of cores; a larger one is read from disk on each request.
 const HOT_MANIFEST_SHARDS: usize = 4;
 
 /// A hot manifest's weight: its body and media type.
